@@ -1,0 +1,371 @@
+"""One configuration object for a run, loaded from YAML and overridable from the command line.
+
+The defaults of the dataclasses below are the paper-faithful setting (256x256, batch 16, all of
+AnoSeg's parts switched on). ``configs/*.yaml`` only list what they change.
+
+Example:
+    >>> cfg = load_config(None, overrides=["data.image_size=128", "model.width=0.5"])
+    >>> cfg.data.image_size
+    128
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import yaml
+
+from anoseg.errors import ConfigError
+
+MVTEC_CATEGORIES: Tuple[str, ...] = (
+    "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
+    "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
+)
+
+
+@dataclass
+class DataConfig:
+    """Where the images are and how they are read."""
+
+    root: Optional[str] = None
+    """Folder in MVTec AD layout; ``None`` means the built-in demo dataset."""
+    category: str = "bottle"
+    image_size: int = 256
+    """Images are resized to ``image_size x image_size``; a multiple of 32 from 64 to 512."""
+    holdout_fraction: float = 0.1
+    """Fraction of ``train/good`` kept out of training (seeded split). Evaluation chooses the
+    label-free threshold on these normal images, which the model never saw."""
+    num_workers: int = 2
+    """Data-loader worker processes (synthesis runs there, not on the training thread)."""
+    cache_images: bool = True
+    """Decode and resize every training image once and keep it in memory."""
+
+
+@dataclass
+class SynthesisConfig:
+    """Synthetic anomalies (paper 3.1): hard augmentation of a copy, then CutPaste."""
+
+    anomaly_ratio: float = 0.5
+    """Probability that a training sample is a synthetic anomaly instead of a normal image."""
+    hard_augmentation: bool = True
+    """Switch for the Table 3 ablation: off = CutPaste of an unaugmented copy."""
+    rotation_p: float = 0.5
+    rotation_angles: List[float] = field(default_factory=lambda: [90.0, 180.0, 270.0])
+    permutation_p: float = 0.5
+    permutation_grid: int = 2
+    """The copy is cut into ``grid x grid`` tiles that are shuffled (never left in place)."""
+    jitter_p: float = 0.5
+    jitter_brightness: float = 0.4
+    jitter_contrast: float = 0.4
+    jitter_saturation: float = 0.4
+    jitter_hue: float = 0.1
+    scar_p: float = 0.5
+    """Probability of a thin rotated "scar" patch instead of a rectangular CutPaste patch."""
+    patch_area: Tuple[float, float] = (0.02, 0.15)
+    """Rectangular patch area as a fraction of the image area."""
+    patch_aspect: Tuple[float, float] = (0.3, 3.3)
+    """Aspect ratio (height / width), drawn log-uniformly."""
+    scar_width: Tuple[float, float] = (0.01, 0.06)
+    """Scar width as a fraction of the image side."""
+    scar_length: Tuple[float, float] = (0.04, 0.10)
+    """Scar length as a fraction of the image side."""
+    scar_angle: Tuple[float, float] = (-45.0, 45.0)
+
+
+@dataclass
+class ModelConfig:
+    """Network shape (appendix B, Table 6) and the ablation switches of Table 3."""
+
+    width: float = 1.0
+    """Channel multiplier for encoder, decoders and discriminator (1.0 = the paper)."""
+    coord_channels: bool = True
+    reconstruction: bool = True
+    """The reconstruction decoder (and with it L_Re); off = the ablation's map-only base model."""
+    init_weights: Optional[str] = None
+    """Optional path to torchvision ResNet-18 weights for the encoder (the paper uses none)."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation. Defaults chosen by measurement, see ``docs/training.md``."""
+
+    steps: int = 20000
+    batch_size: int = 16
+    lr_generator: float = 2e-4
+    lr_discriminator: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    """``constant`` or ``cosine`` (decay to ``lr * min_lr_ratio`` over ``steps``)."""
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.05
+    weight_seg: float = 1.0
+    weight_rec: float = 1.0
+    weight_adv: float = 0.05
+    adversarial: bool = True
+    """L_Adv and its discriminator (needs ``model.reconstruction``)."""
+    seed: int = 0
+    device: str = "auto"
+    """``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
+    precision: str = "auto"
+    """``auto`` (bf16 or fp16 mixed precision on CUDA, fp32 elsewhere), ``fp32``, ``bf16``,
+    ``fp16``. ``bf16`` also works on CPU through autocast."""
+    channels_last: bool = False
+    log_every: int = 10
+    checkpoint_every: int = 500
+    time_budget: Optional[float] = None
+    """Wall-clock seconds of training; the run stops cleanly and saves when it is spent."""
+    deterministic: bool = False
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 16
+    num_thresholds: int = 10000
+    """Thresholds swept for the IoU-vs-threshold curve (the paper uses 10,000)."""
+    fpr_limit: float = 0.3
+    """Integration limit of AUPRO."""
+    threshold_quantile: float = 0.999
+    """Label-free threshold: this quantile of the anomaly scores of held-out normal pixels."""
+
+
+@dataclass
+class AnoSegConfig:
+    """Everything a run needs; saved as ``config.yaml`` in the run folder."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        out = dataclasses.asdict(self)
+        # YAML has no tuples: store them as lists, read back as tuples by ``_coerce``.
+        for section in out.values():
+            for key, value in section.items():
+                if isinstance(value, tuple):
+                    section[key] = list(value)
+        return out
+
+    def validate(self) -> "AnoSegConfig":
+        """Check ranges and combinations; raise :class:`ConfigError` naming the key."""
+        d, s, m, t, e = self.data, self.synthesis, self.model, self.train, self.eval
+        size = d.image_size
+        _check(size % 32 == 0 and 64 <= size <= 512, "data.image_size", size,
+               "a multiple of 32 from 64 to 512 (the encoder has stride 32)")
+        _check(0.0 <= d.holdout_fraction < 1.0, "data.holdout_fraction", d.holdout_fraction,
+               "a fraction in [0, 1)")
+        _check(d.num_workers >= 0, "data.num_workers", d.num_workers, ">= 0")
+        _check(bool(d.category) and "/" not in d.category and "\\" not in d.category,
+               "data.category", d.category, "a folder name")
+        for name in ("anomaly_ratio", "rotation_p", "permutation_p", "jitter_p", "scar_p"):
+            value = getattr(s, name)
+            _check(0.0 <= value <= 1.0, f"synthesis.{name}", value, "a probability in [0, 1]")
+        _check(s.permutation_grid >= 2, "synthesis.permutation_grid", s.permutation_grid, ">= 2")
+        _check(len(s.rotation_angles) > 0, "synthesis.rotation_angles", s.rotation_angles,
+               "a non-empty list of angles in degrees")
+        for name in ("jitter_brightness", "jitter_contrast", "jitter_saturation"):
+            value = getattr(s, name)
+            _check(0.0 <= value <= 1.0, f"synthesis.{name}", value, "a value in [0, 1]")
+        _check(0.0 <= s.jitter_hue <= 0.5, "synthesis.jitter_hue", s.jitter_hue, "in [0, 0.5]")
+        for name, lo, hi in (("patch_area", 0.0, 1.0), ("scar_width", 0.0, 1.0),
+                             ("scar_length", 0.0, 1.0), ("patch_aspect", 0.0, math.inf),
+                             ("scar_angle", -360.0, 360.0)):
+            a, b = getattr(s, name)
+            _check(lo <= a <= b <= hi and (name == "scar_angle" or a > 0), f"synthesis.{name}",
+                   (a, b), f"a range (low, high) with {lo} < low <= high <= {hi}")
+        _check(0.0 < m.width <= 4.0, "model.width", m.width, "a multiplier in (0, 4]")
+        _check(t.steps >= 1, "train.steps", t.steps, ">= 1")
+        _check(t.batch_size >= 1, "train.batch_size", t.batch_size, ">= 1")
+        for name in ("lr_generator", "lr_discriminator"):
+            value = getattr(t, name)
+            _check(0.0 < value < 1.0, f"train.{name}", value, "a learning rate in (0, 1)")
+        for name in ("beta1", "beta2"):
+            value = getattr(t, name)
+            _check(0.0 <= value < 1.0, f"train.{name}", value, "in [0, 1)")
+        for name in ("weight_seg", "weight_rec", "weight_adv", "weight_decay"):
+            value = getattr(t, name)
+            _check(value >= 0.0 and math.isfinite(value), f"train.{name}", value,
+                   "a finite value >= 0")
+        _check(t.schedule in ("constant", "cosine"), "train.schedule", t.schedule,
+               "'constant' or 'cosine'")
+        _check(0 <= t.warmup_steps < max(t.steps, 1) or t.warmup_steps == 0,
+               "train.warmup_steps", t.warmup_steps, "in [0, train.steps)")
+        _check(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", t.min_lr_ratio, "in [0, 1]")
+        _check(t.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision", t.precision,
+               "'auto', 'fp32', 'bf16' or 'fp16'")
+        _check(t.device == "auto" or t.device in ("cpu", "cuda", "mps")
+               or t.device.startswith("cuda:"), "train.device", t.device,
+               "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+        _check(t.log_every >= 1, "train.log_every", t.log_every, ">= 1")
+        _check(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, ">= 1")
+        _check(t.time_budget is None or t.time_budget > 0, "train.time_budget", t.time_budget,
+               "a number of seconds > 0, or null")
+        if t.adversarial and not m.reconstruction:
+            raise ConfigError(
+                "train.adversarial=true needs model.reconstruction=true: the discriminator "
+                "judges (reconstruction, map) pairs. Switch both on or both off.")
+        _check(e.batch_size >= 1, "eval.batch_size", e.batch_size, ">= 1")
+        _check(e.num_thresholds >= 2, "eval.num_thresholds", e.num_thresholds, ">= 2")
+        _check(0.0 < e.fpr_limit <= 1.0, "eval.fpr_limit", e.fpr_limit, "in (0, 1]")
+        _check(0.0 < e.threshold_quantile <= 1.0, "eval.threshold_quantile",
+               e.threshold_quantile, "in (0, 1]")
+        return self
+
+
+SECTIONS: Dict[str, type] = {f.name: f.type for f in dataclasses.fields(AnoSegConfig)}
+_SECTION_TYPES = {
+    "data": DataConfig, "synthesis": SynthesisConfig, "model": ModelConfig,
+    "train": TrainConfig, "eval": EvalConfig,
+}
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' has value {value!r}; expected {expected}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert a YAML value to the field's declared type, or raise ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' has value {value!r}; expected true or false")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"config key '{key}' has value {value!r}; expected an integer")
+        return int(value)
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)  # YAML reads "1e-4" as a string
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' has value {value!r}; expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' has value {value!r}; expected a string")
+        return value
+    if origin in (tuple, Tuple):
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"config key '{key}' has value {value!r}; expected a list of "
+                              f"{len(args)} numbers [low, high]")
+        return tuple(_coerce(key, v, a) for v, a in zip(value, args))
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' has value {value!r}; expected a list")
+        return [_coerce(key, v, args[0]) for v in value]
+    raise ConfigError(f"config key '{key}': unsupported type {_type_name(tp)}")
+
+
+def _field_types(section_cls: type) -> Dict[str, Any]:
+    hints = typing.get_type_hints(section_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
+
+
+def _unknown_key(key: str, known: Sequence[str]) -> ConfigError:
+    import difflib
+
+    close = difflib.get_close_matches(key.split(".")[-1], list(known), n=1)
+    hint = f" Did you mean '{key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]}'?" \
+        if close else ""
+    return ConfigError(f"unknown config key '{key}'.{hint} Known keys: {', '.join(known)}")
+
+
+def config_from_dict(raw: Dict[str, Any], base: Optional[AnoSegConfig] = None) -> AnoSegConfig:
+    """Apply a nested ``{section: {key: value}}`` dict on top of ``base`` (or the defaults)."""
+    cfg = base if base is not None else AnoSegConfig()
+    if raw is None:
+        return cfg
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}")
+    for section, values in raw.items():
+        if section not in _SECTION_TYPES:
+            raise _unknown_key(str(section), list(_SECTION_TYPES))
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section '{section}' must be a mapping of keys, "
+                              f"got {values!r}")
+        types = _field_types(_SECTION_TYPES[section])
+        target = getattr(cfg, section)
+        for key, value in values.items():
+            if key not in types:
+                raise _unknown_key(f"{section}.{key}", [f"{section}.{k}" for k in types])
+            setattr(target, key, _coerce(f"{section}.{key}", value, types[key]))
+    return cfg
+
+
+def parse_override(text: str) -> Tuple[str, str, Any]:
+    """Parse ``section.key=value`` (value in YAML syntax) from ``--set``."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects section.key=value, got {text!r}")
+    key, value_text = text.split("=", 1)
+    key = key.strip()
+    if key.count(".") != 1:
+        raise ConfigError(f"--set expects section.key=value (e.g. train.steps=100), got {key!r}")
+    section, name = key.split(".")
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: cannot parse value {value_text!r}: {exc}") from None
+    return section, name, value
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = (),
+                base: Optional[Dict[str, Any]] = None) -> AnoSegConfig:
+    """Defaults, then ``base`` (a nested dict), then the YAML file, then ``--set`` overrides."""
+    cfg = AnoSegConfig()
+    if base:
+        cfg = config_from_dict(base, cfg)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        try:
+            cfg = config_from_dict(raw or {}, cfg)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    for text in overrides:
+        section, name, value = parse_override(text)
+        cfg = config_from_dict({section: {name: value}}, cfg)
+    return cfg.validate()
+
+
+def save_config(cfg: AnoSegConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# Settings used when ``anoseg-train`` runs on the built-in demo dataset without a config file:
+# small enough that a laptop CPU finishes the whole job in a few minutes.
+DEMO_OVERRIDES: Dict[str, Dict[str, Any]] = {
+    "data": {"image_size": 64, "num_workers": 1},
+    "model": {"width": 0.25},
+    "train": {"steps": 300, "batch_size": 16, "checkpoint_every": 100, "lr_generator": 1e-3,
+              "lr_discriminator": 5e-4},
+}

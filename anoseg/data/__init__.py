@@ -1,0 +1,1 @@
+"""Datasets in MVTec AD layout, the built-in demo dataset and synthetic anomalies."""

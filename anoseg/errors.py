@@ -1,0 +1,26 @@
+"""User-facing errors.
+
+Everything that is the user's fault (a missing folder, a corrupt image, a mistyped config key)
+raises a subclass of :class:`AnoSegError` whose message names the file or key and says what was
+expected. The command-line tools print these messages without a traceback.
+"""
+
+
+class AnoSegError(Exception):
+    """Base class of all errors caused by bad input."""
+
+
+class ConfigError(AnoSegError, ValueError):
+    """An unknown, mistyped or out-of-range configuration value."""
+
+
+class DataError(AnoSegError, ValueError):
+    """A dataset folder, image or mask that is missing or not what was expected."""
+
+
+class CheckpointError(AnoSegError, ValueError):
+    """A checkpoint or run folder that is missing, corrupt or incompatible."""
+
+
+class TrainingDivergedError(AnoSegError, RuntimeError):
+    """A loss became NaN or infinite; the last good checkpoint is kept."""

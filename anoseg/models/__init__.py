@@ -1,0 +1,1 @@
+"""Plain ``nn.Module``s of AnoSeg: generator, discriminator and the downstream detector."""
