@@ -1,0 +1,181 @@
+"""Synthetic anomalies (paper 3.1): hard augmentation of a copy, then CutPaste into the original.
+
+All functions work on one float image ``(3, H, W)`` in ``[0, 1]`` and draw every random number
+from the ``torch.Generator`` they are given, so a sample is a pure function of its seed: the
+same seed gives the same anomaly in any data-loader worker, on any run, after any resume.
+
+The mask returned to the training code is a *normality* mask (1 = normal, 0 = pasted), the
+target of the map decoder (see ``docs/design.md``).
+
+Example:
+    >>> g = torch.Generator().manual_seed(0)
+    >>> image = torch.rand(3, 64, 64)
+    >>> anomalous, normality = synthesize_anomaly(image, SynthesisConfig(), g)
+    >>> bool(((anomalous != image).any(0) <= (normality[0] == 0)).all())
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from anoseg.config import SynthesisConfig
+
+
+def _uniform(generator: torch.Generator, low: float, high: float) -> float:
+    return low + (high - low) * torch.rand((), generator=generator).item()
+
+
+def _randint(generator: torch.Generator, low: int, high: int) -> int:
+    """Integer in ``[low, high]`` (inclusive)."""
+    return int(torch.randint(low, high + 1, (), generator=generator).item())
+
+
+def _chance(generator: torch.Generator, p: float) -> bool:
+    return torch.rand((), generator=generator).item() < p
+
+
+def rotate(image: torch.Tensor, angle: float) -> torch.Tensor:
+    """Rotate by ``angle`` degrees; multiples of 90 on square images are exact (no resampling)."""
+    quarter = angle / 90.0
+    if quarter.is_integer() and image.shape[-1] == image.shape[-2]:
+        return torch.rot90(image, k=int(quarter) % 4, dims=(-2, -1))
+    return TF.rotate(image, angle, interpolation=InterpolationMode.BILINEAR)
+
+
+def permute_patches(image: torch.Tensor, grid: int, generator: torch.Generator) -> torch.Tensor:
+    """Cut into ``grid x grid`` tiles and shuffle them; the identity order is never drawn.
+
+    Pixels beyond the last whole tile (when the side is not a multiple of ``grid``) stay put.
+    """
+    _, height, width = image.shape
+    th, tw = height // grid, width // grid
+    n = grid * grid
+    order = torch.randperm(n, generator=generator)
+    if torch.equal(order, torch.arange(n)):
+        order = torch.roll(order, 1)
+    tiles = [image[:, r * th:(r + 1) * th, c * tw:(c + 1) * tw]
+             for r in range(grid) for c in range(grid)]
+    out = image.clone()
+    for position, source in enumerate(order.tolist()):
+        r, c = divmod(position, grid)
+        out[:, r * th:(r + 1) * th, c * tw:(c + 1) * tw] = tiles[source]
+    return out
+
+
+def color_jitter(image: torch.Tensor, cfg: SynthesisConfig,
+                 generator: torch.Generator) -> torch.Tensor:
+    """Brightness, contrast, saturation and hue jitter with factors drawn from ``generator``."""
+    out = image
+    if cfg.jitter_brightness > 0:
+        out = TF.adjust_brightness(out, _uniform(generator, 1 - cfg.jitter_brightness,
+                                                 1 + cfg.jitter_brightness))
+    if cfg.jitter_contrast > 0:
+        out = TF.adjust_contrast(out, _uniform(generator, 1 - cfg.jitter_contrast,
+                                               1 + cfg.jitter_contrast))
+    if cfg.jitter_saturation > 0:
+        out = TF.adjust_saturation(out, _uniform(generator, 1 - cfg.jitter_saturation,
+                                                 1 + cfg.jitter_saturation))
+    if cfg.jitter_hue > 0:
+        out = TF.adjust_hue(out, _uniform(generator, -cfg.jitter_hue, cfg.jitter_hue))
+    return out.clamp(0.0, 1.0)
+
+
+def hard_augment(image: torch.Tensor, cfg: SynthesisConfig,
+                 generator: torch.Generator) -> Tuple[torch.Tensor, dict]:
+    """Rotation, patch permutation and colour jitter, each applied independently.
+
+    Returns:
+        The augmented copy and a dict saying which augmentations fired (for tests and logs).
+    """
+    fired = {"rotation": False, "permutation": False, "jitter": False}
+    out = image
+    if _chance(generator, cfg.rotation_p):
+        index = _randint(generator, 0, len(cfg.rotation_angles) - 1)
+        out = rotate(out, float(cfg.rotation_angles[index]))
+        fired["rotation"] = True
+    if _chance(generator, cfg.permutation_p):
+        out = permute_patches(out, cfg.permutation_grid, generator)
+        fired["permutation"] = True
+    if _chance(generator, cfg.jitter_p):
+        out = color_jitter(out, cfg, generator)
+        fired["jitter"] = True
+    return out, fired
+
+
+def _rectangle_patch(height: int, width: int, cfg: SynthesisConfig,
+                     generator: torch.Generator) -> Tuple[int, int]:
+    area = _uniform(generator, *cfg.patch_area) * height * width
+    log_low, log_high = math.log(cfg.patch_aspect[0]), math.log(cfg.patch_aspect[1])
+    aspect = math.exp(_uniform(generator, log_low, log_high))
+    ph = int(round(math.sqrt(area * aspect)))
+    pw = int(round(math.sqrt(area / aspect)))
+    return min(max(ph, 1), height - 1), min(max(pw, 1), width - 1)
+
+
+def cutpaste(target: torch.Tensor, source: torch.Tensor, cfg: SynthesisConfig,
+             generator: torch.Generator, scar: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Cut a patch of ``source`` and paste it at a random place of ``target``.
+
+    Args:
+        target: the normal image ``(3, H, W)``.
+        source: the (hard-augmented) copy the patch is cut from, same shape.
+        scar: a thin rotated strip (CutPaste-scar) instead of a rectangle.
+
+    Returns:
+        The new image and the *anomaly* mask ``(H, W)`` (bool): exactly the pasted pixels.
+    """
+    _, height, width = target.shape
+    if scar:
+        side = min(height, width)
+        pw = max(1, int(round(_uniform(generator, *cfg.scar_width) * side)))
+        ph = max(1, int(round(_uniform(generator, *cfg.scar_length) * side)))
+        ph, pw = min(ph, height - 1), min(pw, width - 1)
+    else:
+        ph, pw = _rectangle_patch(height, width, cfg, generator)
+    sy, sx = _randint(generator, 0, height - ph), _randint(generator, 0, width - pw)
+    patch = source[:, sy:sy + ph, sx:sx + pw]
+    alpha = torch.ones(1, ph, pw, dtype=patch.dtype)
+    if scar:
+        angle = _uniform(generator, *cfg.scar_angle)
+        # Colour and alpha are rotated together with nearest-neighbour so the mask stays exact.
+        rotated = TF.rotate(torch.cat([patch, alpha]), angle,
+                            interpolation=InterpolationMode.NEAREST, expand=True)
+        patch, alpha = rotated[:3], rotated[3:]
+        ph, pw = min(patch.shape[1], height), min(patch.shape[2], width)
+        patch, alpha = patch[:, :ph, :pw], alpha[:, :ph, :pw]
+    ty, tx = _randint(generator, 0, height - ph), _randint(generator, 0, width - pw)
+    region = alpha[0] > 0.5
+    out = target.clone()
+    window = out[:, ty:ty + ph, tx:tx + pw]
+    window[:, region] = patch[:, region]
+    mask = torch.zeros(height, width, dtype=torch.bool)
+    mask[ty:ty + ph, tx:tx + pw] = region
+    return out, mask
+
+
+def synthesize_anomaly(image: torch.Tensor, cfg: SynthesisConfig,
+                       generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Make a synthetic anomaly from a normal image (paper Fig. 3).
+
+    Args:
+        image: normal image ``(3, H, W)``, float in ``[0, 1]``.
+        cfg: ranges and probabilities.
+        generator: the only source of randomness.
+
+    Returns:
+        ``(anomalous_image, normality_mask)`` where the mask is ``(1, H, W)`` float, 0 on the
+        pasted pixels and 1 elsewhere.
+    """
+    source = image
+    if cfg.hard_augmentation:
+        source, _ = hard_augment(image, cfg, generator)
+    scar = _chance(generator, cfg.scar_p)
+    out, anomaly_mask = cutpaste(image, source, cfg, generator, scar=scar)
+    normality = (~anomaly_mask).to(image.dtype).unsqueeze(0)
+    return out, normality

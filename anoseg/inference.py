@@ -1,0 +1,78 @@
+"""Loading a trained model and turning images into anomaly maps.
+
+This is the one place where the network's *normality* map (1 = normal, what the paper's
+losses are written for) becomes the *anomaly* map users get (1 = anomalous).
+
+Example:
+    >>> model = load_model("runs/demo")                        # doctest: +SKIP
+    >>> maps = predict_anomaly_maps(model.generator, images)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import torch
+from torch import nn
+
+from anoseg.checkpoint import load_checkpoint
+from anoseg.config import AnoSegConfig, config_from_dict
+from anoseg.errors import CheckpointError
+
+
+def normality_to_anomaly(normality_map: torch.Tensor) -> torch.Tensor:
+    """The single flip between the training target and what users see."""
+    return 1.0 - normality_map
+
+
+@dataclass
+class LoadedModel:
+    generator: nn.Module
+    config: AnoSegConfig
+    checkpoint: Dict[str, Any]
+    device: torch.device
+
+
+def load_model(checkpoint: Union[str, Path], device: Union[str, torch.device, None] = None
+               ) -> LoadedModel:
+    """Rebuild the generator from a checkpoint file or run folder, in eval mode.
+
+    Args:
+        checkpoint: ``.pt`` file or run folder (uses ``checkpoints/last.pt``).
+        device: where to put the model; ``None`` = the best available (CUDA, MPS, CPU).
+    """
+    from anoseg.training import build_generator, resolve_device
+
+    state = load_checkpoint(checkpoint)
+    cfg = config_from_dict(state["config"]).validate()
+    cfg.model.init_weights = None  # the checkpoint already holds the weights
+    generator = build_generator(cfg)
+    try:
+        generator.load_state_dict(state["generator"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {checkpoint} does not match its own config: {exc}") \
+            from None
+    dev = resolve_device("auto") if device is None else torch.device(device)
+    generator.to(dev).eval()
+    return LoadedModel(generator, cfg, state, dev)
+
+
+@torch.no_grad()
+def predict_anomaly_maps(generator: nn.Module, images: torch.Tensor, *,
+                         batch_size: int = 16, amp_dtype: Optional[torch.dtype] = None
+                         ) -> torch.Tensor:
+    """Anomaly maps ``(B, H, W)`` in ``[0, 1]`` (higher = more anomalous) for float images
+    ``(B, 3, H, W)`` in ``[0, 1]`` at the model's image size."""
+    from anoseg.training import autocast
+
+    generator.eval()
+    device = next(generator.parameters()).device
+    maps = []
+    for start in range(0, images.shape[0], batch_size):
+        chunk = images[start:start + batch_size].to(device)
+        with autocast(device, amp_dtype):
+            normality = generator(chunk).normality_map
+        maps.append(normality_to_anomaly(normality.float())[:, 0].cpu())
+    return torch.cat(maps) if maps else torch.empty(0)

@@ -1,0 +1,167 @@
+"""AnoSeg generator (paper 3.3, appendix B Table 6): coordinate channels, a ResNet-18 trunk and
+twin decoders, one for the normality map and one for the reconstruction.
+
+Inputs are images in ``[0, 1]``; both outputs end in a sigmoid. The map decoder predicts a
+*normality* map (1 = normal), which is what the paper's losses are written for; the anomaly
+map handed to users is ``1 - normality`` (see :func:`anoseg.inference.predict_anomaly_maps`).
+
+Example:
+    >>> g = AnoSegGenerator(image_size=64, width=0.25)
+    >>> out = g(torch.rand(2, 3, 64, 64))
+    >>> out.normality_map.shape, out.reconstruction.shape
+    (torch.Size([2, 1, 64, 64]), torch.Size([2, 3, 64, 64]))
+"""
+
+from __future__ import annotations
+
+from typing import List, NamedTuple, Optional
+
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock
+
+ENCODER_STRIDE = 32
+
+
+def scaled(channels: int, width: float) -> int:
+    """Channel count under a width multiplier (at least 8)."""
+    return max(8, int(round(channels * width)))
+
+
+def coordinate_channels(batch: int, height: int, width: int, *, device=None,
+                        dtype=torch.float32) -> torch.Tensor:
+    """``(batch, 2, height, width)``: x then y coordinates, each spanning ``[-1, 1]`` (CoordConv)."""
+    ys = torch.linspace(-1.0, 1.0, height, device=device, dtype=dtype)
+    xs = torch.linspace(-1.0, 1.0, width, device=device, dtype=dtype)
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([grid_x, grid_y]).unsqueeze(0).expand(batch, -1, -1, -1)
+
+
+class ResNet18Encoder(nn.Module):
+    """The convolutional trunk of ResNet-18 (no pooling head), stride 32.
+
+    At ``width=1`` the parameter names equal torchvision's ``resnet18`` so its weights load
+    with :meth:`load_torchvision_weights`.
+    """
+
+    def __init__(self, *, in_channels: int = 3, width: float = 1.0) -> None:
+        super().__init__()
+        widths = [scaled(c, width) for c in (64, 128, 256, 512)]
+        self.out_channels = widths[-1]
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        layers: List[nn.Module] = []
+        previous = widths[0]
+        for i, channels in enumerate(widths):
+            stride = 1 if i == 0 else 2
+            downsample = None
+            if stride != 1 or previous != channels:
+                downsample = nn.Sequential(
+                    nn.Conv2d(previous, channels, 1, stride=stride, bias=False),
+                    nn.BatchNorm2d(channels))
+            layers.append(nn.Sequential(BasicBlock(previous, channels, stride, downsample),
+                                        BasicBlock(channels, channels)))
+            previous = channels
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def load_torchvision_weights(self, state_dict: dict) -> None:
+        """Load torchvision ResNet-18 weights; extra input channels of ``conv1`` start at zero."""
+        own = self.state_dict()
+        for name, tensor in state_dict.items():
+            if name not in own:
+                continue  # the classifier head (fc.*)
+            if name == "conv1.weight" and tensor.shape[1] != own[name].shape[1]:
+                padded = torch.zeros_like(own[name])
+                padded[:, :tensor.shape[1]] = tensor
+                tensor = padded
+            if tensor.shape != own[name].shape:
+                raise ValueError(f"weight {name} has shape {tuple(tensor.shape)}, the encoder "
+                                 f"expects {tuple(own[name].shape)} (use model.width=1.0)")
+            own[name] = tensor
+        self.load_state_dict(own)
+
+
+def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+def _up_bn_relu(channels: int) -> nn.Sequential:
+    return nn.Sequential(nn.ConvTranspose2d(channels, channels, 4, stride=2, padding=1,
+                                            bias=False),
+                         nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+
+
+class Decoder(nn.Module):
+    """Table 6 decoder: Conv, then five (ConvTr x2, Conv) blocks, then a Conv + sigmoid.
+
+    Channel plan at ``width=1``: 512 -> 512, then blocks ending in 256, 128, 128, 128, 128.
+    """
+
+    def __init__(self, *, in_channels: int, out_channels: int, width: float = 1.0) -> None:
+        super().__init__()
+        plan = [scaled(c, width) for c in (512, 256, 128, 128, 128, 128)]
+        layers: List[nn.Module] = [_conv_bn_relu(in_channels, plan[0])]
+        for cin, cout in zip(plan[:-1], plan[1:]):
+            layers += [_up_bn_relu(cin), _conv_bn_relu(cin, cout)]
+        layers += [nn.Conv2d(plan[-1], out_channels, 3, padding=1), nn.Sigmoid()]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.layers(features)
+
+
+class GeneratorOutput(NamedTuple):
+    normality_map: Optional[torch.Tensor]
+    """``(B, 1, H, W)`` in ``[0, 1]``, 1 = normal; ``None`` without a map decoder."""
+    reconstruction: Optional[torch.Tensor]
+    """``(B, 3, H, W)`` in ``[0, 1]``; ``None`` without a reconstruction decoder."""
+
+
+class AnoSegGenerator(nn.Module):
+    """Encoder with twin decoders.
+
+    Args:
+        image_size: input side, a multiple of 32 from 64 to 512.
+        width: channel multiplier (1.0 = the paper's network).
+        coord_channels: concatenate x/y coordinate channels to the input (paper 3.3).
+        map_decoder: build the normality-map decoder (off for the downstream detector).
+        reconstruction: build the reconstruction decoder (off for the ablation base model).
+    """
+
+    def __init__(self, *, image_size: int, width: float = 1.0, coord_channels: bool = True,
+                 map_decoder: bool = True, reconstruction: bool = True) -> None:
+        super().__init__()
+        assert image_size % ENCODER_STRIDE == 0 and 64 <= image_size <= 512, (
+            f"image_size must be a multiple of 32 from 64 to 512, got {image_size}")
+        assert map_decoder or reconstruction, "the generator needs at least one decoder"
+        self.image_size = image_size
+        self.coord_channels = coord_channels
+        in_channels = 3 + (2 if coord_channels else 0)
+        self.encoder = ResNet18Encoder(in_channels=in_channels, width=width)
+        enc = self.encoder.out_channels
+        self.map_decoder = Decoder(in_channels=enc, out_channels=1, width=width) \
+            if map_decoder else None
+        self.reconstruction_decoder = Decoder(in_channels=enc, out_channels=3, width=width) \
+            if reconstruction else None
+
+    def forward(self, images: torch.Tensor) -> GeneratorOutput:
+        batch, _, height, width = images.shape
+        x = images * 2.0 - 1.0  # centre the [0, 1] input for the batch-normalised trunk
+        if self.coord_channels:
+            coords = coordinate_channels(batch, height, width, device=x.device, dtype=x.dtype)
+            x = torch.cat([x, coords], dim=1)
+        features = self.encoder(x)
+        normality = self.map_decoder(features) if self.map_decoder is not None else None
+        recon = (self.reconstruction_decoder(features)
+                 if self.reconstruction_decoder is not None else None)
+        return GeneratorOutput(normality, recon)

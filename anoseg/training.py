@@ -1,0 +1,512 @@
+"""Training AnoSeg: losses, one training step, and the loop with checkpoints and resume.
+
+The step is a plain function (:func:`train_step`) you can call from a notebook; :func:`train`
+wraps it with data loading, the learning-rate schedule, logging, checkpoints, ``--resume``,
+the wall-clock budget and the NaN guard.
+
+Example:
+    >>> from anoseg import load_config, train
+    >>> cfg = load_config("configs/cpu_small.yaml", ["train.steps=50"])
+    >>> result = train(cfg, "runs/demo")          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from anoseg.checkpoint import (LAST_CHECKPOINT, load_checkpoint, save_checkpoint, write_json)
+from anoseg.config import AnoSegConfig, TrainConfig, config_from_dict, save_config
+from anoseg.errors import CheckpointError, ConfigError, TrainingDivergedError
+from anoseg.models.discriminator import AnoSegDiscriminator
+from anoseg.models.generator import AnoSegGenerator
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU; an explicit device that is absent is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but CUDA is not available here; use 'auto' "
+                          "or 'cpu'")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None)
+                                     and torch.backends.mps.is_available()):
+        raise ConfigError(f"train.device={name!r} but MPS is not available here")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype, or ``None`` for plain fp32."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "fp32":
+        return None
+    if precision == "fp16" and device.type == "cpu":
+        raise ConfigError("train.precision='fp16' is for CUDA; on CPU use 'bf16' or 'fp32'")
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def build_generator(cfg: AnoSegConfig, *, map_decoder: bool = True) -> AnoSegGenerator:
+    """The AnoSeg generator described by ``cfg`` (loads ``model.init_weights`` if set)."""
+    generator = AnoSegGenerator(image_size=cfg.data.image_size, width=cfg.model.width,
+                                coord_channels=cfg.model.coord_channels,
+                                map_decoder=map_decoder,
+                                reconstruction=cfg.model.reconstruction or not map_decoder)
+    if cfg.model.init_weights:
+        path = Path(cfg.model.init_weights)
+        if not path.is_file():
+            raise ConfigError(f"model.init_weights: file {path} does not exist")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            generator.encoder.load_torchvision_weights(state.get("state_dict", state))
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise ConfigError(f"model.init_weights: cannot load {path} as torchvision "
+                              f"ResNet-18 weights: {exc}") from None
+    return generator
+
+
+def build_discriminator(cfg: AnoSegConfig) -> AnoSegDiscriminator:
+    return AnoSegDiscriminator(image_size=cfg.data.image_size, in_channels=4,
+                               width=cfg.model.width)
+
+
+def learning_rate(step: int, base_lr: float, cfg: TrainConfig) -> float:
+    """Linear warm-up, then constant or cosine decay to ``base_lr * min_lr_ratio``."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return base_lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return base_lr
+    span = max(cfg.steps - cfg.warmup_steps, 1)
+    progress = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
+    floor = base_lr * cfg.min_lr_ratio
+    return floor + (base_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def segmentation_loss(normality_map: torch.Tensor, normality_target: torch.Tensor) -> torch.Tensor:
+    """L_Seg (eq. 2): mean absolute error between predicted and target normality maps."""
+    return F.l1_loss(normality_map, normality_target)
+
+
+def masked_reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor,
+                               normality_target: torch.Tensor) -> torch.Tensor:
+    """L_Re (eq. 4): L1 reconstruction error on normal pixels only, normalised by their count."""
+    weight = normality_target.expand_as(images)
+    return ((images - reconstruction).abs() * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """The discriminator side of L_Adv (eq. 3): real pairs -> 1, generated pairs -> 0."""
+    return (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
+            + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
+
+
+def generator_adversarial_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """The generator side of L_Adv, in the non-saturating form ``-log D(fake)``."""
+    return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
+
+
+# --------------------------------------------------------------------------- one step
+
+
+@dataclass
+class TrainState:
+    """Everything that changes during training (what a checkpoint stores)."""
+
+    generator: nn.Module
+    discriminator: Optional[nn.Module]
+    opt_g: torch.optim.Optimizer
+    opt_d: Optional[torch.optim.Optimizer]
+    scaler: Optional[torch.amp.GradScaler]
+    step: int = 0
+    images_seen: int = 0
+    train_seconds: float = 0.0
+
+
+def _check_finite(losses: Dict[str, torch.Tensor], step: int) -> None:
+    for name, value in losses.items():
+        if not torch.isfinite(value).all():
+            raise TrainingDivergedError(
+                f"loss {name} became {value.item()} at step {step}; stopping. The last good "
+                "checkpoint is kept. Lower the learning rates (train.lr_generator, "
+                "train.lr_discriminator) or use train.precision=fp32.")
+
+
+def train_step(state: TrainState, batch: Dict[str, torch.Tensor], cfg: TrainConfig, *,
+               device: torch.device, amp_dtype: Optional[torch.dtype] = None,
+               channels_last: bool = False) -> Dict[str, float]:
+    """One optimisation step of generator and (when adversarial) discriminator.
+
+    Args:
+        state: models and optimisers (updated in place).
+        batch: ``{"image": (B,3,S,S), "normality": (B,1,S,S)}``, ``x_Seg`` and ``A_Seg``.
+        cfg: loss weights and switches.
+
+    Returns:
+        The losses of this step as floats.
+
+    Raises:
+        TrainingDivergedError: a loss is NaN or infinite (no weight is updated then).
+    """
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    images = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
+    target = batch["normality"].to(device, non_blocking=True)
+    generator, discriminator = state.generator, state.discriminator
+    adversarial = cfg.adversarial and discriminator is not None
+    scaler = state.scaler
+    generator.train()
+
+    with autocast(device, amp_dtype):
+        out = generator(images)
+    normality = out.normality_map.float()
+    losses: Dict[str, torch.Tensor] = {"seg": segmentation_loss(normality, target)}
+    recon = out.reconstruction.float() if out.reconstruction is not None else None
+    if recon is not None:
+        losses["rec"] = masked_reconstruction_loss(recon, images.float(), target)
+
+    if adversarial:
+        discriminator.train()
+        real_pair = torch.cat([images, target], dim=1)
+        fake_pair = torch.cat([recon, normality], dim=1)
+        with autocast(device, amp_dtype):
+            real_logits, _ = discriminator(real_pair)
+            fake_logits, _ = discriminator(fake_pair.detach())
+        loss_d = discriminator_loss(real_logits.float(), fake_logits.float())
+        _check_finite({"discriminator": loss_d}, state.step)
+        state.opt_d.zero_grad(set_to_none=True)
+        _backward(loss_d, scaler)
+        _optimizer_step(state.opt_d, scaler)
+        with autocast(device, amp_dtype):
+            fake_logits_g, _ = discriminator(fake_pair)
+        losses["adv"] = generator_adversarial_loss(fake_logits_g.float())
+        losses["disc"] = loss_d.detach()
+
+    total = cfg.weight_seg * losses["seg"]
+    if "rec" in losses:
+        total = total + cfg.weight_rec * losses["rec"]
+    if "adv" in losses:
+        total = total + cfg.weight_adv * losses["adv"]
+    _check_finite({**losses, "total": total}, state.step)
+    state.opt_g.zero_grad(set_to_none=True)
+    _backward(total, scaler)
+    _optimizer_step(state.opt_g, scaler)
+    if scaler is not None:
+        scaler.update()
+    state.step += 1
+    state.images_seen += images.shape[0]
+    result = {name: float(value.detach()) for name, value in losses.items()}
+    result["total"] = float(total.detach())
+    return result
+
+
+def _backward(loss: torch.Tensor, scaler: Optional[torch.amp.GradScaler]) -> None:
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer,
+                    scaler: Optional[torch.amp.GradScaler]) -> None:
+    if scaler is not None:
+        scaler.step(optimizer)
+    else:
+        optimizer.step()
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    checkpoint: Path
+    steps: int
+    images_seen: int
+    train_seconds: float
+    stopped: str
+    """``completed``, ``time_budget``, ``interrupted`` or ``stop_at``."""
+    last_losses: Dict[str, float]
+
+
+def _make_optimizer(params, lr: float, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=lr, betas=(cfg.beta1, cfg.beta2),
+                            weight_decay=cfg.weight_decay)
+
+
+def create_train_state(cfg: AnoSegConfig, device: torch.device) -> TrainState:
+    """Seeded models and optimisers for ``cfg`` on ``device``."""
+    torch.manual_seed(cfg.train.seed)
+    generator = build_generator(cfg).to(device)
+    discriminator = build_discriminator(cfg).to(device) if cfg.train.adversarial else None
+    if cfg.train.channels_last:
+        generator = generator.to(memory_format=torch.channels_last)
+        if discriminator is not None:
+            discriminator = discriminator.to(memory_format=torch.channels_last)
+    opt_g = _make_optimizer(generator.parameters(), cfg.train.lr_generator, cfg.train)
+    opt_d = (_make_optimizer(discriminator.parameters(), cfg.train.lr_discriminator, cfg.train)
+             if discriminator is not None else None)
+    amp_dtype = resolve_precision(cfg.train.precision, device)
+    scaler = (torch.amp.GradScaler("cuda")
+              if amp_dtype == torch.float16 and device.type == "cuda" else None)
+    return TrainState(generator, discriminator, opt_g, opt_d, scaler)
+
+
+def _unwrap(module: Optional[nn.Module]) -> Optional[nn.Module]:
+    return getattr(module, "module", module)
+
+
+def state_dict_of(state: TrainState, cfg: AnoSegConfig, extra: Dict[str, Any]) -> Dict[str, Any]:
+    from anoseg import __version__
+
+    discriminator = _unwrap(state.discriminator)
+    return {
+        "kind": "anoseg",
+        "version": __version__,
+        "config": cfg.to_dict(),
+        "step": state.step,
+        "images_seen": state.images_seen,
+        "train_seconds": state.train_seconds,
+        "generator": _unwrap(state.generator).state_dict(),
+        "discriminator": discriminator.state_dict() if discriminator is not None else None,
+        "opt_g": state.opt_g.state_dict(),
+        "opt_d": state.opt_d.state_dict() if state.opt_d is not None else None,
+        "scaler": state.scaler.state_dict() if state.scaler is not None else None,
+        **extra,
+    }
+
+
+def restore_train_state(state: TrainState, ckpt: Dict[str, Any]) -> None:
+    _unwrap(state.generator).load_state_dict(ckpt["generator"])
+    state.opt_g.load_state_dict(ckpt["opt_g"])
+    if state.discriminator is not None:
+        if ckpt.get("discriminator") is None:
+            raise CheckpointError("the checkpoint has no discriminator but the config asks for "
+                                  "adversarial training")
+        _unwrap(state.discriminator).load_state_dict(ckpt["discriminator"])
+        state.opt_d.load_state_dict(ckpt["opt_d"])
+    if state.scaler is not None and ckpt.get("scaler"):
+        state.scaler.load_state_dict(ckpt["scaler"])
+    state.step = int(ckpt["step"])
+    state.images_seen = int(ckpt.get("images_seen", 0))
+    state.train_seconds = float(ckpt.get("train_seconds", 0.0))
+
+
+def resolve_data_root(cfg: AnoSegConfig) -> Path:
+    """``data.root``, or the built-in demo dataset (generated once) when it is unset."""
+    if cfg.data.root:
+        return Path(cfg.data.root).expanduser()
+    from anoseg.data.demo import ensure_demo_dataset
+
+    return ensure_demo_dataset()
+
+
+def prepare_training_split(cfg: AnoSegConfig, root: Path) -> Dict[str, List[str]]:
+    """The seeded split of ``train/good`` into training images and held-out normal images."""
+    from anoseg.data.mvtec import list_train_images, split_holdout
+
+    paths = list_train_images(root, cfg.data.category)
+    train_paths, holdout = split_holdout(paths, cfg.data.holdout_fraction, cfg.train.seed)
+    return {"train": [str(p) for p in train_paths], "holdout": [str(p) for p in holdout]}
+
+
+class _StopFlag:
+    """First Ctrl-C asks the loop to stop after the current step and save; the second one
+    interrupts at once (the last checkpoint on disk stays valid either way)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "_StopFlag":
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """On resume, drop log lines written after the checkpoint's step (they will be redone)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash
+    path.write_text("".join(k + "\n" for k in kept))
+
+
+def train(cfg: AnoSegConfig, output_dir: Union[str, Path], *, resume: bool = False,
+          progress: bool = True, stop_at: Optional[int] = None) -> TrainResult:
+    """Train AnoSeg on ``cfg.data`` and write the run folder ``output_dir``.
+
+    Args:
+        cfg: the validated configuration.
+        output_dir: the run folder (created).
+        resume: continue from ``output_dir/checkpoints/last.pt``. The run's saved config is
+            used; only ``train.steps`` and ``train.time_budget`` may differ from it.
+        progress: show a tqdm progress bar.
+        stop_at: stop after this step as if interrupted (for tests and staged runs).
+
+    Returns:
+        A :class:`TrainResult`; the checkpoint holds everything needed to resume.
+    """
+    from tqdm.auto import tqdm
+
+    from anoseg.data.mvtec import load_images_cached
+    from anoseg.data.training_data import (StepSampler, SyntheticAnomalyDataset,
+                                           make_train_loader)
+
+    run_dir = Path(output_dir)
+    ckpt_path = run_dir / LAST_CHECKPOINT
+    log_path = run_dir / "losses.jsonl"
+    ckpt: Optional[Dict[str, Any]] = None
+    if resume:
+        ckpt = load_checkpoint(ckpt_path)
+        saved = config_from_dict(ckpt["config"])
+        saved.train.steps, saved.train.time_budget = cfg.train.steps, cfg.train.time_budget
+        if saved.to_dict() != cfg.to_dict():
+            changed = _diff_keys(saved.to_dict(), cfg.to_dict())
+            if changed:
+                print(f"resume: using the run's saved config; ignoring changed keys {changed}")
+        cfg = saved.validate()
+    elif ckpt_path.exists():
+        raise CheckpointError(f"{run_dir} already holds a run ({LAST_CHECKPOINT}); pass "
+                              "--resume to continue it or choose another --output-dir")
+
+    device = resolve_device(cfg.train.device)
+    amp_dtype = resolve_precision(cfg.train.precision, device)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    root = resolve_data_root(cfg)
+    split = ckpt["split"] if ckpt is not None else prepare_training_split(cfg, root)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    write_json(run_dir / "split.json", {"data_root": str(root), **split})
+
+    train_paths = [Path(p) for p in split["train"]]
+    images = (load_images_cached(train_paths, cfg.data.image_size, progress=progress)
+              if cfg.data.cache_images else train_paths)
+    dataset = SyntheticAnomalyDataset(images, cfg.data.image_size, cfg.synthesis)
+
+    state = create_train_state(cfg, device)
+    if ckpt is not None:
+        restore_train_state(state, ckpt)
+        _truncate_log(log_path, state.step)
+    elif log_path.exists():
+        log_path.unlink()
+    start_step = state.step
+    sampler = StepSampler(len(dataset), cfg.train.batch_size, cfg.train.seed,
+                          start_step=start_step)
+    loader = make_train_loader(dataset, sampler, cfg.train.batch_size, cfg.data.num_workers,
+                               pin_memory=device.type == "cuda")
+    extra = {"split": split, "data_root": str(root)}
+
+    def save() -> None:
+        save_checkpoint(ckpt_path, state_dict_of(state, cfg, extra))
+
+    total_steps = cfg.train.steps
+    stopped = "completed"
+    last: Dict[str, float] = {}
+    window: Dict[str, float] = {}
+    window_count = 0
+    started = time.perf_counter()
+    seconds_before = state.train_seconds
+    bar = tqdm(total=total_steps, initial=start_step, desc=f"train {cfg.data.category}",
+               disable=not progress, dynamic_ncols=True)
+    try:
+        with _StopFlag() as stop_flag, open(log_path, "a") as log:
+            batches = iter(loader)
+            while state.step < total_steps:
+                for group in state.opt_g.param_groups:
+                    group["lr"] = learning_rate(state.step, cfg.train.lr_generator, cfg.train)
+                if state.opt_d is not None:
+                    for group in state.opt_d.param_groups:
+                        group["lr"] = learning_rate(state.step, cfg.train.lr_discriminator,
+                                                    cfg.train)
+                batch = next(batches)
+                last = train_step(state, batch, cfg.train, device=device, amp_dtype=amp_dtype,
+                                  channels_last=cfg.train.channels_last)
+                state.train_seconds = seconds_before + time.perf_counter() - started
+                for name, value in last.items():
+                    window[name] = window.get(name, 0.0) + value
+                window_count += 1
+                bar.update(1)
+                if state.step % cfg.train.log_every == 0 or state.step == total_steps:
+                    means = {k: v / window_count for k, v in window.items()}
+                    bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()}, refresh=False)
+                    log.write(json.dumps({"step": state.step, **means,
+                                          "lr_g": state.opt_g.param_groups[0]["lr"],
+                                          "seconds": round(state.train_seconds, 3)}) + "\n")
+                    log.flush()
+                    window, window_count = {}, 0
+                if state.step % cfg.train.checkpoint_every == 0:
+                    save()
+                if stop_flag.requested:
+                    stopped = "interrupted"
+                    break
+                if stop_at is not None and state.step >= stop_at:
+                    stopped = "stop_at"
+                    break
+                if (cfg.train.time_budget is not None
+                        and time.perf_counter() - started >= cfg.train.time_budget):
+                    stopped = "time_budget"
+                    break
+    finally:
+        bar.close()
+    save()
+    summary = {"steps": state.step, "images_seen": state.images_seen,
+               "train_seconds": round(state.train_seconds, 3), "stopped": stopped,
+               "device": str(device), "precision": str(amp_dtype or "fp32"),
+               "last_losses": last}
+    write_json(run_dir / "summary.json", summary)
+    if stopped == "interrupted":
+        print(f"interrupted: checkpoint saved at step {state.step} in {ckpt_path}; "
+              "continue with --resume")
+    return TrainResult(run_dir, ckpt_path, state.step, state.images_seen, state.train_seconds,
+                       stopped, last)
+
+
+def _diff_keys(a: Dict[str, Dict[str, Any]], b: Dict[str, Dict[str, Any]]) -> List[str]:
+    return [f"{section}.{key}" for section in a for key in a[section]
+            if a[section][key] != b.get(section, {}).get(key)]

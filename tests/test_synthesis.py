@@ -1,0 +1,119 @@
+import math
+
+import pytest
+import torch
+
+from anoseg.config import SynthesisConfig
+from anoseg.data.synthesis import (color_jitter, cutpaste, hard_augment, permute_patches,
+                                   rotate, synthesize_anomaly)
+from anoseg.data.training_data import StepSampler, SyntheticAnomalyDataset, synthetic_batch
+
+
+def _noise(size=64, seed=0):
+    # Continuous random values: a pasted pixel can never equal the one it replaces by chance.
+    return torch.rand(3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("hard", [True, False])
+@pytest.mark.parametrize("seed", range(12))
+def test_mask_is_exactly_the_changed_pixels(seed, hard):
+    image = _noise(64, seed)
+    cfg = SynthesisConfig(hard_augmentation=hard)
+    out, normality = synthesize_anomaly(image, cfg, torch.Generator().manual_seed(seed))
+    changed = (out != image).any(0)
+    pasted = normality[0] == 0
+    assert normality.shape == (1, 64, 64)
+    assert set(normality.unique().tolist()) <= {0.0, 1.0}
+    assert pasted.any()
+    assert torch.equal(changed, pasted)
+
+
+def test_scar_and_patch_masks_exact_and_scar_is_thin():
+    cfg = SynthesisConfig(hard_augmentation=False)
+    image = _noise(128, 1)
+    source = _noise(128, 2)
+    for seed in range(10):
+        for scar in (False, True):
+            out, mask = cutpaste(image, source, cfg, torch.Generator().manual_seed(seed),
+                                 scar=scar)
+            assert torch.equal((out != image).any(0), mask)
+            area = mask.float().mean().item()
+            if scar:
+                assert 0 < area < 0.02
+            else:
+                assert cfg.patch_area[0] * 0.7 <= area <= cfg.patch_area[1] * 1.3
+
+
+def test_synthesis_is_reproducible_from_the_seed():
+    image = _noise(64, 3)
+    cfg = SynthesisConfig()
+    a = synthesize_anomaly(image, cfg, torch.Generator().manual_seed(7))
+    b = synthesize_anomaly(image, cfg, torch.Generator().manual_seed(7))
+    c = synthesize_anomaly(image, cfg, torch.Generator().manual_seed(8))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+
+
+def test_each_hard_augmentation_fires_at_its_probability():
+    image = _noise(32, 0)
+    n = 600
+    for p in (0.5, 0.2):
+        cfg = SynthesisConfig(rotation_p=p, permutation_p=p, jitter_p=p)
+        counts = {"rotation": 0, "permutation": 0, "jitter": 0}
+        for seed in range(n):
+            _, fired = hard_augment(image, cfg, torch.Generator().manual_seed(seed))
+            for key in counts:
+                counts[key] += fired[key]
+        tolerance = 4 * math.sqrt(p * (1 - p) / n)  # four standard deviations
+        for key, count in counts.items():
+            assert abs(count / n - p) < tolerance, (key, count / n, p)
+
+
+def test_rotation_permutation_jitter_change_the_image():
+    image = _noise(32, 5)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(rotate(image, 90.0), torch.rot90(image, 1, (-2, -1)))
+    permuted = permute_patches(image, 2, g)
+    assert not torch.equal(permuted, image)
+    # A permutation moves whole tiles: the multiset of values is unchanged.
+    assert torch.equal(permuted.flatten().sort().values, image.flatten().sort().values)
+    jittered = color_jitter(image, SynthesisConfig(), g)
+    assert jittered.min() >= 0 and jittered.max() <= 1 and not torch.equal(jittered, image)
+
+
+def test_patch_area_range_is_respected():
+    cfg = SynthesisConfig(hard_augmentation=False, scar_p=0.0, patch_area=(0.01, 0.02))
+    for seed in range(20):
+        _, normality = synthesize_anomaly(_noise(128, seed), cfg,
+                                          torch.Generator().manual_seed(seed))
+        area = (normality == 0).float().mean().item()
+        assert 0.005 < area < 0.03
+
+
+def test_sampler_is_a_pure_function_of_the_step():
+    full = StepSampler(10, 4, seed=3)
+    it = iter(full)
+    keys = [next(it) for _ in range(40)]
+    resumed = StepSampler(10, 4, seed=3, start_step=5)
+    it2 = iter(resumed)
+    assert [next(it2) for _ in range(20)] == keys[20:]
+    # every epoch visits each image once
+    assert sorted(k[0] for k in keys[:10]) == list(range(10))
+    # two ranks split each global batch without overlap
+    r0, r1 = iter(StepSampler(10, 2, 3, rank=0, world_size=2)), iter(
+        StepSampler(10, 2, 3, rank=1, world_size=2))
+    assert [next(r0) for _ in range(2)] + [next(r1) for _ in range(2)] == keys[:4]
+
+
+def test_dataset_mixes_normal_and_synthetic_samples():
+    images = (torch.rand(6, 3, 64, 64) * 255).to(torch.uint8)
+    ds = SyntheticAnomalyDataset(images, 64, SynthesisConfig(anomaly_ratio=0.5))
+    samples = [ds[(i % 6, i)] for i in range(60)]
+    synthetic = [s for s in samples if s["synthetic"]]
+    normal = [s for s in samples if not s["synthetic"]]
+    assert 15 < len(synthetic) < 45
+    assert all(torch.all(s["normality"] == 1) for s in normal)
+    assert all((s["normality"] == 0).any() for s in synthetic)
+    batch = synthetic_batch(torch.rand(4, 3, 64, 64), SynthesisConfig(), seed=0,
+                            anomaly_ratio=1.0)
+    assert batch["image"].shape == (4, 3, 64, 64) and (batch["normality"] == 0).any()
