@@ -1,0 +1,61 @@
+from pathlib import Path
+
+import pytest
+
+from anoseg.config import AnoSegConfig, load_config, save_config
+from anoseg.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, AnoSegConfig)
+
+
+def test_paper_config_is_paper_faithful():
+    cfg = load_config(CONFIGS / "paper.yaml")
+    assert cfg.data.image_size == 256 and cfg.train.batch_size == 16
+    assert cfg.model.width == 1.0 and cfg.model.coord_channels and cfg.train.adversarial
+
+
+def test_overrides_and_round_trip(tmp_path):
+    cfg = load_config(None, ["train.lr_generator=1e-4", "synthesis.patch_area=[0.01, 0.05]",
+                             "data.root=/x"])
+    assert cfg.train.lr_generator == 1e-4
+    assert cfg.synthesis.patch_area == (0.01, 0.05)
+    save_config(cfg, tmp_path / "c.yaml")
+    again = load_config(tmp_path / "c.yaml")
+    assert again.to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize("override, words", [
+    (["train.lr_generatr=1e-4"], ["unknown config key 'train.lr_generatr'", "lr_generator"]),
+    (["trian.steps=3"], ["unknown config key 'trian'"]),
+    (["train.steps=many"], ["train.steps", "integer"]),
+    (["train.steps=2.5"], ["train.steps", "integer"]),
+    (["model.coord_channels=maybe"], ["model.coord_channels", "true or false"]),
+    (["data.image_size=100"], ["data.image_size", "multiple of 32"]),
+    (["data.image_size=1024"], ["data.image_size", "multiple of 32 from 64 to 512"]),
+    (["train.lr_generator=-1"], ["train.lr_generator"]),
+    (["synthesis.rotation_p=1.5"], ["synthesis.rotation_p", "probability"]),
+    (["synthesis.patch_area=[0.3, 0.1]"], ["synthesis.patch_area"]),
+    (["train.schedule=linear"], ["train.schedule"]),
+    (["model.reconstruction=false"], ["train.adversarial"]),
+    (["steps=3"], ["section.key=value"]),
+])
+def test_bad_config_values_name_the_key(override, words):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, override)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_bad_yaml_file_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  stepz: 3\n")
+    with pytest.raises(ConfigError, match="bad.yaml.*train.stepz"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")

@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from anoseg.config import load_config
+from anoseg.models.discriminator import AnoSegDiscriminator
+from anoseg.models.generator import AnoSegGenerator, coordinate_channels
+from anoseg.training import build_generator
+
+
+@pytest.mark.parametrize("size", [64, 128, 256])
+def test_shapes(size):
+    g = AnoSegGenerator(image_size=size, width=0.125)
+    d = AnoSegDiscriminator(image_size=size, width=0.125)
+    out = g(torch.rand(2, 3, size, size))
+    assert out.normality_map.shape == (2, 1, size, size)
+    assert out.reconstruction.shape == (2, 3, size, size)
+    assert 0 <= out.normality_map.min() and out.normality_map.max() <= 1
+    logits, features = d(torch.cat([out.reconstruction, out.normality_map], 1))
+    assert logits.shape == (2,)
+    assert features.shape[0] == 2 and features.shape[1] > 0
+
+
+def test_paper_width_matches_table6():
+    g = AnoSegGenerator(image_size=256)
+    d = AnoSegDiscriminator(image_size=256)
+    assert g.encoder.conv1.in_channels == 5 and g.encoder.out_channels == 512
+    convs = [m for m in d.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [64, 128, 256, 512, 512, 512, 128, 1]
+    x = torch.rand(1, 4, 256, 256)
+    assert d.features(x).shape == (1, 128, 2, 2)
+
+
+def test_coordinate_channels():
+    c = coordinate_channels(2, 4, 8)
+    assert c.shape == (2, 2, 4, 8)
+    assert c[0, 0, 0, 0] == -1 and c[0, 0, 0, -1] == 1  # x varies along width
+    assert c[0, 1, 0, 0] == -1 and c[0, 1, -1, 0] == 1  # y varies along height
+    g = AnoSegGenerator(image_size=64, width=0.125, coord_channels=False)
+    assert g.encoder.conv1.in_channels == 3
+
+
+def test_ablation_switches_build_the_right_parts():
+    base = load_config(None, ["model.reconstruction=false", "train.adversarial=false",
+                              "model.coord_channels=false", "model.width=0.125",
+                              "data.image_size=64"])
+    g = build_generator(base)
+    assert g.reconstruction_decoder is None and g.map_decoder is not None
+    out = g(torch.rand(1, 3, 64, 64))
+    assert out.reconstruction is None
+    detector = build_generator(base, map_decoder=False)
+    assert detector.map_decoder is None and detector.reconstruction_decoder is not None
+
+
+def test_width_multiplier_shrinks_the_model():
+    big = sum(p.numel() for p in AnoSegGenerator(image_size=64, width=0.5).parameters())
+    small = sum(p.numel() for p in AnoSegGenerator(image_size=64, width=0.25).parameters())
+    assert small < big / 3
+
+
+def test_torchvision_weights_load_into_the_encoder():
+    import torchvision
+
+    reference = torchvision.models.resnet18()
+    g = AnoSegGenerator(image_size=64)
+    g.encoder.load_torchvision_weights(reference.state_dict())
+    assert torch.equal(g.encoder.layer3[0].conv1.weight, reference.layer3[0].conv1.weight)
+    assert torch.equal(g.encoder.conv1.weight[:, :3], reference.conv1.weight)
+    assert torch.all(g.encoder.conv1.weight[:, 3:] == 0)
