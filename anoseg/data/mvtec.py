@@ -1,0 +1,476 @@
+"""Reading one category of a dataset in MVTec AD layout.
+
+The layout is::
+
+    <root>/<category>/train/good/<name>.<ext>
+    <root>/<category>/test/<defect>/<name>.<ext>              (``good`` is one of the defects)
+    <root>/<category>/ground_truth/<defect>/<name>_mask.<ext>  (none for ``test/good``)
+
+Images may be PNG, JPEG, BMP or TIFF (extensions compared case-insensitively). Hidden files,
+files of other types and nested folders are ignored, so a dataset unpacked on a Mac (``.DS_Store``,
+``__MACOSX``) reads the same. A mask is paired with its image by file stem: ``000.png`` takes
+``000_mask.png`` or, failing that, ``000.png`` (any image extension) from ``ground_truth``.
+
+Every problem with the files raises :class:`~anoseg.errors.DataError` naming the file or folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import numbers
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from anoseg.config import MVTEC_CATEGORIES
+from anoseg.errors import ConfigError, DataError
+
+PathLike = Union[str, Path]
+
+IMAGE_EXTENSIONS: Tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+"""Lower-case suffixes of the files read as images or masks."""
+
+GOOD = "good"
+"""Name of the defect-free folder in ``train`` and ``test``."""
+
+MASK_SUFFIX = "_mask"
+
+# Folders that archive tools leave behind and that are never categories or defect types.
+_IGNORED_FOLDERS = frozenset({"__MACOSX"})
+
+_FORMATS_TEXT = "PNG, JPEG, BMP or TIFF files"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One test image and where its ground truth is.
+
+    Attributes:
+        image_path: The image file.
+        mask_path: The mask file, or ``None`` for a good image.
+        defect_type: Name of the folder under ``test`` (``"good"`` for normal images).
+        label: 1 for a defective image, 0 for a good one.
+    """
+
+    image_path: Path
+    mask_path: Optional[Path]
+    defect_type: str
+    label: int
+
+
+# ----------------------------------------------------------------------------- listing files
+
+
+def _is_visible(path: Path) -> bool:
+    return not path.name.startswith(".") and path.name not in _IGNORED_FOLDERS
+
+
+def _is_image_file(path: Path) -> bool:
+    return _is_visible(path) and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+
+
+def _image_files(folder: Path) -> List[Path]:
+    """Image files directly inside ``folder``, sorted by name (nested folders are ignored)."""
+    return sorted((p for p in folder.iterdir() if _is_image_file(p)), key=lambda p: p.name)
+
+
+def _subfolders(folder: Path) -> List[Path]:
+    return sorted((p for p in folder.iterdir() if _is_visible(p) and p.is_dir()),
+                  key=lambda p: p.name)
+
+
+def _available_categories(root: Path) -> List[str]:
+    """Folders under ``root`` that look like categories (they hold ``train`` or ``test``)."""
+    return [p.name for p in _subfolders(root) if (p / "train").is_dir() or (p / "test").is_dir()]
+
+
+def _category_dir(root: PathLike, category: str) -> Path:
+    """Return ``<root>/<category>`` or raise a DataError that helps find the right one."""
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"dataset root {root} does not exist; expected a folder in MVTec AD "
+                        f"layout (<root>/<category>/train/good/...)")
+    if not root.is_dir():
+        raise DataError(f"dataset root {root} is a file; expected a folder in MVTec AD layout "
+                        f"(<root>/<category>/train/good/...)")
+    folder = root / category
+    if folder.is_dir():
+        return folder
+    available = _available_categories(root)
+    if available:
+        hint = f"categories found there: {', '.join(available)}"
+    else:
+        hint = (f"no category folders found there (expected e.g. "
+                f"{', '.join(MVTEC_CATEGORIES[:3])}, ... each holding train/ and test/)")
+    raise DataError(f"category folder {folder} does not exist; {hint}")
+
+
+def list_train_images(root: PathLike, category: str) -> List[Path]:
+    """List the normal training images of a category.
+
+    Args:
+        root: Dataset root in MVTec AD layout.
+        category: Name of the category folder under ``root``.
+
+    Returns:
+        The image files of ``<root>/<category>/train/good``, sorted by name.
+
+    Raises:
+        DataError: The root, the category or ``train/good`` is missing, or holds no images.
+    """
+    good = _category_dir(root, category) / "train" / GOOD
+    if not good.is_dir():
+        raise DataError(f"training folder {good} does not exist; expected the normal training "
+                        f"images there ({_FORMATS_TEXT})")
+    images = _image_files(good)
+    if not images:
+        raise DataError(f"training folder {good} contains no images; expected {_FORMATS_TEXT}")
+    return images
+
+
+def _mask_key(mask: Path) -> str:
+    """The image stem a mask file belongs to (``000_mask.png`` and ``000.png`` -> ``000``)."""
+    stem = mask.stem
+    return stem[: -len(MASK_SUFFIX)] if stem.endswith(MASK_SUFFIX) else stem
+
+
+def _pair_masks(images: Sequence[Path], mask_dir: Path) -> Dict[Path, Path]:
+    """Match each defect image in ``images`` with its mask file in ``mask_dir``.
+
+    Raises:
+        DataError: An image has no mask, two masks fit one image, or a mask has no image.
+    """
+    masks = _image_files(mask_dir) if mask_dir.is_dir() else []
+    by_key: Dict[str, List[Path]] = {}
+    for mask in masks:
+        by_key.setdefault(_mask_key(mask), []).append(mask)
+
+    pairs: Dict[Path, Path] = {}
+    for image in images:
+        candidates = by_key.get(image.stem, [])
+        # ``000_mask.png`` is the MVTec name; prefer it over a same-stem ``000.png``.
+        suffixed = [m for m in candidates if m.stem.endswith(MASK_SUFFIX)]
+        chosen = suffixed or candidates
+        if not chosen:
+            expected = mask_dir / f"{image.stem}{MASK_SUFFIX}.png"
+            raise DataError(f"defect image {image} has no mask; expected {expected} "
+                            f"(or the same name with another image extension)")
+        if len(chosen) > 1:
+            raise DataError(f"defect image {image} has several masks: "
+                            f"{', '.join(str(m) for m in chosen)}; expected exactly one")
+        pairs[image] = chosen[0]
+
+    stems = {image.stem for image in images}
+    for mask in masks:
+        if _mask_key(mask) not in stems:
+            expected = mask_dir.parent.parent / "test" / mask_dir.name / f"{_mask_key(mask)}.png"
+            raise DataError(f"mask {mask} has no image; expected {expected} (any image "
+                            f"extension) or remove the mask")
+    return pairs
+
+
+def list_test_samples(root: PathLike, category: str) -> List[Sample]:
+    """List the test images of a category with their masks.
+
+    Every folder under ``test`` is a defect type; ``test/good`` holds normal images, which need
+    no mask. Masks in ``ground_truth/good`` are ignored.
+
+    Args:
+        root: Dataset root in MVTec AD layout.
+        category: Name of the category folder under ``root``.
+
+    Returns:
+        The samples sorted by (defect type, file name).
+
+    Raises:
+        DataError: The test folder is missing or empty, a defect image has no mask, or a mask
+            has no image.
+    """
+    category_dir = _category_dir(root, category)
+    test_dir = category_dir / "test"
+    if not test_dir.is_dir():
+        raise DataError(f"test folder {test_dir} does not exist; expected test/good and one "
+                        f"folder per defect type with {_FORMATS_TEXT}")
+    gt_dir = category_dir / "ground_truth"
+
+    samples: List[Sample] = []
+    defect_dirs = {d.name: d for d in _subfolders(test_dir)}
+    for defect, folder in sorted(defect_dirs.items()):
+        images = _image_files(folder)
+        if defect == GOOD:
+            samples.extend(Sample(image, None, GOOD, 0) for image in images)
+            continue
+        pairs = _pair_masks(images, gt_dir / defect)
+        samples.extend(Sample(image, pairs[image], defect, 1) for image in images)
+
+    # Masks for a defect type that has no test folder at all are just as orphaned.
+    if gt_dir.is_dir():
+        for mask_dir in _subfolders(gt_dir):
+            if mask_dir.name != GOOD and mask_dir.name not in defect_dirs:
+                masks = _image_files(mask_dir)
+                if masks:
+                    raise DataError(f"mask {masks[0]} has no image; expected the folder "
+                                    f"{test_dir / mask_dir.name} with the defect images")
+
+    if not samples:
+        raise DataError(f"test folder {test_dir} contains no images; expected test/good and "
+                        f"defect folders with {_FORMATS_TEXT}")
+    samples.sort(key=lambda s: (s.defect_type, s.image_path.name))
+    return samples
+
+
+# ---------------------------------------------------------------------------- reading pixels
+
+
+def _open_loaded(path: Path, what: str) -> Image.Image:
+    """Open and fully decode an image, turning every failure into a DataError."""
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now: a truncated file only fails here
+            # A copy outlives the closed file handle whatever the Pillow version does on close.
+            return img.copy()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot read {what} {path}: {exc}") from None
+
+
+def _as_size(size: int) -> int:
+    """Validate an output side length (NumPy integers welcome) and return it as an int."""
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+        raise ValueError(f"size must be a positive integer, got {size!r}")
+    return int(size)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB, scaling 16-bit and float data instead of clipping."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        values = np.asarray(img)
+        if img.mode == "F":
+            # Float images are usually in [0, 1]; anything larger is taken as 0..255.
+            scale = 255.0 if float(values.max(initial=0.0)) <= 1.0 else 1.0
+        else:
+            # PIL gives 16-bit files as I;16 or as 32-bit I; both hold 0..65535.
+            scale = 255.0 / 65535.0
+        gray = np.clip(np.rint(values.astype(np.float64) * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # PIL warns when dropping palette transparency directly
+    return img.convert("RGB")
+
+
+def load_image(path: PathLike, size: int) -> torch.Tensor:
+    """Read an image as a square 8-bit RGB tensor.
+
+    Grayscale, palette, RGBA (alpha dropped) and 16-bit images become 3-channel RGB. Resizing
+    is bilinear with antialiasing (PIL filters over the whole footprint when shrinking).
+
+    Args:
+        path: Image file.
+        size: Output side length in pixels.
+
+    Returns:
+        A uint8 tensor of shape (3, size, size).
+
+    Raises:
+        DataError: The file is missing, unreadable, corrupt or truncated.
+    """
+    size = _as_size(size)
+    path = Path(path)
+    img = _to_rgb(_open_loaded(path, "image"))
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BILINEAR)
+    array = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def _header_hw(path: Path, what: str) -> Tuple[int, int]:
+    try:
+        with Image.open(path) as img:  # parses the header; pixels are decoded lazily
+            width, height = img.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot read {what} {path}: {exc}") from None
+    return height, width
+
+
+def image_size_of(path: PathLike) -> Tuple[int, int]:
+    """Return the (height, width) of an image file, reading only its header.
+
+    Raises:
+        DataError: The file is missing or not a readable image.
+    """
+    return _header_hw(Path(path), "image")
+
+
+def _mask_values(img: Image.Image) -> np.ndarray:
+    """A (H, W) array whose non-zero entries are the defect pixels of a mask image."""
+    if img.mode in ("RGB", "RGBA", "LA", "P", "PA", "CMYK", "YCbCr", "HSV", "LAB"):
+        if img.mode == "LA":
+            return np.asarray(img)[..., 0]
+        # Any coloured pixel is a defect; alpha says nothing about the defect.
+        rgb = np.asarray(img.convert("RGBA" if img.mode in ("P", "PA") else "RGB"))[..., :3]
+        return rgb.max(axis=2)
+    return np.asarray(img.convert("L") if img.mode == "1" else img)
+
+
+def load_mask(path: PathLike, size: int,
+              expected_hw: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    """Read a ground-truth mask as a square binary tensor.
+
+    Any value above 0 counts as defect (0/255 is the norm). Resizing is nearest-neighbour so the
+    result stays binary.
+
+    Args:
+        path: Mask file.
+        size: Output side length in pixels.
+        expected_hw: (height, width) of the mask's image; a mask of another size is an error.
+
+    Returns:
+        A uint8 tensor of shape (size, size) with values in {0, 1}.
+
+    Raises:
+        DataError: The file is unreadable, or its size differs from ``expected_hw``.
+    """
+    size = _as_size(size)
+    path = Path(path)
+    img = _open_loaded(path, "mask")
+    if expected_hw is not None and (img.height, img.width) != tuple(expected_hw):
+        raise DataError(f"mask {path} is {img.height}x{img.width} (HxW) but its image is "
+                        f"{expected_hw[0]}x{expected_hw[1]}; expected a mask of the image's size")
+    binary = (_mask_values(img) > 0).astype(np.uint8)
+    if binary.shape != (size, size):
+        binary = np.asarray(Image.fromarray(binary).resize(
+            (size, size), Image.NEAREST))
+    return torch.from_numpy(binary.copy())
+
+
+# ------------------------------------------------------------------------------ test dataset
+
+
+def _check_mask_sizes(samples: Sequence[Sample]) -> None:
+    """Compare each mask's size with its image's from the file headers only."""
+    for sample in samples:
+        if sample.mask_path is None:
+            continue
+        image_hw = _header_hw(sample.image_path, "image")
+        mask_hw = _header_hw(sample.mask_path, "mask")
+        if mask_hw != image_hw:
+            raise DataError(f"mask {sample.mask_path} is {mask_hw[0]}x{mask_hw[1]} (HxW) but its "
+                            f"image {sample.image_path} is {image_hw[0]}x{image_hw[1]}; expected "
+                            f"a mask of the image's size")
+
+
+class MVTecTestDataset(Dataset):
+    """The test split of one category: images, masks and labels.
+
+    Each item is a dict with ``image`` (float32, (3, S, S), in [0, 1]), ``mask`` (float32,
+    (1, S, S), in {0, 1}, all zeros for good images), ``label`` (int), ``path`` (str) and
+    ``defect_type`` (str).
+
+    Args:
+        root: Dataset root in MVTec AD layout.
+        category: Name of the category folder.
+        image_size: Side length S that images and masks are resized to.
+        check_mask_sizes: Compare mask and image sizes (headers only) before anything else, so a
+            bad mask fails at once instead of mid-evaluation.
+    """
+
+    def __init__(self, root: PathLike, category: str, image_size: int,
+                 check_mask_sizes: bool = True) -> None:
+        image_size = _as_size(image_size)
+        self.root = Path(root)
+        self.category = category
+        self.image_size = image_size
+        self.samples: List[Sample] = list_test_samples(root, category)
+        if check_mask_sizes:
+            _check_mask_sizes(self.samples)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Dict[str, object]:
+        sample = self.samples[index]
+        size = self.image_size
+        image = load_image(sample.image_path, size).float().div_(255.0)
+        if sample.mask_path is None:
+            mask = torch.zeros(1, size, size, dtype=torch.float32)
+        else:
+            mask = load_mask(sample.mask_path, size).float().unsqueeze(0)
+        return {"image": image, "mask": mask, "label": sample.label,
+                "path": str(sample.image_path), "defect_type": sample.defect_type}
+
+
+# -------------------------------------------------------------------------- training helpers
+
+
+def load_images_cached(paths: Sequence[PathLike], size: int,
+                       progress: bool = True) -> torch.Tensor:
+    """Decode and resize images once so training does not decode them every epoch.
+
+    Args:
+        paths: Image files.
+        size: Output side length in pixels.
+        progress: Show a tqdm progress bar.
+
+    Returns:
+        A uint8 tensor of shape (N, 3, size, size) in the order of ``paths``.
+
+    Raises:
+        DataError: An image is unreadable.
+    """
+    size = _as_size(size)
+    images = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
+    for i, path in enumerate(tqdm(paths, desc="caching images", disable=not progress,
+                                  leave=False)):
+        images[i] = load_image(path, size)
+    return images
+
+
+def _split_rank(path: Path, seed: int) -> str:
+    # A hash of (seed, file name) instead of a shuffle: the split does not depend on the list
+    # order, the root folder, or the Python/NumPy version, and adding images moves few others.
+    return hashlib.sha256(f"{seed}:{path.name}".encode()).hexdigest()
+
+
+def split_holdout(paths: Sequence[PathLike], fraction: float,
+                  seed: int) -> Tuple[List[Path], List[Path]]:
+    """Split training images into (train, holdout), deterministically for a given seed.
+
+    The holdout gets ``round(fraction * N)`` images, but at least one when ``fraction > 0`` and
+    ``N >= 2``, and never all of them: at least one image is always left for training.
+
+    Args:
+        paths: The training images.
+        fraction: Fraction to hold out, in [0, 1).
+        seed: Seed of the split.
+
+    Returns:
+        ``(train, holdout)``, each in the order the paths were given.
+
+    Raises:
+        ConfigError: ``fraction`` is outside [0, 1).
+        DataError: There are no images to train on.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ConfigError(f"holdout fraction {fraction!r} is invalid; expected a fraction in "
+                          f"[0, 1)")
+    items = [Path(p) for p in paths]
+    total = len(items)
+    n_holdout = int(round(fraction * total))
+    if fraction > 0 and total >= 2:
+        n_holdout = max(n_holdout, 1)
+    n_holdout = min(n_holdout, max(total - 1, 0))
+    if total - n_holdout < 1:
+        raise DataError(f"no training images to split (got {total}); expected at least one "
+                        f"image in train/good")
+    ranked = sorted(range(total), key=lambda i: (_split_rank(items[i], seed), str(items[i])))
+    held = set(ranked[:n_holdout])
+    train = [p for i, p in enumerate(items) if i not in held]
+    holdout = [p for i, p in enumerate(items) if i in held]
+    return train, holdout
