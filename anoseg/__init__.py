@@ -11,7 +11,7 @@ The public API is small::
 Everything returned to users is an *anomaly* map (higher = more anomalous).
 """
 
-__version__ = "0.1.0"
+from anoseg._version import __version__  # noqa: E402
 
 from anoseg.config import AnoSegConfig, load_config, save_config  # noqa: E402
 from anoseg.errors import AnoSegError, CheckpointError, ConfigError, DataError  # noqa: E402

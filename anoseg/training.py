@@ -283,7 +283,7 @@ def _unwrap(module: Optional[nn.Module]) -> Optional[nn.Module]:
 
 
 def state_dict_of(state: TrainState, cfg: AnoSegConfig, extra: Dict[str, Any]) -> Dict[str, Any]:
-    from anoseg import __version__
+    from anoseg._version import __version__
 
     discriminator = _unwrap(state.discriminator)
     return {

@@ -1,0 +1,162 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import anoseg
+from anoseg.checkpoint import load_checkpoint, save_checkpoint
+from anoseg.config import load_config
+from anoseg.data.training_data import synthetic_batch
+from anoseg.errors import CheckpointError, TrainingDivergedError
+from anoseg.training import create_train_state, train, train_step
+
+TINY = ["data.image_size=64", "model.width=0.125", "train.batch_size=4", "data.num_workers=0",
+        "train.log_every=1", "train.checkpoint_every=1000"]
+
+
+def tiny_config(root, *extra, category="demo_texture"):
+    return load_config(None, TINY + [f"data.root={root}", f"data.category={category}",
+                                     *extra])
+
+
+def _params(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def test_one_step_changes_generator_and_discriminator():
+    cfg = load_config(None, TINY)
+    state = create_train_state(cfg, torch.device("cpu"))
+    g0, d0 = _params(state.generator), _params(state.discriminator)
+    batch = synthetic_batch(torch.rand(4, 3, 64, 64), cfg.synthesis, seed=0, anomaly_ratio=0.5)
+    losses = train_step(state, batch, cfg.train, device=torch.device("cpu"))
+    assert set(losses) >= {"seg", "rec", "adv", "disc", "total"}
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    assert any(not torch.equal(a, b) for a, b in zip(g0, _params(state.generator)))
+    assert any(not torch.equal(a, b) for a, b in zip(d0, _params(state.discriminator)))
+    assert state.step == 1 and state.images_seen == 4
+
+
+def test_base_model_ablation_trains_map_only():
+    cfg = load_config(None, TINY + ["model.reconstruction=false", "train.adversarial=false"])
+    state = create_train_state(cfg, torch.device("cpu"))
+    assert state.discriminator is None
+    batch = synthetic_batch(torch.rand(4, 3, 64, 64), cfg.synthesis, seed=0)
+    losses = train_step(state, batch, cfg.train, device=torch.device("cpu"))
+    assert set(losses) == {"seg", "total"}
+
+
+def test_short_run_lowers_segmentation_loss(demo_root, tmp_path):
+    cfg = tiny_config(demo_root, "train.steps=60", "train.batch_size=8",
+                      "train.lr_generator=1e-3")
+    result = train(cfg, tmp_path / "run", progress=False)
+    assert result.steps == 60 and result.stopped == "completed"
+    log = [json.loads(line) for line in (tmp_path / "run" / "losses.jsonl").read_text().splitlines()]
+    first = sum(r["seg"] for r in log[:10]) / 10
+    last = sum(r["seg"] for r in log[-10:]) / 10
+    assert last < 0.7 * first, (first, last)
+    for name in ("config.yaml", "split.json", "summary.json", "checkpoints/last.pt"):
+        assert (tmp_path / "run" / name).is_file()
+    model = anoseg.load_model(tmp_path / "run", device="cpu")
+    maps = anoseg.predict_anomaly_maps(model.generator, torch.rand(3, 3, 64, 64))
+    assert maps.shape == (3, 64, 64) and 0 <= maps.min() and maps.max() <= 1
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(demo_root, tmp_path):
+    cfg = tiny_config(demo_root, "train.steps=8")
+    train(cfg, tmp_path / "full", progress=False)
+    stopped = train(cfg, tmp_path / "resumed", progress=False, stop_at=4)
+    assert stopped.steps == 4 and stopped.stopped == "stop_at"
+    resumed = train(cfg, tmp_path / "resumed", progress=False, resume=True)
+    assert resumed.steps == 8
+    full = load_checkpoint(tmp_path / "full")
+    again = load_checkpoint(tmp_path / "resumed")
+    for part in ("generator", "discriminator"):
+        for key, value in full[part].items():
+            assert torch.equal(value, again[part][key]), (part, key)
+    log = (tmp_path / "resumed" / "losses.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == list(range(1, 9))
+
+
+def test_existing_run_needs_resume(demo_root, tmp_path):
+    cfg = tiny_config(demo_root, "train.steps=1")
+    train(cfg, tmp_path / "run", progress=False)
+    with pytest.raises(CheckpointError, match="--resume"):
+        train(cfg, tmp_path / "run", progress=False)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(demo_root, tmp_path, monkeypatch):
+    cfg = tiny_config(demo_root, "train.steps=6", "train.checkpoint_every=2")
+    import anoseg.training as training
+
+    real_loss = training.segmentation_loss
+    calls = {"n": 0}
+
+    def poisoned(normality, target):
+        calls["n"] += 1
+        loss = real_loss(normality, target)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(training, "segmentation_loss", poisoned)
+    with pytest.raises(TrainingDivergedError, match="seg.*nan.*step 2"):
+        train(cfg, tmp_path / "run", progress=False)
+    ckpt = load_checkpoint(tmp_path / "run")
+    assert ckpt["step"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["generator"].values()
+               if v.is_floating_point())
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, {"generator": {"w": torch.ones(2)}, "config": {}, "step": 1})
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        save_checkpoint(path, {"generator": {"w": torch.zeros(2)}, "config": {}, "step": 2})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left behind
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="c.pt"):
+        load_checkpoint(path)
+
+
+def test_time_budget_stops_cleanly(demo_root, tmp_path):
+    cfg = tiny_config(demo_root, "train.steps=100000", "train.time_budget=2")
+    result = train(cfg, tmp_path / "run", progress=False)
+    assert result.stopped == "time_budget" and 0 < result.steps < 100000
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == result.steps and summary["images_seen"] == result.steps * 4
+    assert load_checkpoint(tmp_path / "run")["step"] == result.steps
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "anoseg.cli.train", "--no-progress", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--data-root", "/nonexistent/root", "--category", "bottle"], ["/nonexistent/root"]),
+    (["--set", "train.stepz=3"], ["unknown config key 'train.stepz'", "train.steps"]),
+    (["--set", "data.image_size=100"], ["data.image_size", "multiple of 32"]),
+])
+def test_cli_bad_input_gives_one_clear_line(args, words, tmp_path):
+    proc = _cli(*args, "--output-dir", str(tmp_path / "run"))
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    for word in words:
+        assert word in proc.stderr
+
+
+def test_cli_trains_and_saves_resolved_config(demo_root, tmp_path):
+    proc = _cli("--data-root", str(demo_root), "--category", "demo_object",
+                "--output-dir", str(tmp_path / "run"), *sum((["--set", s] for s in TINY), []),
+                "--set", "train.steps=2")
+    assert proc.returncode == 0, proc.stderr
+    saved = load_config(tmp_path / "run" / "config.yaml")
+    assert saved.data.category == "demo_object" and saved.train.steps == 2
+    assert saved.data.root == str(demo_root)
