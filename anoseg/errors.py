@@ -24,3 +24,7 @@ class CheckpointError(AnoSegError, ValueError):
 
 class TrainingDivergedError(AnoSegError, RuntimeError):
     """A loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class MetricsInputError(AnoSegError, ValueError):
+    """Anomaly maps, masks, labels or scores that the metrics cannot use (NaN, wrong shape, ...)."""
