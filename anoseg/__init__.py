@@ -7,19 +7,36 @@ The public API is small::
     result = anoseg.train(cfg, "runs/demo")             # train (demo data when data.root unset)
     model = anoseg.load_model("runs/demo")              # rebuild from a checkpoint or run folder
     maps = anoseg.predict_anomaly_maps(model.generator, images)   # (B, H, W), 1 = anomalous
+    metrics = anoseg.SegmentationMetrics()              # streaming metrics on any method's maps
 
-Everything returned to users is an *anomaly* map (higher = more anomalous).
+Everything returned to users is an *anomaly* map (higher = more anomalous). Names are imported
+lazily, so ``import anoseg.metrics`` does not load the model or training code.
 """
 
-from anoseg._version import __version__  # noqa: E402
+from importlib import import_module
+from typing import Any
 
-from anoseg.config import AnoSegConfig, load_config, save_config  # noqa: E402
-from anoseg.errors import AnoSegError, CheckpointError, ConfigError, DataError  # noqa: E402
-from anoseg.inference import load_model, predict_anomaly_maps  # noqa: E402
-from anoseg.training import build_discriminator, build_generator, train, train_step  # noqa: E402
+from anoseg._version import __version__
 
-__all__ = [
-    "__version__", "AnoSegConfig", "load_config", "save_config", "AnoSegError",
-    "CheckpointError", "ConfigError", "DataError", "load_model", "predict_anomaly_maps",
-    "build_generator", "build_discriminator", "train", "train_step",
-]
+_EXPORTS = {
+    "AnoSegConfig": "anoseg.config", "load_config": "anoseg.config",
+    "save_config": "anoseg.config",
+    "AnoSegError": "anoseg.errors", "CheckpointError": "anoseg.errors",
+    "ConfigError": "anoseg.errors", "DataError": "anoseg.errors",
+    "load_model": "anoseg.inference", "predict_anomaly_maps": "anoseg.inference",
+    "build_generator": "anoseg.training", "build_discriminator": "anoseg.training",
+    "train": "anoseg.training", "train_step": "anoseg.training",
+    "SegmentationMetrics": "anoseg.metrics", "label_free_threshold": "anoseg.metrics",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'anoseg' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)
