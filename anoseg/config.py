@@ -136,6 +136,42 @@ class EvalConfig:
 
 
 @dataclass
+class DetectorConfig:
+    """The image-level anomaly detector trained after AnoSeg (paper 3.4, appendix A).
+
+    The paper gives no optimiser settings for the detector; these defaults are documented in
+    ``docs/detector.md``. The three switches are the columns of the Table 5 ablation.
+    """
+
+    steps: int = 5000
+    batch_size: int = 16
+    lr_generator: float = 2e-4
+    lr_discriminator: float = 2e-4
+    weight_adv: float = 0.05
+    """Generator side of L_Adv^AD (eq. 6), non-saturating form."""
+    weight_rec: float = 1.0
+    """L1 reconstruction of the normal input."""
+    weight_fea: float = 1.0
+    """Feature matching L_fea (generator side); used when ``use_feature_matching``."""
+    weight_cls: float = 1.0
+    """Synthetic-anomaly classification L_cls (discriminator side); used when ``use_cls_loss``."""
+    use_feature_matching: bool = True
+    use_anomaly_map: bool = True
+    """Discriminator on ``concat(image, map)``; off = the base model that sees images only."""
+    use_cls_loss: bool = True
+    cls_map: str = "mask"
+    """Map paired with ``x_Ano`` in L_cls: ``mask`` (its synthetic normality mask ``A_Ano``, as
+    in appendix A) or ``anoseg`` (AnoSeg's map of ``x_Ano``)."""
+    score_alpha: float = 1.0
+    """Weight of the feature distance in the score (eq. 5)."""
+    score_beta: float = 0.1
+    """Weight of the image MSE in the score (eq. 5)."""
+    checkpoint_every: int = 500
+    time_budget: Optional[float] = None
+    """Wall-clock seconds of detector training; it stops cleanly and saves when spent."""
+
+
+@dataclass
 class AnoSegConfig:
     """Everything a run needs; saved as ``config.yaml`` in the run folder."""
 
@@ -144,6 +180,7 @@ class AnoSegConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
 
     def to_dict(self) -> Dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -217,13 +254,30 @@ class AnoSegConfig:
         _check(0.0 < e.fpr_limit <= 1.0, "eval.fpr_limit", e.fpr_limit, "in (0, 1]")
         _check(0.0 < e.threshold_quantile <= 1.0, "eval.threshold_quantile",
                e.threshold_quantile, "in (0, 1]")
+        det = self.detector
+        _check(det.steps >= 1, "detector.steps", det.steps, ">= 1")
+        _check(det.batch_size >= 1, "detector.batch_size", det.batch_size, ">= 1")
+        for name in ("lr_generator", "lr_discriminator"):
+            value = getattr(det, name)
+            _check(0.0 < value < 1.0, f"detector.{name}", value, "a learning rate in (0, 1)")
+        for name in ("weight_adv", "weight_rec", "weight_fea", "weight_cls", "score_alpha",
+                     "score_beta"):
+            value = getattr(det, name)
+            _check(value >= 0.0 and math.isfinite(value), f"detector.{name}", value,
+                   "a finite value >= 0")
+        _check(det.cls_map in ("mask", "anoseg"), "detector.cls_map", det.cls_map,
+               "'mask' or 'anoseg'")
+        _check(det.checkpoint_every >= 1, "detector.checkpoint_every", det.checkpoint_every,
+               ">= 1")
+        _check(det.time_budget is None or det.time_budget > 0, "detector.time_budget",
+               det.time_budget, "a number of seconds > 0, or null")
         return self
 
 
 SECTIONS: Dict[str, type] = {f.name: f.type for f in dataclasses.fields(AnoSegConfig)}
 _SECTION_TYPES = {
     "data": DataConfig, "synthesis": SynthesisConfig, "model": ModelConfig,
-    "train": TrainConfig, "eval": EvalConfig,
+    "train": TrainConfig, "eval": EvalConfig, "detector": DetectorConfig,
 }
 
 

@@ -9,6 +9,7 @@ from typing import List, Optional, Sequence
 
 from anoseg.cli.common import run_cli
 from anoseg.config import DEMO_OVERRIDES, load_config
+from anoseg.errors import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,11 +34,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --output-dir from its last checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--stage", choices=("segmenter", "detector"), default="segmenter",
+                        help="segmenter (default): train AnoSeg; detector: train the image-level "
+                             "detector of a finished run (--run), AnoSeg frozen. With "
+                             "--stage detector, --config is applied on top of the run's config "
+                             "and --output-dir is the detector folder (default RUN/detector)")
+    parser.add_argument("--run", default=None, metavar="RUN_DIR",
+                        help="the segmenter run folder the detector is trained on")
     return parser
+
+
+def _train_detector(args: argparse.Namespace) -> int:
+    from anoseg.detector import train_detector
+
+    if args.run is None:
+        raise ConfigError("--stage detector needs --run RUN_DIR (a trained segmenter run)")
+    overrides = list(args.overrides)
+    if args.device is not None:
+        overrides.insert(0, f"train.device={args.device}")
+    result = train_detector(args.run, overrides, config_path=args.config,
+                            output_dir=args.output_dir, resume=args.resume,
+                            progress=not args.no_progress, time_budget=args.time_budget)
+    print(f"{result.stopped}: {result.steps} detector steps on the segmenter at step "
+          f"{result.anoseg_step}, {result.train_seconds:.1f} s; checkpoint {result.checkpoint}")
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.stage == "detector":
+        return _train_detector(args)
     overrides: List[str] = []
     base = None
     if args.data_root is None and args.config is None:
