@@ -27,6 +27,8 @@ _EXPORTS = {
     "build_generator": "anoseg.training", "build_discriminator": "anoseg.training",
     "train": "anoseg.training", "train_step": "anoseg.training",
     "SegmentationMetrics": "anoseg.metrics", "label_free_threshold": "anoseg.metrics",
+    "evaluate_run": "anoseg.evaluation", "evaluate_category": "anoseg.evaluation",
+    "predict_run": "anoseg.evaluation",
 }
 
 __all__ = ["__version__", *_EXPORTS]
