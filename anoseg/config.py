@@ -117,6 +117,8 @@ class TrainConfig:
     """``auto`` (bf16 or fp16 mixed precision on CUDA, fp32 elsewhere), ``fp32``, ``bf16``,
     ``fp16``. ``bf16`` also works on CPU through autocast."""
     channels_last: bool = False
+    sync_batchnorm: bool = False
+    """Synchronise batch-norm statistics across processes under torchrun (CUDA only)."""
     log_every: int = 10
     checkpoint_every: int = 500
     time_budget: Optional[float] = None

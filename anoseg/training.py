@@ -73,6 +73,57 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+@dataclass
+class DistributedContext:
+    """Where this process sits in a ``torchrun`` job (world size 1 when run alone)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_name: str) -> DistributedContext:
+    """Join the process group that ``torchrun`` set up (NCCL on CUDA, gloo on CPU).
+
+    Without torchrun's environment variables this is a no-op returning world size 1.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistributedContext()
+    import torch.distributed as dist
+
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    return DistributedContext(rank, local_rank, world_size)
+
+
+def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def build_generator(cfg: AnoSegConfig, *, map_decoder: bool = True) -> AnoSegGenerator:
     """The AnoSeg generator described by ``cfg`` (loads ``model.init_weights`` if set)."""
     generator = AnoSegGenerator(image_size=cfg.data.image_size, width=cfg.model.width,
@@ -119,9 +170,18 @@ def segmentation_loss(normality_map: torch.Tensor, normality_target: torch.Tenso
 
 def masked_reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor,
                                normality_target: torch.Tensor) -> torch.Tensor:
-    """L_Re (eq. 4): L1 reconstruction error on normal pixels only, normalised by their count."""
+    """L_Re (eq. 4): L1 reconstruction error on normal pixels only, normalised by their count.
+
+    Under DistributedDataParallel the count is summed over all processes (and the loss scaled
+    by the world size, which DDP's gradient averaging undoes), so the loss is the same ratio
+    of sums as in a single process with the global batch.
+    """
     weight = normality_target.expand_as(images)
-    return ((images - reconstruction).abs() * weight).sum() / weight.sum().clamp_min(1.0)
+    count = weight.sum().detach()
+    world = _world_size()
+    if world > 1:
+        count = _all_reduce_sum(count) / world
+    return ((images - reconstruction).abs() * weight).sum() / count.clamp_min(1.0)
 
 
 def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
@@ -152,13 +212,23 @@ class TrainState:
     train_seconds: float = 0.0
 
 
-def _check_finite(losses: Dict[str, torch.Tensor], step: int) -> None:
-    for name, value in losses.items():
+def _check_finite(losses: Dict[str, torch.Tensor], step: int) -> Dict[str, float]:
+    """Raise if any loss is NaN/inf, on every process alike (a one-sided stop would hang).
+
+    Returns the losses as floats, averaged over processes under DDP.
+    """
+    names = list(losses)
+    values = torch.stack([losses[n].detach().float().reshape(()) for n in names])
+    world = _world_size()
+    if world > 1:
+        values = _all_reduce_sum(values) / world
+    for name, value in zip(names, values):
         if not torch.isfinite(value).all():
             raise TrainingDivergedError(
                 f"loss {name} became {value.item()} at step {step}; stopping. The last good "
                 "checkpoint is kept. Lower the learning rates (train.lr_generator, "
                 "train.lr_discriminator) or use train.precision=fp32.")
+    return {name: float(value) for name, value in zip(names, values)}
 
 
 def train_step(state: TrainState, batch: Dict[str, torch.Tensor], cfg: TrainConfig, *,
@@ -215,16 +285,14 @@ def train_step(state: TrainState, batch: Dict[str, torch.Tensor], cfg: TrainConf
         total = total + cfg.weight_rec * losses["rec"]
     if "adv" in losses:
         total = total + cfg.weight_adv * losses["adv"]
-    _check_finite({**losses, "total": total}, state.step)
+    result = _check_finite({**losses, "total": total}, state.step)
     state.opt_g.zero_grad(set_to_none=True)
     _backward(total, scaler)
     _optimizer_step(state.opt_g, scaler)
     if scaler is not None:
         scaler.update()
     state.step += 1
-    state.images_seen += images.shape[0]
-    result = {name: float(value.detach()) for name, value in losses.items()}
-    result["total"] = float(total.detach())
+    state.images_seen += images.shape[0] * _world_size()
     return result
 
 
@@ -260,8 +328,14 @@ def _make_optimizer(params, lr: float, cfg: TrainConfig) -> torch.optim.Optimize
                             weight_decay=cfg.weight_decay)
 
 
-def create_train_state(cfg: AnoSegConfig, device: torch.device) -> TrainState:
-    """Seeded models and optimisers for ``cfg`` on ``device``."""
+def create_train_state(cfg: AnoSegConfig, device: torch.device,
+                       distributed: bool = False) -> TrainState:
+    """Seeded models and optimisers for ``cfg`` on ``device``.
+
+    With ``distributed`` the models are wrapped in DistributedDataParallel (and their batch
+    norms synchronised when ``train.sync_batchnorm``); every process starts from the same
+    seeded weights, which DDP also broadcasts from rank 0.
+    """
     torch.manual_seed(cfg.train.seed)
     generator = build_generator(cfg).to(device)
     discriminator = build_discriminator(cfg).to(device) if cfg.train.adversarial else None
@@ -269,6 +343,10 @@ def create_train_state(cfg: AnoSegConfig, device: torch.device) -> TrainState:
         generator = generator.to(memory_format=torch.channels_last)
         if discriminator is not None:
             discriminator = discriminator.to(memory_format=torch.channels_last)
+    if distributed:
+        generator = _wrap_ddp(generator, device, cfg.train.sync_batchnorm)
+        if discriminator is not None:
+            discriminator = _wrap_ddp(discriminator, device, cfg.train.sync_batchnorm)
     opt_g = _make_optimizer(generator.parameters(), cfg.train.lr_generator, cfg.train)
     opt_d = (_make_optimizer(discriminator.parameters(), cfg.train.lr_discriminator, cfg.train)
              if discriminator is not None else None)
@@ -276,6 +354,18 @@ def create_train_state(cfg: AnoSegConfig, device: torch.device) -> TrainState:
     scaler = (torch.amp.GradScaler("cuda")
               if amp_dtype == torch.float16 and device.type == "cuda" else None)
     return TrainState(generator, discriminator, opt_g, opt_d, scaler)
+
+
+def _wrap_ddp(module: nn.Module, device: torch.device, sync_batchnorm: bool) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    if sync_batchnorm:
+        if device.type != "cuda":
+            raise ConfigError("train.sync_batchnorm=true needs CUDA (PyTorch's SyncBatchNorm "
+                              "runs on GPUs only); set it to false for CPU runs")
+        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=device_ids)
 
 
 def _unwrap(module: Optional[nn.Module]) -> Optional[nn.Module]:
@@ -413,37 +503,60 @@ def train(cfg: AnoSegConfig, output_dir: Union[str, Path], *, resume: bool = Fal
         raise CheckpointError(f"{run_dir} already holds a run ({LAST_CHECKPOINT}); pass "
                               "--resume to continue it or choose another --output-dir")
 
-    device = resolve_device(cfg.train.device)
+    ctx = init_distributed(cfg.train.device)
+    if ctx.enabled and cfg.train.batch_size % ctx.world_size:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by the "
+                          f"number of processes ({ctx.world_size}): it is the global batch")
+    batch_per_process = cfg.train.batch_size // ctx.world_size
+    if ctx.enabled and torch.cuda.is_available() and cfg.train.device in ("auto", "cuda"):
+        device = torch.device("cuda", ctx.local_rank)
+    else:
+        device = resolve_device(cfg.train.device)
     amp_dtype = resolve_precision(cfg.train.precision, device)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     root = resolve_data_root(cfg)
     split = ckpt["split"] if ckpt is not None else prepare_training_split(cfg, root)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    write_json(run_dir / "split.json", {"data_root": str(root), **split})
+    progress = progress and ctx.is_main
+    if ctx.is_main:  # only rank 0 writes to the run folder
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        write_json(run_dir / "split.json", {"data_root": str(root), **split})
 
     train_paths = [Path(p) for p in split["train"]]
     images = (load_images_cached(train_paths, cfg.data.image_size, progress=progress)
               if cfg.data.cache_images else train_paths)
     dataset = SyntheticAnomalyDataset(images, cfg.data.image_size, cfg.synthesis)
 
-    state = create_train_state(cfg, device)
+    state = create_train_state(cfg, device, distributed=ctx.enabled)
     if ckpt is not None:
         restore_train_state(state, ckpt)
-        _truncate_log(log_path, state.step)
-    elif log_path.exists():
+        if ctx.is_main:
+            _truncate_log(log_path, state.step)
+    elif log_path.exists() and ctx.is_main:
         log_path.unlink()
     start_step = state.step
-    sampler = StepSampler(len(dataset), cfg.train.batch_size, cfg.train.seed,
-                          start_step=start_step)
-    loader = make_train_loader(dataset, sampler, cfg.train.batch_size, cfg.data.num_workers,
+    sampler = StepSampler(len(dataset), batch_per_process, cfg.train.seed,
+                          start_step=start_step, rank=ctx.rank, world_size=ctx.world_size)
+    loader = make_train_loader(dataset, sampler, batch_per_process, cfg.data.num_workers,
                                pin_memory=device.type == "cuda")
     extra = {"split": split, "data_root": str(root)}
 
     def save() -> None:
-        save_checkpoint(ckpt_path, state_dict_of(state, cfg, extra))
+        if ctx.is_main:
+            save_checkpoint(ckpt_path, state_dict_of(state, cfg, extra))
+
+    def should_stop(reason_flags: List[bool]) -> List[bool]:
+        """Every process must stop at the same step: take the maximum of the flags."""
+        if not ctx.enabled:
+            return reason_flags
+        import torch.distributed as dist
+
+        flags = torch.tensor([float(f) for f in reason_flags],
+                             device=device if device.type == "cuda" else "cpu")
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return [bool(f) for f in flags.tolist()]
 
     total_steps = cfg.train.steps
     stopped = "completed"
@@ -455,7 +568,8 @@ def train(cfg: AnoSegConfig, output_dir: Union[str, Path], *, resume: bool = Fal
     bar = tqdm(total=total_steps, initial=start_step, desc=f"train {cfg.data.category}",
                disable=not progress, dynamic_ncols=True)
     try:
-        with _StopFlag() as stop_flag, open(log_path, "a") as log:
+        log_file = open(log_path, "a") if ctx.is_main else contextlib.nullcontext()
+        with _StopFlag() as stop_flag, log_file as log:
             batches = iter(loader)
             while state.step < total_steps:
                 for group in state.opt_g.param_groups:
@@ -472,7 +586,8 @@ def train(cfg: AnoSegConfig, output_dir: Union[str, Path], *, resume: bool = Fal
                     window[name] = window.get(name, 0.0) + value
                 window_count += 1
                 bar.update(1)
-                if state.step % cfg.train.log_every == 0 or state.step == total_steps:
+                if ctx.is_main and (state.step % cfg.train.log_every == 0
+                                    or state.step == total_steps):
                     means = {k: v / window_count for k, v in window.items()}
                     bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()}, refresh=False)
                     log.write(json.dumps({"step": state.step, **means,
@@ -482,14 +597,17 @@ def train(cfg: AnoSegConfig, output_dir: Union[str, Path], *, resume: bool = Fal
                     window, window_count = {}, 0
                 if state.step % cfg.train.checkpoint_every == 0:
                     save()
-                if stop_flag.requested:
+                interrupted, budget_spent = should_stop([
+                    stop_flag.requested,
+                    cfg.train.time_budget is not None
+                    and time.perf_counter() - started >= cfg.train.time_budget])
+                if interrupted:
                     stopped = "interrupted"
                     break
                 if stop_at is not None and state.step >= stop_at:
                     stopped = "stop_at"
                     break
-                if (cfg.train.time_budget is not None
-                        and time.perf_counter() - started >= cfg.train.time_budget):
+                if budget_spent:
                     stopped = "time_budget"
                     break
     finally:
@@ -499,8 +617,14 @@ def train(cfg: AnoSegConfig, output_dir: Union[str, Path], *, resume: bool = Fal
                "train_seconds": round(state.train_seconds, 3), "stopped": stopped,
                "device": str(device), "precision": str(amp_dtype or "fp32"),
                "last_losses": last}
-    write_json(run_dir / "summary.json", summary)
-    if stopped == "interrupted":
+    if ctx.is_main:
+        summary["world_size"] = ctx.world_size
+        write_json(run_dir / "summary.json", summary)
+    if ctx.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()
+    if stopped == "interrupted" and ctx.is_main:
         print(f"interrupted: checkpoint saved at step {state.step} in {ckpt_path}; "
               "continue with --resume")
     return TrainResult(run_dir, ckpt_path, state.step, state.images_seen, state.train_seconds,
