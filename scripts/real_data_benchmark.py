@@ -1,0 +1,99 @@
+"""Equal-compute comparison on the real datasets: train with a wall-clock budget, evaluate,
+and write the table next to the peer numbers (DRAEM via anomalib 2.7, and a per-pixel
+Gaussian), measured on this kind of 2-core machine at 128x128 with 1200 s of training.
+
+    python scripts/real_data_benchmark.py --data-root ../shared/data/real \\
+        --config configs/cpu_real.yaml --budget 1200 --output-dir runs/real
+
+Runs that already finished are evaluated again but not retrained (delete the folder to redo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Dict, List
+
+from anoseg.config import load_config
+from anoseg.evaluation import evaluate_run
+from anoseg.training import train
+
+# From the issue "Real defects": DRAEM (anomalib 2.7), 128x128, batch 8, Adam 1e-4, 1200 s on
+# the 2 cores, independent evaluator; and a per-pixel Gaussian of the training images.
+PEERS: Dict[str, Dict[str, Dict[str, float]]] = {
+    "DRAEM 1200 s": {
+        "bsdata": {"pixel_auroc": 0.705, "image_auroc": 0.899, "aupro": 0.231,
+                   "iou_pooled_best": 0.025, "pixel_f1_max": 0.050},
+        "deeppcb": {"pixel_auroc": 0.844, "image_auroc": 0.641, "aupro": 0.543,
+                    "iou_pooled_best": 0.005, "pixel_f1_max": 0.010},
+    },
+    "per-pixel Gaussian": {
+        "bsdata": {"pixel_auroc": 0.884, "image_auroc": 0.952, "aupro": 0.451,
+                   "iou_pooled_best": 0.013, "pixel_f1_max": 0.025},
+        "deeppcb": {"pixel_auroc": 0.412, "image_auroc": 0.484, "aupro": 0.074,
+                    "iou_pooled_best": 0.001, "pixel_f1_max": 0.002},
+    },
+}
+COLUMNS = [("pixel_auroc", "pixel AUROC"), ("image_auroc", "image AUROC"),
+           ("aupro", "AUPRO@0.3"), ("iou_pooled_best", "best IoU"), ("pixel_f1_max", "F1-max")]
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def run_one(data_root: Path, category: str, config: str, overrides: List[str], budget: float,
+            run_dir: Path, progress: bool) -> Dict:
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        cfg = load_config(config, [f"data.root={data_root}", f"data.category={category}",
+                                   f"train.time_budget={budget}", *overrides])
+        train(cfg, run_dir, progress=progress)
+    summary = json.loads(summary_path.read_text())
+    start = time.perf_counter()
+    report = evaluate_run(run_dir, output_dir=run_dir / "eval", progress=progress, pictures=6)
+    result = dict(report.results[0])
+    result["eval_seconds"] = time.perf_counter() - start
+    result["steps"] = summary["steps"]
+    result["train_seconds"] = summary["train_seconds"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", required=True)
+    parser.add_argument("--categories", nargs="+", default=["bsdata", "deeppcb"])
+    parser.add_argument("--config", default="configs/cpu_real.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--budget", type=float, default=1200.0, help="training seconds")
+    parser.add_argument("--output-dir", default="runs/real")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args()
+
+    out = Path(args.output_dir)
+    ours = {c: run_one(Path(args.data_root), c, args.config, args.overrides, args.budget,
+                       out / c, not args.no_progress) for c in args.categories}
+    lines = [f"Training budget {args.budget:.0f} s per set, config `{args.config}`"
+             + (f", overrides {args.overrides}" if args.overrides else "") + ".", "",
+             "| set | method | " + " | ".join(n for _, n in COLUMNS) + " | steps |",
+             "|---|---|" + "---|" * (len(COLUMNS) + 1)]
+    for category in args.categories:
+        r = ours[category]
+        lines.append(f"| {category} | anoseg | " + " | ".join(_fmt(r.get(k)) for k, _ in COLUMNS)
+                     + f" | {r['steps']} |")
+        for peer, numbers in PEERS.items():
+            if category in numbers:
+                lines.append(f"| {category} | {peer} | "
+                             + " | ".join(_fmt(numbers[category].get(k)) for k, _ in COLUMNS)
+                             + " | |")
+    table = "\n".join(lines) + "\n"
+    (out / "table.md").write_text(table)
+    print(table)
+    print(f"wrote {out / 'table.md'}")
+
+
+if __name__ == "__main__":
+    main()
