@@ -8,6 +8,8 @@ The public API is small::
     model = anoseg.load_model("runs/demo")              # rebuild from a checkpoint or run folder
     maps = anoseg.predict_anomaly_maps(model.generator, images)   # (B, H, W), 1 = anomalous
     metrics = anoseg.SegmentationMetrics()              # streaming metrics on any method's maps
+    anoseg.train_detector("runs/demo")                  # image-level detector, AnoSeg frozen
+    scores = anoseg.detector_scores(anoseg.load_detector("runs/demo"), model.generator, images)
 
 Everything returned to users is an *anomaly* map (higher = more anomalous). Names are imported
 lazily, so ``import anoseg.metrics`` does not load the model or training code.
@@ -29,6 +31,8 @@ _EXPORTS = {
     "SegmentationMetrics": "anoseg.metrics", "label_free_threshold": "anoseg.metrics",
     "evaluate_run": "anoseg.evaluation", "evaluate_category": "anoseg.evaluation",
     "predict_run": "anoseg.evaluation",
+    "train_detector": "anoseg.detector", "load_detector": "anoseg.detector",
+    "detector_scores": "anoseg.detector",
 }
 
 __all__ = ["__version__", *_EXPORTS]

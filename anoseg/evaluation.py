@@ -66,6 +66,11 @@ CSV_KEYS: Tuple[str, ...] = MEAN_KEYS + (
     "n_defective", "n_good", "n_pixels", "n_defect_pixels", "n_regions")
 """Columns of ``metrics.csv`` after ``category`` (fractions, not percentages)."""
 
+DETECTOR_KEY = "image_auroc_detector"
+DETECTOR_COLUMN = (DETECTOR_KEY, "Image AUROC (detector)")
+"""Image AUROC of the downstream detector's score (paper eq. 5); in the tables only when a run
+has a detector (``RUN_DIR/detector/last.pt``)."""
+
 MAPS_README = ("Anomaly maps as 16-bit grayscale PNG at the model's resolution: "
                "score = pixel value / 65535 (1 = anomalous).\n"
                "Python: numpy.asarray(PIL.Image.open(path), dtype=float) / 65535, "
@@ -159,6 +164,44 @@ def holdout_image_paths(model: LoadedModel, data_root: Optional[PathLike] = None
                             "exist; pass --data-root with the dataset the run was trained on")
         paths.append(found)
     return paths
+
+
+def run_detector(checkpoint_path: PathLike, model: LoadedModel,
+                 device: Union[None, str, torch.device] = None
+                 ) -> Tuple[Optional[Any], Optional[str]]:
+    """The detector of the run holding ``checkpoint_path``, if it has one.
+
+    Returns:
+        ``(LoadedDetector or None, warning or None)``; a detector trained on another segmenter
+        checkpoint step is not used, and the warning says so.
+    """
+    run_dir = run_folder_of(checkpoint_path)
+    if run_dir is None or not (run_dir / "detector" / "last.pt").is_file():
+        return None, None
+    from anoseg.detector import load_detector
+
+    detector = load_detector(run_dir, device=device)
+    step = int(model.checkpoint.get("step", -1))
+    if detector.anoseg_step != step:
+        return None, (f"detector {run_dir / 'detector' / 'last.pt'} was trained on the segmenter "
+                      f"at step {detector.anoseg_step}, the checkpoint is at step {step}: "
+                      "detector scores skipped (retrain it with anoseg-train --stage detector)")
+    return detector, None
+
+
+def _image_auroc(labels: np.ndarray, scores: np.ndarray) -> Optional[float]:
+    if labels.size == 0 or labels.all() or not labels.any():
+        return None
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(labels, scores))
+
+
+def _metric_columns(results: Sequence[Dict[str, Any]]) -> List[Tuple[str, str]]:
+    columns = list(METRIC_COLUMNS)
+    if any(r.get(DETECTOR_KEY) is not None for r in results):
+        columns.insert(2, DETECTOR_COLUMN)
+    return columns
 
 
 # ------------------------------------------------------------------------- label-free threshold
@@ -284,7 +327,8 @@ def evaluate_category(model: LoadedModel, data_root: PathLike, category: str, *,
                       pictures_dir: Optional[PathLike] = None,
                       max_pictures: int = DEFAULT_MAX_PICTURES, num_workers: int = 0,
                       holdout_paths: Optional[Sequence[PathLike]] = None,
-                      threshold_cache_for: Optional[PathLike] = None) -> Dict[str, Any]:
+                      threshold_cache_for: Optional[PathLike] = None,
+                      detector: Optional[Any] = None) -> Dict[str, Any]:
     """Evaluate one model on the test set of one category.
 
     The label-free threshold is chosen first on the held-out normal images; then the test images
@@ -304,6 +348,8 @@ def evaluate_category(model: LoadedModel, data_root: PathLike, category: str, *,
             ``model.checkpoint["split"]`` (moved under ``data_root`` if the dataset moved).
         threshold_cache_for: A checkpoint path: reuse/write its cached threshold
             (:func:`cached_label_free_threshold`).
+        detector: A :class:`anoseg.detector.LoadedDetector` trained on ``model``: adds
+            ``image_auroc_detector``, the image AUROC of its scores (eq. 5).
 
     Returns:
         A dict with ``category``, ``pixel_auroc``, ``image_auroc``, ``iou_pooled_best`` (the
@@ -358,12 +404,20 @@ def evaluate_category(model: LoadedModel, data_root: PathLike, category: str, *,
 
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     seen = 0
+    detector_parts: List[np.ndarray] = []
+    label_parts: List[np.ndarray] = []
     with tqdm(total=len(dataset), desc=f"eval {category}", unit="img", disable=not progress,
               dynamic_ncols=True) as bar:
         for batch in loader:
             maps = predict_anomaly_maps(model.generator, batch["image"], batch_size=batch_size)
             masks = batch["mask"][:, 0]
             metrics.update(maps, masks, labels=batch["label"])
+            if detector is not None:
+                from anoseg.detector import detector_scores
+
+                detector_parts.append(detector_scores(detector, model.generator, batch["image"],
+                                                      batch_size=batch_size).numpy())
+                label_parts.append(np.asarray(batch["label"]).astype(bool))
             for offset, (path_text, defect) in enumerate(zip(batch["path"],
                                                              batch["defect_type"])):
                 stem = _safe_name(Path(path_text).stem)
@@ -400,6 +454,9 @@ def evaluate_category(model: LoadedModel, data_root: PathLike, category: str, *,
         "warnings": warnings,
         "iou_curve": result["iou_curve"],
     })
+    if detector is not None:
+        summary[DETECTOR_KEY] = _image_auroc(np.concatenate(label_parts),
+                                             np.concatenate(detector_parts))
     return summary
 
 
@@ -412,7 +469,8 @@ def mean_over_categories(results: Sequence[Dict[str, Any]]
     """
     mean: Dict[str, Optional[float]] = {}
     notes: List[str] = []
-    for key in MEAN_KEYS:
+    keys = MEAN_KEYS + ((DETECTOR_KEY,) if any(DETECTOR_KEY in r for r in results) else ())
+    for key in keys:
         values = [r.get(key) for r in results]
         defined = [float(v) for v in values if v is not None]
         mean[key] = float(np.mean(defined)) if defined else None
@@ -435,16 +493,17 @@ def _percent(value: Optional[float]) -> str:
 def format_markdown_table(results: Sequence[Dict[str, Any]],
                           mean: Optional[Dict[str, Optional[float]]] = None) -> str:
     """A Markdown table like the paper's: a row per category (and ``mean``), metrics in %."""
-    headers = ["Category", *(title for _, title in METRIC_COLUMNS), "Label-free thr."]
+    columns = _metric_columns(results)
+    headers = ["Category", *(title for _, title in columns), "Label-free thr."]
     lines = ["| " + " | ".join(headers) + " |",
              "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|"]
     for result in results:
         threshold = result.get("label_free_threshold")
-        cells = [result["category"], *(_percent(result.get(k)) for k, _ in METRIC_COLUMNS),
+        cells = [result["category"], *(_percent(result.get(k)) for k, _ in columns),
                  "—" if threshold is None else f"{threshold:.4f}"]
         lines.append("| " + " | ".join(cells) + " |")
     if mean is not None:
-        cells = ["**mean**", *(_percent(mean.get(k)) for k, _ in METRIC_COLUMNS), ""]
+        cells = ["**mean**", *(_percent(mean.get(k)) for k, _ in columns), ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -483,11 +542,12 @@ def write_metrics_files(output_dir: PathLike, results: Sequence[Dict[str, Any]],
 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["category", *CSV_KEYS])
+    csv_keys = CSV_KEYS + ((DETECTOR_KEY,) if any(DETECTOR_KEY in r for r in results) else ())
+    writer.writerow(["category", *csv_keys])
     for result in results:
-        writer.writerow([result["category"], *(_csv_value(result.get(k)) for k in CSV_KEYS)])
+        writer.writerow([result["category"], *(_csv_value(result.get(k)) for k in csv_keys)])
     if mean is not None:
-        writer.writerow(["mean", *(_csv_value(mean.get(k)) for k in CSV_KEYS)])
+        writer.writerow(["mean", *(_csv_value(mean.get(k)) for k in csv_keys)])
     atomic_write_text(csv_path, buffer.getvalue())
 
     quantile = results[0].get("threshold_quantile") if results else None
@@ -622,11 +682,14 @@ def evaluate_run(run_or_checkpoint: Union[PathLike, Sequence[PathLike]],
         category_dir = output_dir / _safe_name(category)
         maps_dir = category_dir / "maps" if save_maps else None
         pictures_dir = category_dir / "pictures" if pictures > 0 else None
+        detector, detector_warning = run_detector(checkpoint_path, model, torch_device)
         result = evaluate_category(
             model, root, category, batch_size=batch_size or model.config.eval.batch_size,
             progress=progress, save_maps_dir=maps_dir, pictures_dir=pictures_dir,
             max_pictures=pictures, num_workers=num_workers, holdout_paths=holdout,
-            threshold_cache_for=checkpoint_path)
+            threshold_cache_for=checkpoint_path, detector=detector)
+        if detector_warning is not None:
+            result["warnings"].append(detector_warning)
         result["checkpoint"] = str(checkpoint_path)
         result["checkpoint_step"] = int(model.checkpoint.get("step", 0))
         files.append(write_iou_curve_csv(category_dir / "iou_curve.csv", result["iou_curve"]))
@@ -723,7 +786,8 @@ class PredictionReport:
 
 def predict_images(model: LoadedModel, image_paths: Sequence[PathLike], output_dir: PathLike, *,
                    threshold: float, batch_size: int = 16, progress: bool = True,
-                   threshold_source: str = "given") -> PredictionReport:
+                   threshold_source: str = "given",
+                   detector: Optional[Any] = None) -> PredictionReport:
     """Write anomaly maps, overlays, masks and scores for images.
 
     Every image is checked (header) before anything is written. Per image ``<name>``:
@@ -731,7 +795,9 @@ def predict_images(model: LoadedModel, image_paths: Sequence[PathLike], output_d
     ``overlays/<name>.png`` (the map blended over the resized input, enlarged to >= 256 px) and
     ``masks/<name>.png`` (0/255, pixels with score >= ``threshold``). ``scores.csv`` has one row
     per image: ``path``, ``image_score`` (max of the map), ``is_anomalous``
-    (``image_score >= threshold``), ``anomalous_pixel_fraction`` and the three file names.
+    (``image_score >= threshold``), ``anomalous_pixel_fraction`` and the three file names; with
+    a ``detector`` (:class:`anoseg.detector.LoadedDetector`), also ``detector_score`` (eq. 5,
+    higher = more anomalous; not thresholded).
 
     Raises:
         DataError: An image is missing or unreadable (the message names it).
@@ -753,6 +819,12 @@ def predict_images(model: LoadedModel, image_paths: Sequence[PathLike], output_d
             chunk = paths[start:start + batch_size]
             images = _load_images(chunk, size)
             maps = predict_anomaly_maps(model.generator, images, batch_size=batch_size)
+            scores = None
+            if detector is not None:
+                from anoseg.detector import detector_scores
+
+                scores = detector_scores(detector, model.generator, images,
+                                         batch_size=batch_size)
             for offset, path in enumerate(chunk):
                 name = names[start + offset]
                 anomaly_map = maps[offset]
@@ -764,8 +836,10 @@ def predict_images(model: LoadedModel, image_paths: Sequence[PathLike], output_d
                                                                          anomaly_map))
                 save_mask_png(output_dir / files["mask"], mask)
                 image_score = float(anomaly_map.max())
-                rows.append({"path": str(path), "image_score": image_score,
-                             "is_anomalous": int(image_score >= threshold),
+                row = {"path": str(path), "image_score": image_score}
+                if scores is not None:
+                    row["detector_score"] = float(scores[offset])
+                rows.append({**row, "is_anomalous": int(image_score >= threshold),
                              "anomalous_pixel_fraction": float(mask.float().mean()), **files})
             bar.update(len(chunk))
 
@@ -820,5 +894,9 @@ def predict_run(checkpoint: PathLike, inputs: Sequence[PathLike], output_dir: Pa
         threshold, from_cache = cached_label_free_threshold(
             model, checkpoint_path, holdout, batch_size=batch_size, progress=progress)
         source = "holdout (cached)" if from_cache else "holdout"
+    detector, warning = run_detector(checkpoint_path, model, model.device)
+    if warning is not None:
+        print(f"warning: {warning}")
     return predict_images(model, image_paths, output_dir, threshold=threshold,
-                          batch_size=batch_size, progress=progress, threshold_source=source)
+                          batch_size=batch_size, progress=progress, threshold_source=source,
+                          detector=detector)

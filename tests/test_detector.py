@@ -241,3 +241,23 @@ def test_cli_without_segmenter_gives_one_clear_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr
     assert str(tmp_path / "empty" / "checkpoints" / "last.pt") in lines[0]
+
+
+def test_eval_and_predict_report_the_detector(segmenter_run, trained_detector, demo_root,
+                                              tmp_path):
+    from anoseg.evaluation import evaluate_run, predict_run
+
+    report = evaluate_run(segmenter_run, output_dir=tmp_path / "eval", device="cpu",
+                          progress=False)
+    result = report.results[CATEGORY]
+    assert 0.0 <= result["image_auroc_detector"] <= 1.0 and 0.0 <= result["image_auroc"] <= 1.0
+    assert "Image AUROC (detector)" in report.table
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["categories"][CATEGORY]["image_auroc_detector"] == result[
+        "image_auroc_detector"]
+    images = sorted((demo_root / CATEGORY / "test" / "stain").glob("*.png"))[:2]
+    prediction = predict_run(segmenter_run, images, tmp_path / "pred", device="cpu",
+                             progress=False)
+    assert all(row["detector_score"] > 0 for row in prediction.rows)
+    header = (tmp_path / "pred" / "scores.csv").read_text().splitlines()[0]
+    assert "detector_score" in header.split(",")
