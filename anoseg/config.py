@@ -118,6 +118,8 @@ class TrainConfig:
     ``fp16``. ``bf16`` also works on CPU through autocast."""
     channels_last: bool = False
     sync_batchnorm: bool = False
+    compile: bool = False
+    """Compile generator and discriminator with ``torch.compile`` (first steps are slow)."""
     """Synchronise batch-norm statistics across processes under torchrun (CUDA only)."""
     log_every: int = 10
     checkpoint_every: int = 500

@@ -343,6 +343,10 @@ def create_train_state(cfg: AnoSegConfig, device: torch.device,
         generator = generator.to(memory_format=torch.channels_last)
         if discriminator is not None:
             discriminator = discriminator.to(memory_format=torch.channels_last)
+    if cfg.train.compile:
+        generator = torch.compile(generator)
+        if discriminator is not None:
+            discriminator = torch.compile(discriminator)
     if distributed:
         generator = _wrap_ddp(generator, device, cfg.train.sync_batchnorm)
         if discriminator is not None:
@@ -369,7 +373,9 @@ def _wrap_ddp(module: nn.Module, device: torch.device, sync_batchnorm: bool) -> 
 
 
 def _unwrap(module: Optional[nn.Module]) -> Optional[nn.Module]:
-    return getattr(module, "module", module)
+    """The plain model inside DistributedDataParallel and/or ``torch.compile`` wrappers."""
+    module = getattr(module, "module", module)  # DDP
+    return getattr(module, "_orig_mod", module)  # torch.compile
 
 
 def state_dict_of(state: TrainState, cfg: AnoSegConfig, extra: Dict[str, Any]) -> Dict[str, Any]:

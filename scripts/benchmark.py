@@ -47,10 +47,11 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def bench(device: torch.device, size: int, width: float, batch: int, precision: str,
-          steps: int, channels_last: bool) -> dict:
+          steps: int, channels_last: bool, compile_model: bool = False) -> dict:
     cfg = load_config(None, [f"data.image_size={size}", f"model.width={width}",
                              f"train.batch_size={batch}", f"train.precision={precision}",
-                             f"train.channels_last={str(channels_last).lower()}"])
+                             f"train.channels_last={str(channels_last).lower()}",
+                             f"train.compile={str(compile_model).lower()}"])
     amp_dtype = resolve_precision(precision, device)
     state = create_train_state(cfg, device)
     images = torch.rand(batch, 3, size, size)
@@ -58,6 +59,9 @@ def bench(device: torch.device, size: int, width: float, batch: int, precision: 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     kwargs = dict(device=device, amp_dtype=amp_dtype, channels_last=channels_last)
+    if compile_model:  # compile outside the FLOP counter (it cannot trace compiled graphs)
+        for _ in range(2):
+            train_step(state, data, cfg.train, **kwargs)
     with FlopCounterMode(display=False) as counter:
         train_step(state, data, cfg.train, **kwargs)
     flops = counter.get_total_flops()
@@ -89,9 +93,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--devices", nargs="+", default=None)
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the models")
     args = parser.parse_args()
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"channels_last={args.channels_last}, compile={args.compile}")
     for name in devices:
         device = torch.device(name)
         peaks = {p: matmul_peak(device, torch.float32 if p == "fp32" else torch.bfloat16)
@@ -104,7 +110,7 @@ def main() -> None:
             for width in args.widths:
                 for precision in args.precisions:
                     r = bench(device, size, width, args.batch, precision, args.steps,
-                              args.channels_last)
+                              args.channels_last, args.compile)
                     peak = peaks.get(precision if precision in peaks else "fp32")
                     frac = r["achieved_gflops"] * 1e9 / peak if peak else float("nan")
                     print(f"{name:6} {size:4d} {width:5.2f} {precision:>4} {r['step_s']:7.2f} "
