@@ -49,6 +49,9 @@ def _train_detector(args: argparse.Namespace) -> int:
 
     if args.run is None:
         raise ConfigError("--stage detector needs --run RUN_DIR (a trained segmenter run)")
+    if args.data_root is not None or args.category is not None:
+        raise ConfigError("--data-root and --category do not apply to --stage detector: it "
+                          "trains on the images of the segmenter run given with --run")
     overrides = list(args.overrides)
     if args.device is not None:
         overrides.insert(0, f"train.device={args.device}")
@@ -64,6 +67,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.stage == "detector":
         return _train_detector(args)
+    if args.run is not None:
+        raise ConfigError("--run is for --stage detector; a segmenter run's folder is "
+                          "--output-dir")
     overrides: List[str] = []
     base = None
     if args.data_root is None and args.config is None:
