@@ -106,6 +106,10 @@ class TrainConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.05
     weight_seg: float = 1.0
+    seg_loss: str = "l1"
+    """``l1``: the paper's L_Seg, mean over all pixels. ``balanced_l1``: the mean over pasted
+    pixels and the mean over normal pixels, averaged, so tiny synthetic anomalies are not
+    drowned by the normal pixels (a departure for small real defects, docs/experiments.md)."""
     weight_rec: float = 1.0
     weight_adv: float = 0.05
     adversarial: bool = True
@@ -117,10 +121,11 @@ class TrainConfig:
     """``auto`` (bf16 or fp16 mixed precision on CUDA, fp32 elsewhere), ``fp32``, ``bf16``,
     ``fp16``. ``bf16`` also works on CPU through autocast."""
     channels_last: bool = False
+    """Use the channels-last memory layout (faster convolutions on some hardware)."""
     sync_batchnorm: bool = False
+    """Synchronise batch-norm statistics across processes under torchrun (CUDA only)."""
     compile: bool = False
     """Compile generator and discriminator with ``torch.compile`` (first steps are slow)."""
-    """Synchronise batch-norm statistics across processes under torchrun (CUDA only)."""
     log_every: int = 10
     checkpoint_every: int = 500
     time_budget: Optional[float] = None
@@ -237,6 +242,8 @@ class AnoSegConfig:
                    "a finite value >= 0")
         _check(t.schedule in ("constant", "cosine"), "train.schedule", t.schedule,
                "'constant' or 'cosine'")
+        _check(t.seg_loss in ("l1", "balanced_l1"), "train.seg_loss", t.seg_loss,
+               "'l1' or 'balanced_l1'")
         _check(0 <= t.warmup_steps < max(t.steps, 1) or t.warmup_steps == 0,
                "train.warmup_steps", t.warmup_steps, "in [0, train.steps)")
         _check(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", t.min_lr_ratio, "in [0, 1]")
@@ -278,7 +285,6 @@ class AnoSegConfig:
         return self
 
 
-SECTIONS: Dict[str, type] = {f.name: f.type for f in dataclasses.fields(AnoSegConfig)}
 _SECTION_TYPES = {
     "data": DataConfig, "synthesis": SynthesisConfig, "model": ModelConfig,
     "train": TrainConfig, "eval": EvalConfig, "detector": DetectorConfig,
@@ -392,8 +398,12 @@ def parse_override(text: str) -> Tuple[str, str, Any]:
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = (),
-                base: Optional[Dict[str, Any]] = None) -> AnoSegConfig:
-    """Defaults, then ``base`` (a nested dict), then the YAML file, then ``--set`` overrides."""
+                base: Optional[Dict[str, Any]] = None,
+                values: Optional[Dict[str, Dict[str, Any]]] = None) -> AnoSegConfig:
+    """Defaults, then ``base`` (a nested dict), then the YAML file, then ``--set`` overrides,
+    then ``values`` (a nested dict of already-typed values such as paths from command-line
+    flags: unlike ``--set`` text they are not parsed as YAML, so ``#`` or ``:`` in a path and
+    a category named ``on`` stay as they are)."""
     cfg = AnoSegConfig()
     if base:
         cfg = config_from_dict(base, cfg)
@@ -412,6 +422,8 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
     for text in overrides:
         section, name, value = parse_override(text)
         cfg = config_from_dict({section: {name: value}}, cfg)
+    if values:
+        cfg = config_from_dict(values, cfg)
     return cfg.validate()
 
 

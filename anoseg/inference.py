@@ -46,6 +46,9 @@ def load_model(checkpoint: Union[str, Path], device: Union[str, torch.device, No
     from anoseg.training import build_generator, resolve_device
 
     state = load_checkpoint(checkpoint)
+    if state.get("kind", "anoseg") != "anoseg":
+        raise CheckpointError(f"{checkpoint} is a {state['kind']!r} checkpoint, not an AnoSeg "
+                              "segmenter; pass the run folder or its checkpoints/last.pt")
     cfg = config_from_dict(state["config"]).validate()
     cfg.model.init_weights = None  # the checkpoint already holds the weights
     generator = build_generator(cfg)

@@ -20,7 +20,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -163,9 +163,24 @@ def learning_rate(step: int, base_lr: float, cfg: TrainConfig) -> float:
 # --------------------------------------------------------------------------- losses
 
 
-def segmentation_loss(normality_map: torch.Tensor, normality_target: torch.Tensor) -> torch.Tensor:
-    """L_Seg (eq. 2): mean absolute error between predicted and target normality maps."""
-    return F.l1_loss(normality_map, normality_target)
+def segmentation_loss(normality_map: torch.Tensor, normality_target: torch.Tensor,
+                      balanced: bool = False) -> torch.Tensor:
+    """L_Seg (eq. 2): mean absolute error between predicted and target normality maps.
+
+    With ``balanced`` the error is averaged separately over pasted (target 0) and normal
+    (target 1) pixels and the two means are averaged; a batch without pasted pixels falls
+    back to the plain mean.
+    """
+    error = (normality_map - normality_target).abs()
+    if not balanced:
+        return error.mean()
+    anomalous = (normality_target < 0.5).to(error.dtype)
+    n_anomalous = anomalous.sum()
+    if n_anomalous == 0:
+        return error.mean()
+    normal = 1.0 - anomalous
+    return 0.5 * ((error * anomalous).sum() / n_anomalous
+                  + (error * normal).sum() / normal.sum().clamp_min(1.0))
 
 
 def masked_reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor,
@@ -245,7 +260,8 @@ def train_step(state: TrainState, batch: Dict[str, torch.Tensor], cfg: TrainConf
         The losses of this step as floats.
 
     Raises:
-        TrainingDivergedError: a loss is NaN or infinite (no weight is updated then).
+        TrainingDivergedError: a loss is NaN or infinite. L_Seg and L_Re are checked before
+            either optimiser steps, each adversarial loss before the step that uses it.
     """
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     images = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
@@ -258,11 +274,13 @@ def train_step(state: TrainState, batch: Dict[str, torch.Tensor], cfg: TrainConf
     with autocast(device, amp_dtype):
         out = generator(images)
     normality = out.normality_map.float()
-    losses: Dict[str, torch.Tensor] = {"seg": segmentation_loss(normality, target)}
+    losses: Dict[str, torch.Tensor] = {
+        "seg": segmentation_loss(normality, target, balanced=cfg.seg_loss == "balanced_l1")}
     recon = out.reconstruction.float() if out.reconstruction is not None else None
     if recon is not None:
         losses["rec"] = masked_reconstruction_loss(recon, images.float(), target)
 
+    _check_finite(losses, state.step)  # before any optimiser step
     if adversarial:
         discriminator.train()
         real_pair = torch.cat([images, target], dim=1)
@@ -471,6 +489,14 @@ def _truncate_log(path: Path, step: int) -> None:
     path.write_text("".join(k + "\n" for k in kept))
 
 
+RESUME_FREE_KEYS = (
+    ("train", "steps"), ("train", "time_budget"), ("train", "device"), ("train", "precision"),
+    ("train", "log_every"), ("train", "checkpoint_every"), ("train", "compile"),
+    ("data", "num_workers"), ("data", "cache_images"),
+)
+"""Keys a resumed run takes from the new config; every other key comes from the run's own."""
+
+
 def train(cfg: AnoSegConfig, output_dir: Union[str, Path], *, resume: bool = False,
           progress: bool = True, stop_at: Optional[int] = None) -> TrainResult:
     """Train AnoSeg on ``cfg.data`` and write the run folder ``output_dir``.
@@ -479,7 +505,8 @@ def train(cfg: AnoSegConfig, output_dir: Union[str, Path], *, resume: bool = Fal
         cfg: the validated configuration.
         output_dir: the run folder (created).
         resume: continue from ``output_dir/checkpoints/last.pt``. The run's saved config is
-            used; only ``train.steps`` and ``train.time_budget`` may differ from it.
+            used, except for the run-time keys of :data:`RESUME_FREE_KEYS` (steps, budget,
+            device, precision, workers, ...).
         progress: show a tqdm progress bar.
         stop_at: stop after this step as if interrupted (for tests and staged runs).
 
@@ -499,7 +526,8 @@ def train(cfg: AnoSegConfig, output_dir: Union[str, Path], *, resume: bool = Fal
     if resume:
         ckpt = load_checkpoint(ckpt_path)
         saved = config_from_dict(ckpt["config"])
-        saved.train.steps, saved.train.time_budget = cfg.train.steps, cfg.train.time_budget
+        for section, key in RESUME_FREE_KEYS:  # how to run, not what is trained
+            setattr(getattr(saved, section), key, getattr(getattr(cfg, section), key))
         if saved.to_dict() != cfg.to_dict():
             changed = _diff_keys(saved.to_dict(), cfg.to_dict())
             if changed:

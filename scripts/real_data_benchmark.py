@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
+from anoseg.checkpoint import LAST_CHECKPOINT
 from anoseg.config import load_config
 from anoseg.evaluation import evaluate_run
 from anoseg.training import train
@@ -48,13 +49,15 @@ def run_one(data_root: Path, category: str, config: str, overrides: List[str], b
             run_dir: Path, progress: bool) -> Dict:
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
-        cfg = load_config(config, [f"data.root={data_root}", f"data.category={category}",
-                                   f"train.time_budget={budget}", *overrides])
-        train(cfg, run_dir, progress=progress)
+        cfg = load_config(config, overrides, values={
+            "data": {"root": str(data_root), "category": category},
+            "train": {"time_budget": budget}})
+        # an interrupted run (checkpoint, no summary) continues where it stopped
+        train(cfg, run_dir, progress=progress, resume=(run_dir / LAST_CHECKPOINT).is_file())
     summary = json.loads(summary_path.read_text())
     start = time.perf_counter()
     report = evaluate_run(run_dir, output_dir=run_dir / "eval", progress=progress, pictures=6)
-    result = dict(report.results[0])
+    result = dict(report.results[category])
     result["eval_seconds"] = time.perf_counter() - start
     result["steps"] = summary["steps"]
     result["train_seconds"] = summary["train_seconds"]

@@ -136,10 +136,13 @@ def category_config(config_paths: Sequence[PathLike], overrides: Sequence[str],
                     device: Optional[str] = None) -> AnoSegConfig:
     """The config of one category's run: the layered config with ``data.root``,
     ``data.category`` (and ``train.device``) set last."""
-    fixed = [f"data.root={Path(data_root)}", f"data.category={category}"]
+    cfg = layered_config(config_paths, overrides)
+    # set as values, not as YAML-parsed --set text: a '#' or ':' in a path stays as it is
+    fixed: Dict[str, Dict[str, Any]] = {"data": {"root": str(Path(data_root)),
+                                                 "category": category}}
     if device is not None:
-        fixed.append(f"train.device={device}")
-    return layered_config(config_paths, [*overrides, *fixed])
+        fixed["train"] = {"device": device}
+    return config_from_dict(fixed, cfg).validate()
 
 
 def _flatten(config: Dict[str, Any]) -> Dict[str, Any]:

@@ -93,9 +93,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(demo_root, tmp_path, monk
     real_loss = training.segmentation_loss
     calls = {"n": 0}
 
-    def poisoned(normality, target):
+    def poisoned(normality, target, **kwargs):
         calls["n"] += 1
-        loss = real_loss(normality, target)
+        loss = real_loss(normality, target, **kwargs)
         return loss * float("nan") if calls["n"] == 3 else loss
 
     monkeypatch.setattr(training, "segmentation_loss", poisoned)
@@ -160,3 +160,18 @@ def test_cli_trains_and_saves_resolved_config(demo_root, tmp_path):
     saved = load_config(tmp_path / "run" / "config.yaml")
     assert saved.data.category == "demo_object" and saved.train.steps == 2
     assert saved.data.root == str(demo_root)
+
+
+def test_balanced_segmentation_loss_weighs_both_classes_equally():
+    from anoseg.training import segmentation_loss
+
+    target = torch.ones(1, 1, 10, 10)
+    target[..., :1, :1] = 0  # one pasted pixel out of 100
+    all_normal = torch.ones_like(target)  # the trivial "everything normal" prediction
+    assert segmentation_loss(all_normal, target).item() == pytest.approx(0.01)
+    assert segmentation_loss(all_normal, target, balanced=True).item() == pytest.approx(0.5)
+    assert segmentation_loss(target, target, balanced=True).item() == 0.0
+    # no pasted pixel in the batch: the plain mean
+    pred = torch.full_like(target, 0.9)
+    assert segmentation_loss(pred, torch.ones_like(target), balanced=True).item() == \
+        pytest.approx(0.1)

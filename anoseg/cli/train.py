@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from anoseg.cli.common import run_cli
 from anoseg.config import DEMO_OVERRIDES, load_config
@@ -70,20 +70,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.run is not None:
         raise ConfigError("--run is for --stage detector; a segmenter run's folder is "
                           "--output-dir")
-    overrides: List[str] = []
-    base = None
-    if args.data_root is None and args.config is None:
-        base = DEMO_OVERRIDES
+    base = DEMO_OVERRIDES if args.data_root is None and args.config is None else None
+    # Flag values are set as they are (not parsed as YAML like --set text), after --set.
+    values: Dict[str, Dict[str, Any]] = {"data": {}, "train": {}}
     if args.data_root is not None:
-        overrides.append(f"data.root={args.data_root}")
+        values["data"]["root"] = args.data_root
     category = args.category or ("demo_texture" if args.data_root is None else None)
     if category is not None:
-        overrides.append(f"data.category={category}")
+        values["data"]["category"] = category
     if args.device is not None:
-        overrides.append(f"train.device={args.device}")
+        values["train"]["device"] = args.device
     if args.time_budget is not None:
-        overrides.append(f"train.time_budget={args.time_budget}")
-    cfg = load_config(args.config, overrides + list(args.overrides), base=base)
+        values["train"]["time_budget"] = args.time_budget
+    cfg = load_config(args.config, list(args.overrides), base=base, values=values)
     output_dir = Path(args.output_dir or Path("runs") / cfg.data.category)
 
     from anoseg.training import train

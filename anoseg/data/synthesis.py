@@ -150,6 +150,9 @@ def cutpaste(target: torch.Tensor, source: torch.Tensor, cfg: SynthesisConfig,
         ph, pw = min(patch.shape[1], height), min(patch.shape[2], width)
         patch, alpha = patch[:, :ph, :pw], alpha[:, :ph, :pw]
     ty, tx = _randint(generator, 0, height - ph), _randint(generator, 0, width - pw)
+    if source is target and (ty, tx) == (sy, sx) and (height - ph or width - pw):
+        # pasting a patch of the unaugmented image onto itself would change nothing
+        ty, tx = (ty + 1) % (height - ph + 1), (tx + 1) % (width - pw + 1)
     region = alpha[0] > 0.5
     out = target.clone()
     window = out[:, ty:ty + ph, tx:tx + pw]

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, Sampler
 from anoseg.config import SynthesisConfig
 from anoseg.data.synthesis import synthesize_anomaly
 
-_SEED_STRIDE = 1_000_003  # a prime: keeps (run seed, epoch) and (run seed, sample) streams apart
+_SEED_STRIDE = 1_000_003  # a prime: keeps the streams of different run seeds apart
 
 
 def make_sample(image: torch.Tensor, cfg: SynthesisConfig, generator: torch.Generator,
@@ -65,7 +65,9 @@ class StepSampler(Sampler):
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * _SEED_STRIDE + epoch)
+            # a negative offset keeps epoch seeds apart from the per-sample seeds below
+            epoch_seed = (self.seed * _SEED_STRIDE - 1 - epoch) % (2 ** 63 - 1)
+            g = torch.Generator().manual_seed(epoch_seed)
             self._order = torch.randperm(self.num_images, generator=g)
             self._epoch = epoch
         return self._order
