@@ -28,8 +28,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -44,11 +42,13 @@ from anoseg.config import (AnoSegConfig, DetectorConfig, SynthesisConfig, config
                            save_config)
 from anoseg.data.synthesis import synthesize_anomaly
 from anoseg.data.training_data import SyntheticAnomalyDataset
-from anoseg.errors import CheckpointError, ConfigError, TrainingDivergedError
+from anoseg.errors import CheckpointError, ConfigError
 from anoseg.models.detector import AnoSegDetector
-from anoseg.training import (_backward, _diff_keys, _optimizer_step, _StopFlag,
-                             _truncate_log, autocast, build_generator, discriminator_loss,
-                             generator_adversarial_loss, resolve_device, resolve_precision)
+from anoseg.training import (autocast, backward, build_generator, check_finite, checkpoint_dict,
+                             diff_keys, discriminator_loss, generator_adversarial_loss,
+                             make_adam, make_scaler, optimizer_step, reset_log,
+                             resolve_device, resolve_precision, restore_progress,
+                             resumed_config, run_training_loop, training_summary)
 
 DETECTOR_DIR = "detector"
 DETECTOR_CHECKPOINT = "last.pt"
@@ -153,27 +153,23 @@ class DetectorState:
 
 
 def create_detector_state(cfg: AnoSegConfig, device: torch.device) -> DetectorState:
-    """Seeded detector networks and their Adam optimisers (betas from ``train.beta1/2``)."""
+    """Seeded detector networks and their Adam optimisers (betas from ``train.beta1/2``; no
+    weight decay: ``train.weight_decay`` is not applied to the detector)."""
     torch.manual_seed(cfg.train.seed)
     detector = build_detector(cfg).to(device)
     betas = (cfg.train.beta1, cfg.train.beta2)
-    opt_g = torch.optim.Adam(detector.generator.parameters(), lr=cfg.detector.lr_generator,
-                             betas=betas)
-    opt_d = torch.optim.Adam(detector.discriminator.parameters(),
-                             lr=cfg.detector.lr_discriminator, betas=betas)
-    amp_dtype = resolve_precision(cfg.train.precision, device)
-    scaler = (torch.amp.GradScaler("cuda")
-              if amp_dtype == torch.float16 and device.type == "cuda" else None)
-    return DetectorState(detector, opt_g, opt_d, scaler)
+    opt_g = make_adam(detector.generator.parameters(), cfg.detector.lr_generator, betas)
+    opt_d = make_adam(detector.discriminator.parameters(), cfg.detector.lr_discriminator, betas)
+    return DetectorState(detector, opt_g, opt_d, make_scaler(cfg.train.precision, device))
 
 
-def _check_finite(losses: Dict[str, torch.Tensor], step: int) -> None:
-    for name, value in losses.items():
-        if not torch.isfinite(value).all():
-            raise TrainingDivergedError(
-                f"detector loss {name} became {value.item()} at step {step}; stopping. The last "
-                "good detector checkpoint is kept. Lower detector.lr_generator and "
-                "detector.lr_discriminator or use train.precision=fp32.")
+_DIVERGED_MESSAGE = ("detector loss {name} became {value} at step {step}; stopping. The last "
+                     "good detector checkpoint is kept. Lower detector.lr_generator and "
+                     "detector.lr_discriminator or use train.precision=fp32.")
+
+
+def _check_finite(losses: Dict[str, torch.Tensor], step: int) -> Dict[str, float]:
+    return check_finite(losses, step, message=_DIVERGED_MESSAGE, reduce=False)
 
 
 # --------------------------------------------------------------------------- one step
@@ -241,8 +237,8 @@ def detector_train_step(state: DetectorState, anoseg_generator: nn.Module,
         loss_d = loss_d + cfg.weight_cls * losses["cls"]
     _check_finite({"disc": loss_adv_d, **losses, "disc_total": loss_d}, state.step)
     state.opt_d.zero_grad(set_to_none=True)
-    _backward(loss_d, scaler)
-    _optimizer_step(state.opt_d, scaler)
+    backward(loss_d, scaler)
+    optimizer_step(state.opt_d, scaler)
 
     # Generator: adversarial, reconstruction (+ feature matching against the real pair's f).
     with autocast(device, amp_dtype):
@@ -255,16 +251,14 @@ def detector_train_step(state: DetectorState, anoseg_generator: nn.Module,
         losses["fea"] = feature_matching_loss(fake_features.float(), real_features.float())
         total = total + cfg.weight_fea * losses["fea"]
     losses["disc"] = loss_adv_d.detach()
-    _check_finite({**losses, "total": total}, state.step)
+    result = _check_finite({**losses, "total": total}, state.step)
     state.opt_g.zero_grad(set_to_none=True)
-    _backward(total, scaler)
-    _optimizer_step(state.opt_g, scaler)
+    backward(total, scaler)
+    optimizer_step(state.opt_g, scaler)
     if scaler is not None:
         scaler.update()
     state.step += 1
     state.images_seen += images.shape[0]
-    result = {name: float(value.detach()) for name, value in losses.items()}
-    result["total"] = float(total.detach())
     return result
 
 
@@ -286,23 +280,10 @@ def detector_checkpoint_path(path: Union[str, Path]) -> Path:
 
 def _detector_state_dict(state: DetectorState, cfg: AnoSegConfig, anoseg_step: int,
                          anoseg_checkpoint: Path) -> Dict[str, Any]:
-    from anoseg._version import __version__
-
-    return {
-        "kind": DETECTOR_KIND,
-        "version": __version__,
-        "config": cfg.to_dict(),
-        "anoseg_step": anoseg_step,
-        "anoseg_checkpoint": str(anoseg_checkpoint),
-        "step": state.step,
-        "images_seen": state.images_seen,
-        "train_seconds": state.train_seconds,
-        "generator": state.detector.generator.state_dict(),
-        "discriminator": state.detector.discriminator.state_dict(),
-        "opt_g": state.opt_g.state_dict(),
-        "opt_d": state.opt_d.state_dict(),
-        "scaler": state.scaler.state_dict() if state.scaler is not None else None,
-    }
+    return checkpoint_dict(DETECTOR_KIND, cfg, state, state.detector.generator,
+                           state.detector.discriminator,
+                           header={"anoseg_step": anoseg_step,
+                                   "anoseg_checkpoint": str(anoseg_checkpoint)})
 
 
 def _load_detector_checkpoint(path: Path) -> Dict[str, Any]:
@@ -319,13 +300,7 @@ def _restore(state: DetectorState, ckpt: Dict[str, Any], path: Path) -> None:
         state.detector.discriminator.load_state_dict(ckpt["discriminator"])
     except RuntimeError as exc:
         raise CheckpointError(f"{path} does not match its own config: {exc}") from None
-    state.opt_g.load_state_dict(ckpt["opt_g"])
-    state.opt_d.load_state_dict(ckpt["opt_d"])
-    if state.scaler is not None and ckpt.get("scaler"):
-        state.scaler.load_state_dict(ckpt["scaler"])
-    state.step = int(ckpt["step"])
-    state.images_seen = int(ckpt.get("images_seen", 0))
-    state.train_seconds = float(ckpt.get("train_seconds", 0.0))
+    restore_progress(state, ckpt)
 
 
 # --------------------------------------------------------------------------- the run
@@ -366,7 +341,7 @@ def _detector_config(base: AnoSegConfig, config_path: Optional[Union[str, Path]]
     for text in overrides:
         section, name, value = parse_override(text)
         cfg = config_from_dict({section: {name: value}}, cfg)
-    changed = [key for key in _diff_keys(base.to_dict(), cfg.to_dict())
+    changed = [key for key in diff_keys(base.to_dict(), cfg.to_dict())
                if not key.startswith("detector.") and key not in _FREE_KEYS]
     if changed:
         raise ConfigError(f"the detector is trained on the segmenter run's data and model; "
@@ -401,8 +376,6 @@ def train_detector(run_dir: Union[str, Path], overrides: Sequence[str] = (), *,
         CheckpointError: no trained segmenter in ``run_dir``, a detector already there without
             ``resume``, or a detector trained on another segmenter checkpoint.
     """
-    from tqdm.auto import tqdm
-
     from anoseg.data.mvtec import load_images_cached
     from anoseg.data.training_data import StepSampler, make_train_loader
 
@@ -433,16 +406,10 @@ def train_detector(run_dir: Union[str, Path], overrides: Sequence[str] = (), *,
             raise CheckpointError(
                 f"{ckpt_path} was trained on the segmenter at step {det_ckpt['anoseg_step']}, "
                 f"but {seg_path} is now at step {anoseg_step}; train a new detector")
-        saved = config_from_dict(det_ckpt["config"])
-        saved.detector.steps = cfg.detector.steps
-        saved.detector.time_budget = cfg.detector.time_budget
-        for key in _FREE_KEYS:  # run-time settings follow this invocation
-            section, name = key.split(".")
-            setattr(getattr(saved, section), name, getattr(getattr(cfg, section), name))
-        changed = _diff_keys(saved.to_dict(), cfg.to_dict())
-        if changed:
-            print(f"resume: using the detector's saved config; ignoring changed keys {changed}")
-        cfg = saved.validate()
+        # run-time settings follow this invocation
+        free = ("detector.steps", "detector.time_budget", *_FREE_KEYS)
+        cfg = resumed_config(det_ckpt["config"], cfg, [key.split(".") for key in free],
+                             "detector")
     elif ckpt_path.exists():
         raise CheckpointError(f"{det_dir} already holds a detector ({DETECTOR_CHECKPOINT}); "
                               "pass --resume to continue it or choose another --output-dir")
@@ -470,65 +437,24 @@ def train_detector(run_dir: Union[str, Path], overrides: Sequence[str] = (), *,
     state = create_detector_state(cfg, device)
     if det_ckpt is not None:
         _restore(state, det_ckpt, ckpt_path)
-        _truncate_log(log_path, state.step)
-    elif log_path.exists():
-        log_path.unlink()
-    start_step = state.step
-    sampler = StepSampler(len(dataset), det.batch_size, cfg.train.seed, start_step=start_step)
+    reset_log(log_path, state.step if det_ckpt is not None else None)
+    sampler = StepSampler(len(dataset), det.batch_size, cfg.train.seed, start_step=state.step)
     loader = make_train_loader(dataset, sampler, det.batch_size, cfg.data.num_workers,
                                pin_memory=device.type == "cuda")
 
     def save() -> None:
         save_checkpoint(ckpt_path, _detector_state_dict(state, cfg, anoseg_step, seg_path))
 
-    stopped = "completed"
-    last: Dict[str, float] = {}
-    window: Dict[str, float] = {}
-    window_count = 0
-    started = time.perf_counter()
-    seconds_before = state.train_seconds
-    log_every = cfg.train.log_every
-    bar = tqdm(total=det.steps, initial=start_step, desc="train detector",
-               disable=not progress, dynamic_ncols=True)
-    try:
-        with _StopFlag() as stop_flag, open(log_path, "a") as log:
-            batches = iter(loader)
-            while state.step < det.steps:
-                batch = next(batches)
-                last = detector_train_step(state, anoseg_generator, batch, det, device=device,
-                                           amp_dtype=amp_dtype)
-                state.train_seconds = seconds_before + time.perf_counter() - started
-                for name, value in last.items():
-                    window[name] = window.get(name, 0.0) + value
-                window_count += 1
-                bar.update(1)
-                if state.step % log_every == 0 or state.step == det.steps:
-                    means = {k: v / window_count for k, v in window.items()}
-                    bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()}, refresh=False)
-                    log.write(json.dumps({"step": state.step, **means,
-                                          "seconds": round(state.train_seconds, 3)}) + "\n")
-                    log.flush()
-                    window, window_count = {}, 0
-                if state.step % det.checkpoint_every == 0:
-                    save()
-                if stop_flag.requested:
-                    stopped = "interrupted"
-                    break
-                if stop_at is not None and state.step >= stop_at:
-                    stopped = "stop_at"
-                    break
-                if (det.time_budget is not None
-                        and time.perf_counter() - started >= det.time_budget):
-                    stopped = "time_budget"
-                    break
-    finally:
-        bar.close()
-    save()
-    write_json(det_dir / "summary.json", {
-        "steps": state.step, "images_seen": state.images_seen,
-        "train_seconds": round(state.train_seconds, 3), "stopped": stopped,
-        "device": str(device), "precision": str(amp_dtype or "fp32"),
-        "anoseg_step": anoseg_step, "last_losses": last})
+    def step(batch: Dict[str, torch.Tensor]) -> Dict[str, float]:
+        return detector_train_step(state, anoseg_generator, batch, det, device=device,
+                                   amp_dtype=amp_dtype)
+
+    stopped, last = run_training_loop(
+        state, loader, step, total_steps=det.steps, save=save, log_path=log_path,
+        log_every=cfg.train.log_every, checkpoint_every=det.checkpoint_every,
+        time_budget=det.time_budget, stop_at=stop_at, progress=progress, desc="train detector")
+    write_json(det_dir / "summary.json", training_summary(state, stopped, device, amp_dtype,
+                                                          last, anoseg_step=anoseg_step))
     if stopped == "interrupted":
         print(f"interrupted: detector checkpoint saved at step {state.step} in {ckpt_path}; "
               "continue with --resume")

@@ -20,7 +20,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -227,22 +227,32 @@ class TrainState:
     train_seconds: float = 0.0
 
 
-def _check_finite(losses: Dict[str, torch.Tensor], step: int) -> Dict[str, float]:
-    """Raise if any loss is NaN/inf, on every process alike (a one-sided stop would hang).
+DIVERGED_MESSAGE = ("loss {name} became {value} at step {step}; stopping. The last good "
+                    "checkpoint is kept. Lower the learning rates (train.lr_generator, "
+                    "train.lr_discriminator) or use train.precision=fp32.")
+"""The :class:`TrainingDivergedError` text of :func:`check_finite` (``{name}``, ``{value}``,
+``{step}`` are filled in)."""
 
-    Returns the losses as floats, averaged over processes under DDP.
+
+def check_finite(losses: Dict[str, torch.Tensor], step: int, *,
+                 message: str = DIVERGED_MESSAGE, reduce: bool = True) -> Dict[str, float]:
+    """Raise :class:`TrainingDivergedError` if any loss is NaN/inf.
+
+    With ``reduce`` (the segmenter) the losses are averaged over processes under DDP first, so
+    every process stops alike (a one-sided stop would hang).
+
+    Returns:
+        The losses as floats (averaged over processes when reduced).
     """
     names = list(losses)
     values = torch.stack([losses[n].detach().float().reshape(()) for n in names])
-    world = _world_size()
+    world = _world_size() if reduce else 1
     if world > 1:
         values = _all_reduce_sum(values) / world
     for name, value in zip(names, values):
         if not torch.isfinite(value).all():
-            raise TrainingDivergedError(
-                f"loss {name} became {value.item()} at step {step}; stopping. The last good "
-                "checkpoint is kept. Lower the learning rates (train.lr_generator, "
-                "train.lr_discriminator) or use train.precision=fp32.")
+            raise TrainingDivergedError(message.format(name=name, value=value.item(),
+                                                       step=step))
     return {name: float(value) for name, value in zip(names, values)}
 
 
@@ -280,7 +290,7 @@ def train_step(state: TrainState, batch: Dict[str, torch.Tensor], cfg: TrainConf
     if recon is not None:
         losses["rec"] = masked_reconstruction_loss(recon, images.float(), target)
 
-    _check_finite(losses, state.step)  # before any optimiser step
+    check_finite(losses, state.step)  # before any optimiser step
     if adversarial:
         discriminator.train()
         real_pair = torch.cat([images, target], dim=1)
@@ -289,10 +299,10 @@ def train_step(state: TrainState, batch: Dict[str, torch.Tensor], cfg: TrainConf
             real_logits, _ = discriminator(real_pair)
             fake_logits, _ = discriminator(fake_pair.detach())
         loss_d = discriminator_loss(real_logits.float(), fake_logits.float())
-        _check_finite({"discriminator": loss_d}, state.step)
+        check_finite({"discriminator": loss_d}, state.step)
         state.opt_d.zero_grad(set_to_none=True)
-        _backward(loss_d, scaler)
-        _optimizer_step(state.opt_d, scaler)
+        backward(loss_d, scaler)
+        optimizer_step(state.opt_d, scaler)
         with autocast(device, amp_dtype):
             fake_logits_g, _ = discriminator(fake_pair)
         losses["adv"] = generator_adversarial_loss(fake_logits_g.float())
@@ -303,10 +313,10 @@ def train_step(state: TrainState, batch: Dict[str, torch.Tensor], cfg: TrainConf
         total = total + cfg.weight_rec * losses["rec"]
     if "adv" in losses:
         total = total + cfg.weight_adv * losses["adv"]
-    result = _check_finite({**losses, "total": total}, state.step)
+    result = check_finite({**losses, "total": total}, state.step)
     state.opt_g.zero_grad(set_to_none=True)
-    _backward(total, scaler)
-    _optimizer_step(state.opt_g, scaler)
+    backward(total, scaler)
+    optimizer_step(state.opt_g, scaler)
     if scaler is not None:
         scaler.update()
     state.step += 1
@@ -314,116 +324,69 @@ def train_step(state: TrainState, batch: Dict[str, torch.Tensor], cfg: TrainConf
     return result
 
 
-def _backward(loss: torch.Tensor, scaler: Optional[torch.amp.GradScaler]) -> None:
+def backward(loss: torch.Tensor, scaler: Optional[torch.amp.GradScaler]) -> None:
+    """``loss.backward()``, through the fp16 gradient scaler when there is one."""
     (scaler.scale(loss) if scaler is not None else loss).backward()
 
 
-def _optimizer_step(optimizer: torch.optim.Optimizer,
-                    scaler: Optional[torch.amp.GradScaler]) -> None:
+def optimizer_step(optimizer: torch.optim.Optimizer,
+                   scaler: Optional[torch.amp.GradScaler]) -> None:
+    """``optimizer.step()``, through the fp16 gradient scaler when there is one."""
     if scaler is not None:
         scaler.step(optimizer)
     else:
         optimizer.step()
 
 
-# --------------------------------------------------------------------------- the run
+# --------------------------------------------------------------------------- shared by both runs
+# The segmenter's :func:`train` and the detector's :func:`anoseg.detector.train_detector` share
+# the optimisers, the checkpoint layout, resume and the loop below.
 
 
-@dataclass
-class TrainResult:
-    run_dir: Path
-    checkpoint: Path
-    steps: int
-    images_seen: int
-    train_seconds: float
-    stopped: str
-    """``completed``, ``time_budget``, ``interrupted`` or ``stop_at``."""
-    last_losses: Dict[str, float]
+def make_adam(params, lr: float, betas: Tuple[float, float],
+              weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """The Adam optimiser both stages use."""
+    return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=weight_decay)
 
 
-def _make_optimizer(params, lr: float, cfg: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.Adam(params, lr=lr, betas=(cfg.beta1, cfg.beta2),
-                            weight_decay=cfg.weight_decay)
+def make_scaler(precision: str, device: torch.device) -> Optional[torch.amp.GradScaler]:
+    """A gradient scaler for fp16 autocast on CUDA; ``None`` otherwise (bf16 and fp32 need none)."""
+    amp_dtype = resolve_precision(precision, device)
+    return (torch.amp.GradScaler("cuda")
+            if amp_dtype == torch.float16 and device.type == "cuda" else None)
 
 
-def create_train_state(cfg: AnoSegConfig, device: torch.device,
-                       distributed: bool = False) -> TrainState:
-    """Seeded models and optimisers for ``cfg`` on ``device``.
-
-    With ``distributed`` the models are wrapped in DistributedDataParallel (and their batch
-    norms synchronised when ``train.sync_batchnorm``); every process starts from the same
-    seeded weights, which DDP also broadcasts from rank 0.
-    """
-    torch.manual_seed(cfg.train.seed)
-    generator = build_generator(cfg).to(device)
-    discriminator = build_discriminator(cfg).to(device) if cfg.train.adversarial else None
-    if cfg.train.channels_last:
-        generator = generator.to(memory_format=torch.channels_last)
-        if discriminator is not None:
-            discriminator = discriminator.to(memory_format=torch.channels_last)
-    if cfg.train.compile:
-        generator = torch.compile(generator)
-        if discriminator is not None:
-            discriminator = torch.compile(discriminator)
-    if distributed:
-        generator = _wrap_ddp(generator, device, cfg.train.sync_batchnorm)
-        if discriminator is not None:
-            discriminator = _wrap_ddp(discriminator, device, cfg.train.sync_batchnorm)
-    opt_g = _make_optimizer(generator.parameters(), cfg.train.lr_generator, cfg.train)
-    opt_d = (_make_optimizer(discriminator.parameters(), cfg.train.lr_discriminator, cfg.train)
-             if discriminator is not None else None)
-    amp_dtype = resolve_precision(cfg.train.precision, device)
-    scaler = (torch.amp.GradScaler("cuda")
-              if amp_dtype == torch.float16 and device.type == "cuda" else None)
-    return TrainState(generator, discriminator, opt_g, opt_d, scaler)
-
-
-def _wrap_ddp(module: nn.Module, device: torch.device, sync_batchnorm: bool) -> nn.Module:
-    from torch.nn.parallel import DistributedDataParallel
-
-    if sync_batchnorm:
-        if device.type != "cuda":
-            raise ConfigError("train.sync_batchnorm=true needs CUDA (PyTorch's SyncBatchNorm "
-                              "runs on GPUs only); set it to false for CPU runs")
-        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    device_ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=device_ids)
-
-
-def _unwrap(module: Optional[nn.Module]) -> Optional[nn.Module]:
-    """The plain model inside DistributedDataParallel and/or ``torch.compile`` wrappers."""
-    module = getattr(module, "module", module)  # DDP
-    return getattr(module, "_orig_mod", module)  # torch.compile
-
-
-def state_dict_of(state: TrainState, cfg: AnoSegConfig, extra: Dict[str, Any]) -> Dict[str, Any]:
+def checkpoint_dict(kind: str, cfg: AnoSegConfig, state: Any, generator: nn.Module,
+                    discriminator: Optional[nn.Module], *,
+                    header: Optional[Dict[str, Any]] = None,
+                    extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """What a checkpoint stores: ``kind``, version and config, then ``header``, the counters,
+    the two networks, their optimisers and the scaler of ``state`` (a :class:`TrainState` or a
+    detector state), then ``extra``."""
     from anoseg._version import __version__
 
-    discriminator = _unwrap(state.discriminator)
     return {
-        "kind": "anoseg",
+        "kind": kind,
         "version": __version__,
         "config": cfg.to_dict(),
+        **(header or {}),
         "step": state.step,
         "images_seen": state.images_seen,
         "train_seconds": state.train_seconds,
-        "generator": _unwrap(state.generator).state_dict(),
+        "generator": generator.state_dict(),
         "discriminator": discriminator.state_dict() if discriminator is not None else None,
         "opt_g": state.opt_g.state_dict(),
         "opt_d": state.opt_d.state_dict() if state.opt_d is not None else None,
         "scaler": state.scaler.state_dict() if state.scaler is not None else None,
-        **extra,
+        **(extra or {}),
     }
 
 
-def restore_train_state(state: TrainState, ckpt: Dict[str, Any]) -> None:
-    _unwrap(state.generator).load_state_dict(ckpt["generator"])
+def restore_progress(state: Any, ckpt: Dict[str, Any]) -> None:
+    """Load the optimisers, the scaler and the counters of :func:`checkpoint_dict` into
+    ``state`` (the networks are the caller's)."""
     state.opt_g.load_state_dict(ckpt["opt_g"])
-    if state.discriminator is not None:
-        if ckpt.get("discriminator") is None:
-            raise CheckpointError("the checkpoint has no discriminator but the config asks for "
-                                  "adversarial training")
-        _unwrap(state.discriminator).load_state_dict(ckpt["discriminator"])
+    if state.opt_d is not None:
         state.opt_d.load_state_dict(ckpt["opt_d"])
     if state.scaler is not None and ckpt.get("scaler"):
         state.scaler.load_state_dict(ckpt["scaler"])
@@ -432,22 +395,23 @@ def restore_train_state(state: TrainState, ckpt: Dict[str, Any]) -> None:
     state.train_seconds = float(ckpt.get("train_seconds", 0.0))
 
 
-def resolve_data_root(cfg: AnoSegConfig) -> Path:
-    """``data.root``, or the built-in demo dataset (generated once) when it is unset."""
-    if cfg.data.root:
-        return Path(cfg.data.root).expanduser()
-    from anoseg.data.demo import ensure_demo_dataset
-
-    return ensure_demo_dataset()
+def diff_keys(a: Dict[str, Dict[str, Any]], b: Dict[str, Dict[str, Any]]) -> List[str]:
+    """``section.key`` names of the keys of ``a`` whose value differs in ``b``."""
+    return [f"{section}.{key}" for section in a for key in a[section]
+            if a[section][key] != b.get(section, {}).get(key)]
 
 
-def prepare_training_split(cfg: AnoSegConfig, root: Path) -> Dict[str, List[str]]:
-    """The seeded split of ``train/good`` into training images and held-out normal images."""
-    from anoseg.data.mvtec import list_train_images, split_holdout
-
-    paths = list_train_images(root, cfg.data.category)
-    train_paths, holdout = split_holdout(paths, cfg.data.holdout_fraction, cfg.train.seed)
-    return {"train": [str(p) for p in train_paths], "holdout": [str(p) for p in holdout]}
+def resumed_config(saved: Dict[str, Any], cfg: AnoSegConfig,
+                   free_keys: Iterable[Sequence[str]], owner: str) -> AnoSegConfig:
+    """The config a resumed run continues with: its ``saved`` one, with the ``(section, key)``
+    pairs of ``free_keys`` taken from ``cfg``; other changed keys are reported and ignored."""
+    resumed = config_from_dict(saved)
+    for section, key in free_keys:  # how to run, not what is trained
+        setattr(getattr(resumed, section), key, getattr(getattr(cfg, section), key))
+    changed = diff_keys(resumed.to_dict(), cfg.to_dict())
+    if changed:
+        print(f"resume: using the {owner}'s saved config; ignoring changed keys {changed}")
+    return resumed.validate()
 
 
 class _StopFlag:
@@ -489,6 +453,202 @@ def _truncate_log(path: Path, step: int) -> None:
     path.write_text("".join(k + "\n" for k in kept))
 
 
+def reset_log(path: Path, resumed_step: Optional[int]) -> None:
+    """Prepare the loss log: a fresh run (``resumed_step`` ``None``) removes an old one, a
+    resumed run drops the lines after its checkpoint's step."""
+    if resumed_step is not None:
+        _truncate_log(path, resumed_step)
+    elif path.exists():
+        path.unlink()
+
+
+def training_summary(state: Any, stopped: str, device: torch.device,
+                     amp_dtype: Optional[torch.dtype], last_losses: Dict[str, float],
+                     **extra: Any) -> Dict[str, Any]:
+    """The ``summary.json`` of a run (``extra`` goes before ``last_losses``)."""
+    return {"steps": state.step, "images_seen": state.images_seen,
+            "train_seconds": round(state.train_seconds, 3), "stopped": stopped,
+            "device": str(device), "precision": str(amp_dtype or "fp32"), **extra,
+            "last_losses": last_losses}
+
+
+def run_training_loop(state: Any, batches: Iterable[Any],
+                      step_fn: Callable[[Any], Dict[str, float]], *, total_steps: int,
+                      save: Callable[[], None], log_path: Optional[Path], log_every: int,
+                      checkpoint_every: int, time_budget: Optional[float],
+                      stop_at: Optional[int], progress: bool, desc: str,
+                      should_stop: Optional[Callable[[List[bool]], List[bool]]] = None,
+                      log_extra: Optional[Callable[[], Dict[str, Any]]] = None
+                      ) -> Tuple[str, Dict[str, float]]:
+    """Call ``step_fn(batch)`` until ``state.step`` reaches ``total_steps``, then ``save()``.
+
+    Args:
+        state: has ``step`` (advanced by ``step_fn``) and ``train_seconds`` (kept here).
+        batches: an iterable of batches (``iter`` is called once, when the loop starts).
+        step_fn: one optimisation step; returns its losses as floats.
+        save: writes the checkpoint; called every ``checkpoint_every`` steps and at the end.
+        log_path: JSON-lines loss log (means over ``log_every`` steps, appended), ``None`` for
+            none (non-zero ranks).
+        time_budget: wall-clock seconds of this call, ``None`` for no limit.
+        stop_at: stop after this step as if interrupted.
+        progress, desc: the tqdm bar.
+        should_stop: maps the local ``[interrupted, budget_spent]`` flags to the ones to act on
+            (under DDP their maximum over processes, so all stop at the same step).
+        log_extra: more fields for each log line, between the losses and ``seconds``.
+
+    Returns:
+        ``(stopped, last_losses)``: ``completed``, ``time_budget``, ``interrupted`` or
+        ``stop_at``, and the losses of the last step.
+    """
+    from tqdm.auto import tqdm
+
+    stopped = "completed"
+    last: Dict[str, float] = {}
+    window: Dict[str, float] = {}
+    window_count = 0
+    started = time.perf_counter()
+    seconds_before = state.train_seconds
+    bar = tqdm(total=total_steps, initial=state.step, desc=desc, disable=not progress,
+               dynamic_ncols=True)
+    try:
+        log_file = open(log_path, "a") if log_path is not None else contextlib.nullcontext()
+        with _StopFlag() as stop_flag, log_file as log:
+            iterator = iter(batches)
+            while state.step < total_steps:
+                batch = next(iterator)
+                last = step_fn(batch)
+                state.train_seconds = seconds_before + time.perf_counter() - started
+                for name, value in last.items():
+                    window[name] = window.get(name, 0.0) + value
+                window_count += 1
+                bar.update(1)
+                if log is not None and (state.step % log_every == 0
+                                        or state.step == total_steps):
+                    means = {k: v / window_count for k, v in window.items()}
+                    bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()}, refresh=False)
+                    log.write(json.dumps({"step": state.step, **means,
+                                          **(log_extra() if log_extra is not None else {}),
+                                          "seconds": round(state.train_seconds, 3)}) + "\n")
+                    log.flush()
+                    window, window_count = {}, 0
+                if state.step % checkpoint_every == 0:
+                    save()
+                flags = [stop_flag.requested,
+                         time_budget is not None
+                         and time.perf_counter() - started >= time_budget]
+                interrupted, budget_spent = should_stop(flags) if should_stop else flags
+                if interrupted:
+                    stopped = "interrupted"
+                    break
+                if stop_at is not None and state.step >= stop_at:
+                    stopped = "stop_at"
+                    break
+                if budget_spent:
+                    stopped = "time_budget"
+                    break
+    finally:
+        bar.close()
+    save()
+    return stopped, last
+
+
+# --------------------------------------------------------------------------- the segmenter run
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    checkpoint: Path
+    steps: int
+    images_seen: int
+    train_seconds: float
+    stopped: str
+    """``completed``, ``time_budget``, ``interrupted`` or ``stop_at``."""
+    last_losses: Dict[str, float]
+
+
+def create_train_state(cfg: AnoSegConfig, device: torch.device,
+                       distributed: bool = False) -> TrainState:
+    """Seeded models and optimisers for ``cfg`` on ``device``.
+
+    With ``distributed`` the models are wrapped in DistributedDataParallel (and their batch
+    norms synchronised when ``train.sync_batchnorm``); every process starts from the same
+    seeded weights, which DDP also broadcasts from rank 0.
+    """
+    torch.manual_seed(cfg.train.seed)
+    generator = build_generator(cfg).to(device)
+    discriminator = build_discriminator(cfg).to(device) if cfg.train.adversarial else None
+    if cfg.train.channels_last:
+        generator = generator.to(memory_format=torch.channels_last)
+        if discriminator is not None:
+            discriminator = discriminator.to(memory_format=torch.channels_last)
+    if cfg.train.compile:
+        generator = torch.compile(generator)
+        if discriminator is not None:
+            discriminator = torch.compile(discriminator)
+    if distributed:
+        generator = _wrap_ddp(generator, device, cfg.train.sync_batchnorm)
+        if discriminator is not None:
+            discriminator = _wrap_ddp(discriminator, device, cfg.train.sync_batchnorm)
+    t = cfg.train
+    betas = (t.beta1, t.beta2)
+    opt_g = make_adam(generator.parameters(), t.lr_generator, betas, t.weight_decay)
+    opt_d = (make_adam(discriminator.parameters(), t.lr_discriminator, betas, t.weight_decay)
+             if discriminator is not None else None)
+    return TrainState(generator, discriminator, opt_g, opt_d, make_scaler(t.precision, device))
+
+
+def _wrap_ddp(module: nn.Module, device: torch.device, sync_batchnorm: bool) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    if sync_batchnorm:
+        if device.type != "cuda":
+            raise ConfigError("train.sync_batchnorm=true needs CUDA (PyTorch's SyncBatchNorm "
+                              "runs on GPUs only); set it to false for CPU runs")
+        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=device_ids)
+
+
+def _unwrap(module: Optional[nn.Module]) -> Optional[nn.Module]:
+    """The plain model inside DistributedDataParallel and/or ``torch.compile`` wrappers."""
+    module = getattr(module, "module", module)  # DDP
+    return getattr(module, "_orig_mod", module)  # torch.compile
+
+
+def state_dict_of(state: TrainState, cfg: AnoSegConfig, extra: Dict[str, Any]) -> Dict[str, Any]:
+    return checkpoint_dict("anoseg", cfg, state, _unwrap(state.generator),
+                           _unwrap(state.discriminator), extra=extra)
+
+
+def restore_train_state(state: TrainState, ckpt: Dict[str, Any]) -> None:
+    _unwrap(state.generator).load_state_dict(ckpt["generator"])
+    if state.discriminator is not None:
+        if ckpt.get("discriminator") is None:
+            raise CheckpointError("the checkpoint has no discriminator but the config asks for "
+                                  "adversarial training")
+        _unwrap(state.discriminator).load_state_dict(ckpt["discriminator"])
+    restore_progress(state, ckpt)
+
+
+def resolve_data_root(cfg: AnoSegConfig) -> Path:
+    """``data.root``, or the built-in demo dataset (generated once) when it is unset."""
+    if cfg.data.root:
+        return Path(cfg.data.root).expanduser()
+    from anoseg.data.demo import ensure_demo_dataset
+
+    return ensure_demo_dataset()
+
+
+def prepare_training_split(cfg: AnoSegConfig, root: Path) -> Dict[str, List[str]]:
+    """The seeded split of ``train/good`` into training images and held-out normal images."""
+    from anoseg.data.mvtec import list_train_images, split_holdout
+
+    paths = list_train_images(root, cfg.data.category)
+    train_paths, holdout = split_holdout(paths, cfg.data.holdout_fraction, cfg.train.seed)
+    return {"train": [str(p) for p in train_paths], "holdout": [str(p) for p in holdout]}
+
+
 RESUME_FREE_KEYS = (
     ("train", "steps"), ("train", "time_budget"), ("train", "device"), ("train", "precision"),
     ("train", "log_every"), ("train", "checkpoint_every"), ("train", "compile"),
@@ -513,8 +673,6 @@ def train(cfg: AnoSegConfig, output_dir: Union[str, Path], *, resume: bool = Fal
     Returns:
         A :class:`TrainResult`; the checkpoint holds everything needed to resume.
     """
-    from tqdm.auto import tqdm
-
     from anoseg.data.mvtec import load_images_cached
     from anoseg.data.training_data import (StepSampler, SyntheticAnomalyDataset,
                                            make_train_loader)
@@ -525,14 +683,7 @@ def train(cfg: AnoSegConfig, output_dir: Union[str, Path], *, resume: bool = Fal
     ckpt: Optional[Dict[str, Any]] = None
     if resume:
         ckpt = load_checkpoint(ckpt_path)
-        saved = config_from_dict(ckpt["config"])
-        for section, key in RESUME_FREE_KEYS:  # how to run, not what is trained
-            setattr(getattr(saved, section), key, getattr(getattr(cfg, section), key))
-        if saved.to_dict() != cfg.to_dict():
-            changed = _diff_keys(saved.to_dict(), cfg.to_dict())
-            if changed:
-                print(f"resume: using the run's saved config; ignoring changed keys {changed}")
-        cfg = saved.validate()
+        cfg = resumed_config(ckpt["config"], cfg, RESUME_FREE_KEYS, "run")
     elif ckpt_path.exists():
         raise CheckpointError(f"{run_dir} already holds a run ({LAST_CHECKPOINT}); pass "
                               "--resume to continue it or choose another --output-dir")
@@ -566,13 +717,10 @@ def train(cfg: AnoSegConfig, output_dir: Union[str, Path], *, resume: bool = Fal
     state = create_train_state(cfg, device, distributed=ctx.enabled)
     if ckpt is not None:
         restore_train_state(state, ckpt)
-        if ctx.is_main:
-            _truncate_log(log_path, state.step)
-    elif log_path.exists() and ctx.is_main:
-        log_path.unlink()
-    start_step = state.step
+    if ctx.is_main:
+        reset_log(log_path, state.step if ckpt is not None else None)
     sampler = StepSampler(len(dataset), batch_per_process, cfg.train.seed,
-                          start_step=start_step, rank=ctx.rank, world_size=ctx.world_size)
+                          start_step=state.step, rank=ctx.rank, world_size=ctx.world_size)
     loader = make_train_loader(dataset, sampler, batch_per_process, cfg.data.num_workers,
                                pin_memory=device.type == "cuda")
     extra = {"split": split, "data_root": str(root)}
@@ -592,66 +740,24 @@ def train(cfg: AnoSegConfig, output_dir: Union[str, Path], *, resume: bool = Fal
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return [bool(f) for f in flags.tolist()]
 
-    total_steps = cfg.train.steps
-    stopped = "completed"
-    last: Dict[str, float] = {}
-    window: Dict[str, float] = {}
-    window_count = 0
-    started = time.perf_counter()
-    seconds_before = state.train_seconds
-    bar = tqdm(total=total_steps, initial=start_step, desc=f"train {cfg.data.category}",
-               disable=not progress, dynamic_ncols=True)
-    try:
-        log_file = open(log_path, "a") if ctx.is_main else contextlib.nullcontext()
-        with _StopFlag() as stop_flag, log_file as log:
-            batches = iter(loader)
-            while state.step < total_steps:
-                for group in state.opt_g.param_groups:
-                    group["lr"] = learning_rate(state.step, cfg.train.lr_generator, cfg.train)
-                if state.opt_d is not None:
-                    for group in state.opt_d.param_groups:
-                        group["lr"] = learning_rate(state.step, cfg.train.lr_discriminator,
-                                                    cfg.train)
-                batch = next(batches)
-                last = train_step(state, batch, cfg.train, device=device, amp_dtype=amp_dtype,
-                                  channels_last=cfg.train.channels_last)
-                state.train_seconds = seconds_before + time.perf_counter() - started
-                for name, value in last.items():
-                    window[name] = window.get(name, 0.0) + value
-                window_count += 1
-                bar.update(1)
-                if ctx.is_main and (state.step % cfg.train.log_every == 0
-                                    or state.step == total_steps):
-                    means = {k: v / window_count for k, v in window.items()}
-                    bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()}, refresh=False)
-                    log.write(json.dumps({"step": state.step, **means,
-                                          "lr_g": state.opt_g.param_groups[0]["lr"],
-                                          "seconds": round(state.train_seconds, 3)}) + "\n")
-                    log.flush()
-                    window, window_count = {}, 0
-                if state.step % cfg.train.checkpoint_every == 0:
-                    save()
-                interrupted, budget_spent = should_stop([
-                    stop_flag.requested,
-                    cfg.train.time_budget is not None
-                    and time.perf_counter() - started >= cfg.train.time_budget])
-                if interrupted:
-                    stopped = "interrupted"
-                    break
-                if stop_at is not None and state.step >= stop_at:
-                    stopped = "stop_at"
-                    break
-                if budget_spent:
-                    stopped = "time_budget"
-                    break
-    finally:
-        bar.close()
-    save()
-    summary = {"steps": state.step, "images_seen": state.images_seen,
-               "train_seconds": round(state.train_seconds, 3), "stopped": stopped,
-               "device": str(device), "precision": str(amp_dtype or "fp32"),
-               "last_losses": last}
+    def step(batch: Dict[str, torch.Tensor]) -> Dict[str, float]:
+        for group in state.opt_g.param_groups:
+            group["lr"] = learning_rate(state.step, cfg.train.lr_generator, cfg.train)
+        if state.opt_d is not None:
+            for group in state.opt_d.param_groups:
+                group["lr"] = learning_rate(state.step, cfg.train.lr_discriminator, cfg.train)
+        return train_step(state, batch, cfg.train, device=device, amp_dtype=amp_dtype,
+                          channels_last=cfg.train.channels_last)
+
+    stopped, last = run_training_loop(
+        state, loader, step, total_steps=cfg.train.steps, save=save,
+        log_path=log_path if ctx.is_main else None, log_every=cfg.train.log_every,
+        checkpoint_every=cfg.train.checkpoint_every, time_budget=cfg.train.time_budget,
+        stop_at=stop_at, progress=progress, desc=f"train {cfg.data.category}",
+        should_stop=should_stop,
+        log_extra=lambda: {"lr_g": state.opt_g.param_groups[0]["lr"]})
     if ctx.is_main:
+        summary = training_summary(state, stopped, device, amp_dtype, last)
         summary["world_size"] = ctx.world_size
         write_json(run_dir / "summary.json", summary)
     if ctx.enabled:
@@ -663,8 +769,3 @@ def train(cfg: AnoSegConfig, output_dir: Union[str, Path], *, resume: bool = Fal
               "continue with --resume")
     return TrainResult(run_dir, ckpt_path, state.step, state.images_seen, state.train_seconds,
                        stopped, last)
-
-
-def _diff_keys(a: Dict[str, Dict[str, Any]], b: Dict[str, Dict[str, Any]]) -> List[str]:
-    return [f"{section}.{key}" for section in a for key in a[section]
-            if a[section][key] != b.get(section, {}).get(key)]
