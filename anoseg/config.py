@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
@@ -397,34 +398,64 @@ def parse_override(text: str) -> Tuple[str, str, Any]:
     return section, name, value
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = (),
-                base: Optional[Dict[str, Any]] = None,
-                values: Optional[Dict[str, Dict[str, Any]]] = None) -> AnoSegConfig:
-    """Defaults, then ``base`` (a nested dict), then the YAML file, then ``--set`` overrides,
-    then ``values`` (a nested dict of already-typed values such as paths from command-line
-    flags: unlike ``--set`` text they are not parsed as YAML, so ``#`` or ``:`` in a path and
-    a category named ``on`` stay as they are)."""
-    cfg = AnoSegConfig()
-    if base:
-        cfg = config_from_dict(base, cfg)
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+ConfigPaths = Union[None, str, Path, Sequence[Union[str, Path]]]
+
+
+def read_config_file(path: Union[str, Path]) -> Any:
+    """The parsed YAML file ``path`` (``{}`` for an empty file; :func:`config_from_dict`
+    rejects anything that is not a mapping of sections).
+
+    Raises:
+        ConfigError: the file is missing or is not valid YAML (the message names it).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+
+
+def load_config(path: ConfigPaths = None, overrides: Sequence[str] = (),
+                base: Union[AnoSegConfig, Dict[str, Any], None] = None,
+                values: Optional[Dict[str, Dict[str, Any]]] = None, *,
+                validate: bool = True) -> AnoSegConfig:
+    """Layer a config: ``base`` (or the defaults), then the YAML file(s) ``path`` in order
+    (later ones win), then ``--set`` overrides, then ``values``; validated.
+
+    Args:
+        path: one YAML file, a sequence of them, or ``None``.
+        overrides: ``section.key=value`` strings (values in YAML syntax).
+        base: the starting point: an :class:`AnoSegConfig` (copied, not changed) or a nested
+            dict applied on top of the defaults.
+        values: a nested dict of already-typed values such as paths from command-line flags:
+            unlike ``--set`` text they are not parsed as YAML, so ``#`` or ``:`` in a path and
+            a category named ``on`` stay as they are.
+        validate: check the result (:meth:`AnoSegConfig.validate`).
+
+    Raises:
+        ConfigError: a missing or bad file, an unknown key or a bad value; errors from a file
+            name the file.
+    """
+    if isinstance(base, AnoSegConfig):
+        cfg = config_from_dict(base.to_dict())
+    else:
+        cfg = config_from_dict(base or {})
+    paths = [] if path is None else [path] if isinstance(path, (str, os.PathLike)) \
+        else list(path)
+    for file in map(Path, paths):
+        raw = read_config_file(file)
         try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-        try:
-            cfg = config_from_dict(raw or {}, cfg)
+            cfg = config_from_dict(raw, cfg)
         except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
+            raise ConfigError(f"{file}: {exc}") from None
     for text in overrides:
         section, name, value = parse_override(text)
         cfg = config_from_dict({section: {name: value}}, cfg)
     if values:
         cfg = config_from_dict(values, cfg)
-    return cfg.validate()
+    return cfg.validate() if validate else cfg
 
 
 def save_config(cfg: AnoSegConfig, path: str | Path) -> None:

@@ -34,12 +34,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 from anoseg.checkpoint import LAST_CHECKPOINT, load_checkpoint, save_checkpoint, write_json
 from anoseg.config import (AnoSegConfig, DetectorConfig, SynthesisConfig, config_from_dict,
-                           save_config)
+                           load_config, save_config)
 from anoseg.data.synthesis import synthesize_anomaly
 from anoseg.data.training_data import SyntheticAnomalyDataset
 from anoseg.errors import CheckpointError, ConfigError
@@ -323,24 +322,7 @@ def _detector_config(base: AnoSegConfig, config_path: Optional[Union[str, Path]]
                      overrides: Sequence[str]) -> AnoSegConfig:
     """The segmenter run's config, then a YAML file, then ``--set`` overrides; only
     ``detector.*`` and a few run-time keys may change."""
-    from anoseg.config import parse_override
-
-    cfg = config_from_dict(base.to_dict())
-    if config_path is not None:
-        path = Path(config_path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-        try:
-            cfg = config_from_dict(raw, cfg)
-        except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
-    for text in overrides:
-        section, name, value = parse_override(text)
-        cfg = config_from_dict({section: {name: value}}, cfg)
+    cfg = load_config(config_path, overrides, base=base, validate=False)
     changed = [key for key in diff_keys(base.to_dict(), cfg.to_dict())
                if not key.startswith("detector.") and key not in _FREE_KEYS]
     if changed:

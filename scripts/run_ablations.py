@@ -42,7 +42,7 @@ import run_categories as rc  # noqa: E402  (the sibling script, importable from 
 
 from anoseg import paper_results as paper  # noqa: E402
 from anoseg.checkpoint import atomic_write_text  # noqa: E402
-from anoseg.config import MVTEC_CATEGORIES  # noqa: E402
+from anoseg.config import MVTEC_CATEGORIES, load_config  # noqa: E402
 from anoseg.errors import AnoSegError  # noqa: E402
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -255,7 +255,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise AnoSegError("--gpus sets CUDA_VISIBLE_DEVICES per category; leave --device "
                               "unset")
         for job in jobs:  # fail now on a bad file or key, before any training
-            rc.layered_config(job.config_paths, job.overrides)
+            load_config(job.config_paths, job.overrides)
         rc.check_categories(data_root, args.categories)
         for ablation, job in zip(TABLE3, jobs):
             print(f"== {ablation.name}: {ablation.title}")

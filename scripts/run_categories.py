@@ -42,7 +42,7 @@ import yaml
 
 from anoseg import paper_results as paper
 from anoseg.checkpoint import LAST_CHECKPOINT, atomic_write_text, write_json
-from anoseg.config import MVTEC_CATEGORIES, AnoSegConfig, config_from_dict, parse_override
+from anoseg.config import MVTEC_CATEGORIES, AnoSegConfig, load_config
 from anoseg.errors import AnoSegError, ConfigError, DataError
 
 PathLike = Union[str, Path]
@@ -93,56 +93,17 @@ class DetectorSpec:
         return run_dir / DETECTOR_VARIANTS_DIR / self.name
 
 
-def read_yaml_mapping(path: PathLike) -> Dict[str, Any]:
-    """A YAML config file as a dict.
-
-    Raises:
-        ConfigError: The file is missing, not YAML, or not a mapping.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path} must be a mapping of sections")
-    return raw
-
-
-def layered_config(config_paths: Sequence[PathLike], overrides: Sequence[str]) -> AnoSegConfig:
-    """Defaults, then each YAML file in order, then ``section.key=value`` overrides; validated.
-
-    Raises:
-        ConfigError: A bad file, key or value (the message names it).
-    """
-    cfg = AnoSegConfig()
-    for path in config_paths:
-        try:
-            cfg = config_from_dict(read_yaml_mapping(path), cfg)
-        except ConfigError as exc:
-            message = str(exc)
-            raise ConfigError(message if str(path) in message else f"{path}: {message}") \
-                from None
-    for text in overrides:
-        section, name, value = parse_override(text)
-        cfg = config_from_dict({section: {name: value}}, cfg)
-    return cfg.validate()
-
-
 def category_config(config_paths: Sequence[PathLike], overrides: Sequence[str],
                     data_root: PathLike, category: str,
                     device: Optional[str] = None) -> AnoSegConfig:
-    """The config of one category's run: the layered config with ``data.root``,
-    ``data.category`` (and ``train.device``) set last."""
-    cfg = layered_config(config_paths, overrides)
+    """The config of one category's run: defaults, the config files in order (later ones
+    win), the overrides, then ``data.root``, ``data.category`` (and ``train.device``)."""
     # set as values, not as YAML-parsed --set text: a '#' or ':' in a path stays as it is
     fixed: Dict[str, Dict[str, Any]] = {"data": {"root": str(Path(data_root)),
                                                  "category": category}}
     if device is not None:
         fixed["train"] = {"device": device}
-    return config_from_dict(fixed, cfg).validate()
+    return load_config(config_paths, overrides, values=fixed)
 
 
 def _flatten(config: Dict[str, Any]) -> Dict[str, Any]:
@@ -810,7 +771,7 @@ def job_from_args(args: argparse.Namespace) -> Job:
                               "unset")
     job = Job(Path(args.data_root).expanduser().resolve(), Path(args.output_dir), list(args.config),
               list(args.overrides), detectors, args.device, not args.no_progress)
-    layered_config(job.config_paths, job.overrides)  # fail now on a bad file or key
+    load_config(job.config_paths, job.overrides)  # fail now on a bad file or key
     return job
 
 
