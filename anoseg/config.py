@@ -352,9 +352,8 @@ def _field_types(section_cls: type) -> Dict[str, Any]:
 def _unknown_key(key: str, known: Sequence[str]) -> ConfigError:
     import difflib
 
-    close = difflib.get_close_matches(key.split(".")[-1], list(known), n=1)
-    hint = f" Did you mean '{key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]}'?" \
-        if close else ""
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
     return ConfigError(f"unknown config key '{key}'.{hint} Known keys: {', '.join(known)}")
 
 

@@ -31,7 +31,9 @@ def test_overrides_and_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("override, words", [
-    (["train.lr_generatr=1e-4"], ["unknown config key 'train.lr_generatr'", "lr_generator"]),
+    (["train.lr_generatr=1e-4"], ["unknown config key 'train.lr_generatr'",
+                                  "Did you mean 'train.lr_generator'?"]),
+    (["model.widht=0.5"], ["Did you mean 'model.width'?"]),
     (["trian.steps=3"], ["unknown config key 'trian'"]),
     (["train.steps=many"], ["train.steps", "integer"]),
     (["train.steps=2.5"], ["train.steps", "integer"]),
