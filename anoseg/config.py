@@ -93,7 +93,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation. Defaults chosen by measurement, see ``docs/training.md``."""
+    """Optimisation. How the defaults were chosen, and what is not yet measured: ``docs/design.md``."""
 
     steps: int = 20000
     batch_size: int = 16
