@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from anoseg.checkpoint import LAST_CHECKPOINT, atomic_write_text, resolve_checkpoint, write_json
 from anoseg.errors import ConfigError, DataError
 from anoseg.inference import LoadedModel, load_model, predict_anomaly_maps
-from anoseg.metrics import NormalScoreQuantile, SegmentationMetrics
+from anoseg.metrics import NormalScoreQuantile, SegmentationMetrics, image_auroc
 from anoseg.visualize import (PLOT_SKIPPED_MESSAGE, enlarged_overlay, save_iou_curve_plot,
                               save_map_png, save_mask_png, save_png, triptych)
 
@@ -181,20 +181,41 @@ def run_detector(checkpoint_path: PathLike, model: LoadedModel,
     from anoseg.detector import load_detector
 
     detector = load_detector(run_dir, device=device)
-    step = int(model.checkpoint.get("step", -1))
-    if detector.anoseg_step != step:
-        return None, (f"detector {run_dir / 'detector' / 'last.pt'} was trained on the segmenter "
-                      f"at step {detector.anoseg_step}, the checkpoint is at step {step}: "
-                      "detector scores skipped (retrain it with anoseg-train --stage detector)")
+    mismatch = detector_step_mismatch(model, detector, run_dir / "detector" / "last.pt")
+    if mismatch is not None:
+        return None, (f"{mismatch}: detector scores skipped (retrain it with anoseg-train "
+                      "--stage detector)")
     return detector, None
 
 
-def _image_auroc(labels: np.ndarray, scores: np.ndarray) -> Optional[float]:
-    if labels.size == 0 or labels.all() or not labels.any():
+def detector_step_mismatch(model: LoadedModel, detector: Any, detector_path: PathLike
+                           ) -> Optional[str]:
+    """Why ``detector`` does not belong to ``model`` (trained on another segmenter step), or
+    ``None`` when it does."""
+    step = int(model.checkpoint.get("step", -1))
+    if detector.anoseg_step == step:
         return None
-    from sklearn.metrics import roc_auc_score
+    return (f"detector {detector_path} was trained on the segmenter at step "
+            f"{detector.anoseg_step}, the checkpoint is at step {step}")
 
-    return float(roc_auc_score(labels, scores))
+
+def detector_image_auroc(model: LoadedModel, detector: Any, data_root: PathLike, *,
+                         batch_size: int, progress: bool = False) -> Optional[float]:
+    """Image AUROC of a detector's eq. 5 score on the model's category test set (``None``
+    when the set lacks good or defective images)."""
+    from anoseg.data.mvtec import MVTecTestDataset
+    from anoseg.detector import detector_scores
+
+    dataset = MVTecTestDataset(data_root, model.config.data.category,
+                               model.config.data.image_size)
+    scores: List[np.ndarray] = []
+    labels: List[np.ndarray] = []
+    for batch in tqdm(DataLoader(dataset, batch_size=batch_size, shuffle=False),
+                      desc="detector", disable=not progress):
+        scores.append(detector_scores(detector, model.generator, batch["image"],
+                                      batch_size=batch_size).numpy())
+        labels.append(np.asarray(batch["label"]))
+    return image_auroc(np.concatenate(labels), np.concatenate(scores)) if scores else None
 
 
 def _metric_columns(results: Sequence[Dict[str, Any]]) -> List[Tuple[str, str]]:
@@ -455,7 +476,7 @@ def evaluate_category(model: LoadedModel, data_root: PathLike, category: str, *,
         "iou_curve": result["iou_curve"],
     })
     if detector is not None:
-        summary[DETECTOR_KEY] = _image_auroc(np.concatenate(label_parts),
+        summary[DETECTOR_KEY] = image_auroc(np.concatenate(label_parts),
                                              np.concatenate(detector_parts))
     return summary
 

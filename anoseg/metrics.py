@@ -46,6 +46,7 @@ __all__ = [
     "label_free_threshold",
     "connected_components",
     "max_image_score",
+    "image_auroc",
     "MetricsInputError",
 ]
 
@@ -396,6 +397,21 @@ def _auroc_from_samples(scores: np.ndarray, labels: np.ndarray) -> float:
     n_pos = float(labels.sum())
     n_neg = float(labels.size) - n_pos
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def image_auroc(labels: Any, scores: Any) -> Optional[float]:
+    """Exact AUROC of per-image scores (ties count half); ``None`` with only one class.
+
+    For the few numbers of an image-level score (e.g. a detector's), where no histogram is
+    needed.
+    """
+    labels = np.asarray(labels).astype(bool).reshape(-1)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if labels.size != scores.size:
+        raise MetricsInputError(f"{labels.size} labels but {scores.size} scores")
+    if labels.size == 0 or labels.all() or not labels.any():
+        return None
+    return _auroc_from_samples(scores, labels)
 
 
 def _area_up_to(x: np.ndarray, y: np.ndarray, x_limit: float) -> float:

@@ -258,37 +258,20 @@ def detector_image_auroc(run_dir: Path, det_dir: Path, data_root: PathLike, *,
     Raises:
         AnoSegError: Missing checkpoints or data, or a detector of another segmenter step.
     """
-    import numpy as np
-    from torch.utils.data import DataLoader
-
-    from anoseg.data.mvtec import MVTecTestDataset
-    from anoseg.detector import detector_scores, load_detector
+    from anoseg.detector import load_detector
     from anoseg.errors import CheckpointError
-    from anoseg.evaluation import resolve_device_name
+    from anoseg.evaluation import (detector_image_auroc as score_detector,
+                                   detector_step_mismatch, resolve_device_name)
     from anoseg.inference import load_model
 
     torch_device = resolve_device_name(device)
     model = load_model(run_dir, torch_device)
     detector = load_detector(det_dir, torch_device)
-    step = int(model.checkpoint.get("step", -1))
-    if detector.anoseg_step != step:
-        raise CheckpointError(f"detector {det_dir} was trained on the segmenter at step "
-                              f"{detector.anoseg_step}, {run_dir} is at step {step}")
-    batch_size = batch_size or model.config.eval.batch_size
-    dataset = MVTecTestDataset(data_root, model.config.data.category,
-                               model.config.data.image_size)
-    scores: List[np.ndarray] = []
-    labels: List[np.ndarray] = []
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        scores.append(detector_scores(detector, model.generator, batch["image"],
-                                      batch_size=batch_size).numpy())
-        labels.append(np.asarray(batch["label"]).astype(bool))
-    y = np.concatenate(labels) if labels else np.zeros(0, dtype=bool)
-    if y.size == 0 or y.all() or not y.any():
-        return None
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(y, np.concatenate(scores)))
+    mismatch = detector_step_mismatch(model, detector, det_dir)
+    if mismatch is not None:
+        raise CheckpointError(mismatch)
+    return score_detector(model, detector, data_root,
+                          batch_size=batch_size or model.config.eval.batch_size)
 
 
 def score_detector_stage(run_dir: Path, spec: DetectorSpec, data_root: PathLike, *,

@@ -684,3 +684,19 @@ def test_metrics_imports_no_model_training_or_data_code() -> None:
     )
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert completed.returncode == 0, completed.stderr
+
+
+def test_image_auroc_of_per_image_scores_matches_sklearn() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    from anoseg.metrics import image_auroc
+
+    rng = np.random.default_rng(3)
+    labels = rng.random(200) < 0.4
+    scores = np.round(rng.random(200) + labels * 0.3, 2)  # rounded: many ties
+    assert image_auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert image_auroc([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4]) == 1.0
+    assert image_auroc([0, 0, 1, 1], [0.4, 0.3, 0.2, 0.1]) == 0.0
+    assert image_auroc([1, 1], [0.1, 0.2]) is None
+    with pytest.raises(MetricsInputError, match="3 labels but 2 scores"):
+        image_auroc([0, 1, 1], [0.1, 0.2])
