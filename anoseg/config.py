@@ -76,6 +76,13 @@ class SynthesisConfig:
     scar_length: Tuple[float, float] = (0.04, 0.10)
     """Scar length as a fraction of the image side."""
     scar_angle: Tuple[float, float] = (-45.0, 45.0)
+    blob_p: float = 0.0
+    """Probability that a non-scar anomaly is an irregular blob (a wobbly ellipse inside the
+    rectangle) instead of the whole rectangle. Not in the paper (0 = CutPaste as published);
+    real pits and spots are round, not rectangular."""
+    anomalies_per_image: Tuple[int, int] = (1, 1)
+    """How many anomalies are pasted into one synthetic sample, drawn uniformly from the range
+    (the paper pastes one). Real defects often come several to an image."""
 
 
 @dataclass
@@ -89,6 +96,10 @@ class ModelConfig:
     """The reconstruction decoder (and with it L_Re); off = the ablation's map-only base model."""
     init_weights: Optional[str] = None
     """Optional path to torchvision ResNet-18 weights for the encoder (the paper uses none)."""
+    map_skips: int = 0
+    """U-Net skip connections from the encoder into the map decoder, 0-4 (0 = the paper's
+    Table 6; 2 = strides 16 and 8; 4 = down to stride 2). A departure for small defects: without
+    them the map is decoded from stride-32 features (docs/experiments.md)."""
 
 
 @dataclass
@@ -228,7 +239,12 @@ class AnoSegConfig:
             a, b = getattr(s, name)
             _check(lo <= a <= b <= hi and (name == "scar_angle" or a > 0), f"synthesis.{name}",
                    (a, b), f"a range (low, high) with {lo} < low <= high <= {hi}")
+        _check(0.0 <= s.blob_p <= 1.0, "synthesis.blob_p", s.blob_p, "a probability in [0, 1]")
+        lo, hi = s.anomalies_per_image
+        _check(1 <= lo <= hi <= 64, "synthesis.anomalies_per_image", (lo, hi),
+               "a range (low, high) of integers with 1 <= low <= high <= 64")
         _check(0.0 < m.width <= 4.0, "model.width", m.width, "a multiplier in (0, 4]")
+        _check(0 <= m.map_skips <= 4, "model.map_skips", m.map_skips, "an integer from 0 to 4")
         _check(t.steps >= 1, "train.steps", t.steps, ">= 1")
         _check(t.batch_size >= 1, "train.batch_size", t.batch_size, ">= 1")
         for name in ("lr_generator", "lr_discriminator"):

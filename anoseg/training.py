@@ -129,7 +129,8 @@ def build_generator(cfg: AnoSegConfig, *, map_decoder: bool = True) -> AnoSegGen
     generator = AnoSegGenerator(image_size=cfg.data.image_size, width=cfg.model.width,
                                 coord_channels=cfg.model.coord_channels,
                                 map_decoder=map_decoder,
-                                reconstruction=cfg.model.reconstruction or not map_decoder)
+                                reconstruction=cfg.model.reconstruction or not map_decoder,
+                                map_skips=cfg.model.map_skips)
     if cfg.model.init_weights:
         path = Path(cfg.model.init_weights)
         if not path.is_file():

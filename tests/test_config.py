@@ -18,6 +18,8 @@ def test_paper_config_is_paper_faithful():
     cfg = load_config(CONFIGS / "paper.yaml")
     assert cfg.data.image_size == 256 and cfg.train.batch_size == 16
     assert cfg.model.width == 1.0 and cfg.model.coord_channels and cfg.train.adversarial
+    assert cfg.model.map_skips == 0 and cfg.synthesis.blob_p == 0.0
+    assert tuple(cfg.synthesis.anomalies_per_image) == (1, 1) and cfg.train.seg_loss == "l1"
 
 
 def test_overrides_and_round_trip(tmp_path):
@@ -46,6 +48,11 @@ def test_overrides_and_round_trip(tmp_path):
     (["train.schedule=linear"], ["train.schedule"]),
     (["model.reconstruction=false"], ["train.adversarial"]),
     (["steps=3"], ["section.key=value"]),
+    (["model.map_skips=5"], ["model.map_skips", "0 to 4"]),
+    (["model.map_skips=-1"], ["model.map_skips", "0 to 4"]),
+    (["synthesis.blob_p=2"], ["synthesis.blob_p", "probability"]),
+    (["synthesis.anomalies_per_image=[3, 1]"], ["synthesis.anomalies_per_image", "low"]),
+    (["synthesis.anomalies_per_image=[0, 2]"], ["synthesis.anomalies_per_image", "1 <= low"]),
 ])
 def test_bad_config_values_name_the_key(override, words):
     with pytest.raises(ConfigError) as info:

@@ -66,3 +66,32 @@ def test_torchvision_weights_load_into_the_encoder():
     assert torch.equal(g.encoder.layer3[0].conv1.weight, reference.layer3[0].conv1.weight)
     assert torch.equal(g.encoder.conv1.weight[:, :3], reference.conv1.weight)
     assert torch.all(g.encoder.conv1.weight[:, 3:] == 0)
+
+
+@pytest.mark.parametrize("skips", [0, 1, 2, 3, 4])
+def test_map_skip_connections_wire_encoder_levels_into_the_map(skips):
+    g = AnoSegGenerator(image_size=64, width=0.125, map_skips=skips)
+    x = torch.rand(2, 5, 64, 64)
+    levels = [level.detach().requires_grad_() for level in g.encoder.features(x)]
+    assert [level.shape[-1] for level in levels] == [32, 16, 8, 4, 2]
+    out = g.map_decoder(levels[-1], levels[-2::-1][:skips])
+    assert out.shape == (2, 1, 64, 64)
+    out.sum().backward()
+    # the map is a function of exactly the requested finer levels (strides 16, 8, 4, 2)
+    reached = [level.grad is not None and bool(level.grad.abs().sum() > 0)
+               for level in levels[-2::-1]]
+    assert reached == [i < skips for i in range(4)]
+    # the reconstruction decoder never gets skips: it would learn the identity
+    plain = AnoSegGenerator(image_size=64, width=0.125)
+    assert (sum(p.numel() for p in g.reconstruction_decoder.parameters())
+            == sum(p.numel() for p in plain.reconstruction_decoder.parameters()))
+    full = g(torch.rand(2, 3, 64, 64))
+    assert full.normality_map.shape == (2, 1, 64, 64)
+
+
+def test_map_skips_from_config_and_detector_has_none():
+    cfg = load_config(None, ["model.map_skips=3", "model.width=0.125", "data.image_size=64"])
+    g = build_generator(cfg)
+    assert g.map_skips == 3 and g.map_decoder.skip_channels[:3] == g.encoder.feature_channels[3:0:-1]
+    detector = build_generator(cfg, map_decoder=False)
+    assert detector.map_decoder is None and detector.map_skips == 0

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from anoseg.config import SynthesisConfig
-from anoseg.data.synthesis import (color_jitter, cutpaste, hard_augment, permute_patches,
+from anoseg.data.synthesis import (blob_mask, color_jitter, cutpaste, hard_augment, permute_patches,
                                    rotate, synthesize_anomaly)
 from anoseg.data.training_data import StepSampler, SyntheticAnomalyDataset, synthetic_batch
 
@@ -42,6 +42,47 @@ def test_scar_and_patch_masks_exact_and_scar_is_thin():
                 assert 0 < area < 0.02
             else:
                 assert cfg.patch_area[0] * 0.7 <= area <= cfg.patch_area[1] * 1.3
+
+
+def test_blob_is_round_inside_its_box_and_exact():
+    cfg = SynthesisConfig(hard_augmentation=False, scar_p=0.0, patch_area=(0.02, 0.03))
+    image, source = _noise(128, 1), _noise(128, 2)
+    for seed in range(10):
+        g = torch.Generator().manual_seed(seed)
+        shape = blob_mask(20, 14, g)
+        assert shape.shape == (1, 20, 14) and shape.any()
+        # corners of the box stay outside: it is a round shape, not the rectangle
+        assert shape[0, 0, 0] == 0 and shape[0, -1, -1] == 0
+        assert 0.4 < shape.mean().item() < 0.95
+        out, mask = cutpaste(image, source, cfg, torch.Generator().manual_seed(seed), blob=True)
+        _, rect = cutpaste(image, source, cfg, torch.Generator().manual_seed(seed), blob=False)
+        assert torch.equal((out != image).any(0), mask)
+        assert 0 < mask.sum() < rect.sum()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_several_anomalies_per_image_union_of_exact_masks(seed):
+    image = _noise(96, seed)
+    cfg = SynthesisConfig(anomalies_per_image=(3, 3), scar_p=0.0, patch_area=(0.002, 0.004),
+                          blob_p=0.5)
+    out, normality = synthesize_anomaly(image, cfg, torch.Generator().manual_seed(seed))
+    pasted = normality[0] == 0
+    assert torch.equal((out != image).any(0), pasted)
+    one = SynthesisConfig(scar_p=0.0, patch_area=(0.002, 0.004), blob_p=0.5)
+    single = synthesize_anomaly(image, one, torch.Generator().manual_seed(seed))[1]
+    # three small patches (rarely overlapping) cover more than one
+    assert pasted.sum() > (single[0] == 0).sum()
+
+
+def test_mask_leaves_out_pasted_pixels_that_did_not_change():
+    # A flat image: every pasted pixel equals the one it covers unless jitter changes it, so
+    # an exact mask must not mark the unchanged ones.
+    image = torch.full((3, 64, 64), 0.5)
+    image[:, :, 32:] = 0.0
+    cfg = SynthesisConfig(hard_augmentation=False)
+    for seed in range(8):
+        out, normality = synthesize_anomaly(image, cfg, torch.Generator().manual_seed(seed))
+        assert torch.equal((out != image).any(0), normality[0] == 0)
 
 
 def test_synthesis_is_reproducible_from_the_seed():

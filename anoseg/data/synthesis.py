@@ -118,14 +118,38 @@ def _rectangle_patch(height: int, width: int, cfg: SynthesisConfig,
     return min(max(ph, 1), height - 1), min(max(pw, 1), width - 1)
 
 
+def blob_mask(height: int, width: int, generator: torch.Generator) -> torch.Tensor:
+    """An irregular round shape filling a ``height x width`` box, ``(1, H, W)`` float 0/1.
+
+    An ellipse whose radius wobbles with the angle (harmonics 2-4, random phases and amplitudes
+    up to 0.2 each), so spots and pits are not all perfect ellipses. Never empty.
+    """
+    ys = (torch.arange(height, dtype=torch.float32) + 0.5) / height * 2.0 - 1.0
+    xs = (torch.arange(width, dtype=torch.float32) + 0.5) / width * 2.0 - 1.0
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    radius = torch.sqrt(grid_x ** 2 + grid_y ** 2)
+    theta = torch.atan2(grid_y, grid_x)
+    boundary = torch.ones_like(theta)
+    for harmonic in (2, 3, 4):
+        amplitude = _uniform(generator, 0.0, 0.2)
+        phase = _uniform(generator, 0.0, 2.0 * math.pi)
+        boundary = boundary + amplitude * torch.cos(harmonic * theta + phase)
+    inside = radius <= boundary * 0.95
+    inside[height // 2, width // 2] = True
+    return inside.to(torch.float32).unsqueeze(0)
+
+
 def cutpaste(target: torch.Tensor, source: torch.Tensor, cfg: SynthesisConfig,
-             generator: torch.Generator, scar: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+             generator: torch.Generator, scar: bool = False,
+             blob: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Cut a patch of ``source`` and paste it at a random place of ``target``.
 
     Args:
         target: the normal image ``(3, H, W)``.
         source: the (hard-augmented) copy the patch is cut from, same shape.
         scar: a thin rotated strip (CutPaste-scar) instead of a rectangle.
+        blob: an irregular round shape (:func:`blob_mask`) inside the rectangle (ignored for
+            scars).
 
     Returns:
         The new image and the *anomaly* mask ``(H, W)`` (bool): exactly the pasted pixels.
@@ -141,6 +165,8 @@ def cutpaste(target: torch.Tensor, source: torch.Tensor, cfg: SynthesisConfig,
     sy, sx = _randint(generator, 0, height - ph), _randint(generator, 0, width - pw)
     patch = source[:, sy:sy + ph, sx:sx + pw]
     alpha = torch.ones(1, ph, pw, dtype=patch.dtype)
+    if blob and not scar:
+        alpha = blob_mask(ph, pw, generator).to(patch.dtype)
     if scar:
         angle = _uniform(generator, *cfg.scar_angle)
         # Colour and alpha are rotated together with nearest-neighbour so the mask stays exact.
@@ -178,7 +204,17 @@ def synthesize_anomaly(image: torch.Tensor, cfg: SynthesisConfig,
     source = image
     if cfg.hard_augmentation:
         source, _ = hard_augment(image, cfg, generator)
-    scar = _chance(generator, cfg.scar_p)
-    out, anomaly_mask = cutpaste(image, source, cfg, generator, scar=scar)
+    low, high = cfg.anomalies_per_image
+    count = low if low == high else _randint(generator, low, high)
+    out = image
+    anomaly_mask = torch.zeros(image.shape[1:], dtype=torch.bool)
+    for _ in range(count):
+        scar = _chance(generator, cfg.scar_p)
+        blob = not scar and cfg.blob_p > 0 and _chance(generator, cfg.blob_p)
+        out, pasted = cutpaste(out, source, cfg, generator, scar=scar, blob=blob)
+        anomaly_mask |= pasted
+    # A pasted pixel can equal what it covered (flat regions, a second paste over the first):
+    # the mask keeps only pixels that really changed, so it stays the exact set of changes.
+    anomaly_mask &= (out != image).any(0)
     normality = (~anomaly_mask).to(image.dtype).unsqueeze(0)
     return out, normality

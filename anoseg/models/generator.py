@@ -70,8 +70,22 @@ class ResNet18Encoder(nn.Module):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.features(x)[-1]
+
+    def features(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """Feature maps at strides 2, 4, 8, 16 and 32 (stem, layer1 .. layer4)."""
+        stem = self.relu(self.bn1(self.conv1(x)))
+        f4 = self.layer1(self.maxpool(stem))
+        f8 = self.layer2(f4)
+        f16 = self.layer3(f8)
+        return [stem, f4, f8, f16, self.layer4(f16)]
+
+    @property
+    def feature_channels(self) -> List[int]:
+        """Channels of :meth:`features`, finest first."""
+        return [self.conv1.out_channels, self.layer1[-1].conv2.out_channels,
+                self.layer2[-1].conv2.out_channels, self.layer3[-1].conv2.out_channels,
+                self.out_channels]
 
     def load_torchvision_weights(self, state_dict: dict) -> None:
         """Load torchvision ResNet-18 weights; extra input channels of ``conv1`` start at zero."""
@@ -105,19 +119,39 @@ class Decoder(nn.Module):
     """Table 6 decoder: Conv, then five (ConvTr x2, Conv) blocks, then a Conv + sigmoid.
 
     Channel plan at ``width=1``: 512 -> 512, then blocks ending in 256, 128, 128, 128, 128.
+
+    ``skip_channels`` (not in the paper) lists, for the blocks that end at strides 16, 8, 4
+    and 2, the channels of an encoder feature map concatenated to the upsampled features
+    before that block's Conv (a U-Net skip connection); 0 = none. The paper's decoder has none,
+    so its map is decoded from the stride-32 features alone.
     """
 
-    def __init__(self, *, in_channels: int, out_channels: int, width: float = 1.0) -> None:
+    def __init__(self, *, in_channels: int, out_channels: int, width: float = 1.0,
+                 skip_channels: Optional[List[int]] = None) -> None:
         super().__init__()
         plan = [scaled(c, width) for c in (512, 256, 128, 128, 128, 128)]
-        layers: List[nn.Module] = [_conv_bn_relu(in_channels, plan[0])]
-        for cin, cout in zip(plan[:-1], plan[1:]):
-            layers += [_up_bn_relu(cin), _conv_bn_relu(cin, cout)]
-        layers += [nn.Conv2d(plan[-1], out_channels, 3, padding=1), nn.Sigmoid()]
-        self.layers = nn.Sequential(*layers)
+        skips = list(skip_channels or []) + [0] * 5
+        self.skip_channels = skips[:5]
+        self.stem = _conv_bn_relu(in_channels, plan[0])
+        self.ups = nn.ModuleList()
+        self.convs = nn.ModuleList()
+        for cin, cout, extra in zip(plan[:-1], plan[1:], self.skip_channels):
+            self.ups.append(_up_bn_relu(cin))
+            self.convs.append(_conv_bn_relu(cin + extra, cout))
+        self.head = nn.Sequential(nn.Conv2d(plan[-1], out_channels, 3, padding=1),
+                                  nn.Sigmoid())
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.layers(features)
+    def forward(self, features: torch.Tensor,
+                skips: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+        """``skips``: encoder maps for the blocks with ``skip_channels > 0``, coarsest first."""
+        x = self.stem(features)
+        pending = list(skips or [])
+        for up, conv, extra in zip(self.ups, self.convs, self.skip_channels):
+            x = up(x)
+            if extra:
+                x = torch.cat([x, pending.pop(0)], dim=1)
+            x = conv(x)
+        return self.head(x)
 
 
 class GeneratorOutput(NamedTuple):
@@ -136,21 +170,29 @@ class AnoSegGenerator(nn.Module):
         coord_channels: concatenate x/y coordinate channels to the input (paper 3.3).
         map_decoder: build the normality-map decoder (off for the downstream detector).
         reconstruction: build the reconstruction decoder (off for the ablation base model).
+        map_skips: number of U-Net skip connections from the encoder into the map decoder,
+            0-4 (0 = the paper; 1 = stride 16; 2 = strides 16 and 8; ... 4 = down to stride 2).
+            The reconstruction decoder never has any (it would learn the identity).
     """
 
     def __init__(self, *, image_size: int, width: float = 1.0, coord_channels: bool = True,
-                 map_decoder: bool = True, reconstruction: bool = True) -> None:
+                 map_decoder: bool = True, reconstruction: bool = True,
+                 map_skips: int = 0) -> None:
         super().__init__()
         assert image_size % ENCODER_STRIDE == 0 and 64 <= image_size <= 512, (
             f"image_size must be a multiple of 32 from 64 to 512, got {image_size}")
         assert map_decoder or reconstruction, "the generator needs at least one decoder"
         self.image_size = image_size
+        assert 0 <= map_skips <= 4, f"map_skips must be 0..4, got {map_skips}"
         self.coord_channels = coord_channels
+        self.map_skips = map_skips if map_decoder else 0
         in_channels = 3 + (2 if coord_channels else 0)
         self.encoder = ResNet18Encoder(in_channels=in_channels, width=width)
         enc = self.encoder.out_channels
-        self.map_decoder = Decoder(in_channels=enc, out_channels=1, width=width) \
-            if map_decoder else None
+        # encoder feature channels at strides 16, 8, 4, 2 (the decoder's block order)
+        skip_channels = self.encoder.feature_channels[-2::-1][:self.map_skips]
+        self.map_decoder = Decoder(in_channels=enc, out_channels=1, width=width,
+                                   skip_channels=skip_channels) if map_decoder else None
         self.reconstruction_decoder = Decoder(in_channels=enc, out_channels=3, width=width) \
             if reconstruction else None
 
@@ -160,8 +202,11 @@ class AnoSegGenerator(nn.Module):
         if self.coord_channels:
             coords = coordinate_channels(batch, height, width, device=x.device, dtype=x.dtype)
             x = torch.cat([x, coords], dim=1)
-        features = self.encoder(x)
-        normality = self.map_decoder(features) if self.map_decoder is not None else None
+        levels = self.encoder.features(x)
+        features = levels[-1]
+        skips = levels[-2::-1][:self.map_skips]
+        normality = (self.map_decoder(features, skips)
+                     if self.map_decoder is not None else None)
         recon = (self.reconstruction_decoder(features)
                  if self.reconstruction_decoder is not None else None)
         return GeneratorOutput(normality, recon)
