@@ -126,6 +126,10 @@ class TrainConfig:
     weight_adv: float = 0.05
     adversarial: bool = True
     """L_Adv and its discriminator (needs ``model.reconstruction``)."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the generator's weights with this decay (0 = off,
+    the paper); evaluation and prediction then use the averaged weights. Not in the paper:
+    it steadies the maps of short, adversarial runs (docs/experiments.md)."""
     seed: int = 0
     device: str = "auto"
     """``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
@@ -246,6 +250,8 @@ class AnoSegConfig:
         _check(0.0 < m.width <= 4.0, "model.width", m.width, "a multiplier in (0, 4]")
         _check(0 <= m.map_skips <= 4, "model.map_skips", m.map_skips, "an integer from 0 to 4")
         _check(t.steps >= 1, "train.steps", t.steps, ">= 1")
+        _check(0.0 <= t.ema_decay < 1.0, "train.ema_decay", t.ema_decay,
+               "a decay in [0, 1) (0 = no averaging)")
         _check(t.batch_size >= 1, "train.batch_size", t.batch_size, ">= 1")
         for name in ("lr_generator", "lr_discriminator"):
             value = getattr(t, name)

@@ -39,6 +39,9 @@ def load_model(checkpoint: Union[str, Path], device: Union[str, torch.device, No
                ) -> LoadedModel:
     """Rebuild the generator from a checkpoint file or run folder, in eval mode.
 
+    A run trained with ``train.ema_decay > 0`` is loaded with its averaged weights
+    (``generator_ema``), the ones meant for inference.
+
     Args:
         checkpoint: ``.pt`` file or run folder (uses ``checkpoints/last.pt``).
         device: where to put the model; ``None`` = the best available (CUDA, MPS, CPU).
@@ -53,7 +56,7 @@ def load_model(checkpoint: Union[str, Path], device: Union[str, torch.device, No
     cfg.model.init_weights = None  # the checkpoint already holds the weights
     generator = build_generator(cfg)
     try:
-        generator.load_state_dict(state["generator"])
+        generator.load_state_dict(state.get("generator_ema") or state["generator"])
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {checkpoint} does not match its own config: {exc}") \
             from None

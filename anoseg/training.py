@@ -226,6 +226,21 @@ class TrainState:
     step: int = 0
     images_seen: int = 0
     train_seconds: float = 0.0
+    ema: Optional[nn.Module] = None
+    """Exponential moving average of the generator's weights (``train.ema_decay > 0``)."""
+    ema_decay: float = 0.0
+
+
+def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> None:
+    """``ema = d * ema + (1 - d) * model`` for parameters; buffers (batch-norm statistics)
+    are copied. ``d = min(decay, (1 + step) / (10 + step))``, so the first steps are not
+    dominated by the random initial weights (short runs)."""
+    d = min(decay, (1.0 + step) / (10.0 + step))
+    with torch.no_grad():
+        for mine, theirs in zip(ema.parameters(), model.parameters()):
+            mine.mul_(d).add_(theirs.detach().to(mine.dtype), alpha=1.0 - d)
+        for mine, theirs in zip(ema.buffers(), model.buffers()):
+            mine.copy_(theirs)
 
 
 DIVERGED_MESSAGE = ("loss {name} became {value} at step {step}; stopping. The last good "
@@ -320,6 +335,8 @@ def train_step(state: TrainState, batch: Dict[str, torch.Tensor], cfg: TrainConf
     optimizer_step(state.opt_g, scaler)
     if scaler is not None:
         scaler.update()
+    if state.ema is not None:
+        ema_update(state.ema, _unwrap(generator), state.ema_decay, state.step)
     state.step += 1
     state.images_seen += images.shape[0] * _world_size()
     return result
@@ -596,7 +613,13 @@ def create_train_state(cfg: AnoSegConfig, device: torch.device,
     opt_g = make_adam(generator.parameters(), t.lr_generator, betas, t.weight_decay)
     opt_d = (make_adam(discriminator.parameters(), t.lr_discriminator, betas, t.weight_decay)
              if discriminator is not None else None)
-    return TrainState(generator, discriminator, opt_g, opt_d, make_scaler(t.precision, device))
+    ema = None
+    if t.ema_decay > 0:
+        import copy
+
+        ema = copy.deepcopy(_unwrap(generator)).eval().requires_grad_(False)
+    return TrainState(generator, discriminator, opt_g, opt_d, make_scaler(t.precision, device),
+                      ema=ema, ema_decay=t.ema_decay)
 
 
 def _wrap_ddp(module: nn.Module, device: torch.device, sync_batchnorm: bool) -> nn.Module:
@@ -618,12 +641,20 @@ def _unwrap(module: Optional[nn.Module]) -> Optional[nn.Module]:
 
 
 def state_dict_of(state: TrainState, cfg: AnoSegConfig, extra: Dict[str, Any]) -> Dict[str, Any]:
+    """The segmenter checkpoint; with EMA, ``generator_ema`` holds the averaged weights that
+    inference uses (``generator`` stays the raw weights training resumes from)."""
+    ema = {"generator_ema": state.ema.state_dict()} if state.ema is not None else {}
     return checkpoint_dict("anoseg", cfg, state, _unwrap(state.generator),
-                           _unwrap(state.discriminator), extra=extra)
+                           _unwrap(state.discriminator), extra={**extra, **ema})
 
 
 def restore_train_state(state: TrainState, ckpt: Dict[str, Any]) -> None:
     _unwrap(state.generator).load_state_dict(ckpt["generator"])
+    if state.ema is not None:
+        if ckpt.get("generator_ema") is None:
+            raise CheckpointError("the checkpoint has no EMA weights but the config sets "
+                                  "train.ema_decay > 0; resume with the run's own config")
+        state.ema.load_state_dict(ckpt["generator_ema"])
     if state.discriminator is not None:
         if ckpt.get("discriminator") is None:
             raise CheckpointError("the checkpoint has no discriminator but the config asks for "

@@ -48,6 +48,7 @@ def test_overrides_and_round_trip(tmp_path):
     (["train.schedule=linear"], ["train.schedule"]),
     (["model.reconstruction=false"], ["train.adversarial"]),
     (["steps=3"], ["section.key=value"]),
+    (["train.ema_decay=1"], ["train.ema_decay", "[0, 1)"]),
     (["model.map_skips=5"], ["model.map_skips", "0 to 4"]),
     (["model.map_skips=-1"], ["model.map_skips", "0 to 4"]),
     (["synthesis.blob_p=2"], ["synthesis.blob_p", "probability"]),

@@ -63,8 +63,10 @@ def test_short_run_lowers_segmentation_loss(demo_root, tmp_path):
     assert maps.shape == (3, 64, 64) and 0 <= maps.min() and maps.max() <= 1
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(demo_root, tmp_path):
-    cfg = tiny_config(demo_root, "train.steps=8")
+@pytest.mark.parametrize("extra", [[], ["train.ema_decay=0.9", "model.map_skips=2"]],
+                         ids=["plain", "ema+skips"])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(demo_root, tmp_path, extra):
+    cfg = tiny_config(demo_root, "train.steps=8", *extra)
     train(cfg, tmp_path / "full", progress=False)
     stopped = train(cfg, tmp_path / "resumed", progress=False, stop_at=4)
     assert stopped.steps == 4 and stopped.stopped == "stop_at"
@@ -72,11 +74,36 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(demo_root, tmp_pa
     assert resumed.steps == 8
     full = load_checkpoint(tmp_path / "full")
     again = load_checkpoint(tmp_path / "resumed")
-    for part in ("generator", "discriminator"):
+    parts = ("generator", "discriminator") + (("generator_ema",) if extra else ())
+    for part in parts:
         for key, value in full[part].items():
             assert torch.equal(value, again[part][key]), (part, key)
     log = (tmp_path / "resumed" / "losses.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in log] == list(range(1, 9))
+
+
+def test_ema_weights_average_the_raw_weights_and_serve_inference(demo_root, tmp_path):
+    from anoseg.training import ema_update
+
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    expected = 0.9 * a.weight.detach().clone() + 0.1 * b.weight.detach()
+    ema_update(a, b, 0.9, step=1000)
+    assert torch.allclose(a.weight, expected)
+
+    cfg = tiny_config(demo_root, "train.steps=6", "train.ema_decay=0.5")
+    train(cfg, tmp_path / "run", progress=False)
+    ckpt = load_checkpoint(tmp_path / "run")
+    raw, ema = ckpt["generator"], ckpt["generator_ema"]
+    name = "map_decoder.head.0.weight"
+    assert not torch.equal(raw[name], ema[name])
+    for key in raw:  # batch-norm statistics are copied, not averaged
+        if key.endswith("running_mean"):
+            assert torch.equal(raw[key], ema[key])
+    model = anoseg.load_model(tmp_path / "run", device="cpu")
+    assert torch.equal(model.generator.state_dict()[name], ema[name])
+    plain = tiny_config(demo_root, "train.steps=1")
+    train(plain, tmp_path / "plain", progress=False)
+    assert "generator_ema" not in load_checkpoint(tmp_path / "plain")
 
 
 def test_existing_run_needs_resume(demo_root, tmp_path):
