@@ -642,7 +642,8 @@ def evaluate_run(run_or_checkpoint: Union[PathLike, Sequence[PathLike]],
                  batch_size: Optional[int] = None,
                  device: Union[None, str, torch.device] = None,
                  save_maps: bool = False, pictures: int = 0, plot: bool = False,
-                 progress: bool = True, num_workers: int = 0) -> EvaluationReport:
+                 progress: bool = True, num_workers: int = 0,
+                 weights: str = "auto") -> EvaluationReport:
     """Evaluate one or several runs (one category each) and write the tables.
 
     Writes into ``output_dir``: ``metrics.json`` / ``.csv`` / ``.md`` (a row per category and,
@@ -661,6 +662,8 @@ def evaluate_run(run_or_checkpoint: Union[PathLike, Sequence[PathLike]],
         plot: Plot IoU against the threshold (needs matplotlib; otherwise a message).
         progress: Show progress bars.
         num_workers: Data-loader workers for the test images.
+        weights: ``auto``, ``ema`` or ``raw``: which generator weights of an EMA run to use
+            (see :func:`anoseg.load_model`).
 
     Raises:
         AnoSegError: Bad paths, missing data, several runs of one category, ...
@@ -690,7 +693,7 @@ def evaluate_run(run_or_checkpoint: Union[PathLike, Sequence[PathLike]],
     messages: List[str] = []
     sources: Dict[str, str] = {}
     for checkpoint_path, category in zip(checkpoint_paths, wanted):
-        model = load_model(checkpoint_path, torch_device)
+        model = load_model(checkpoint_path, torch_device, weights=weights)
         category = category or model.config.data.category
         if category in sources:
             raise ConfigError(f"runs {sources[category]} and {checkpoint_path} both evaluate "

@@ -19,7 +19,7 @@ from torch import nn
 
 from anoseg.checkpoint import load_checkpoint
 from anoseg.config import AnoSegConfig, config_from_dict
-from anoseg.errors import CheckpointError
+from anoseg.errors import CheckpointError, ConfigError
 
 
 def normality_to_anomaly(normality_map: torch.Tensor) -> torch.Tensor:
@@ -35,12 +35,20 @@ class LoadedModel:
     device: torch.device
 
 
-def load_model(checkpoint: Union[str, Path], device: Union[str, torch.device, None] = None
-               ) -> LoadedModel:
+WEIGHTS_CHOICES = ("auto", "ema", "raw")
+
+
+def load_model(checkpoint: Union[str, Path], device: Union[str, torch.device, None] = None,
+               *, weights: str = "auto") -> LoadedModel:
     """Rebuild the generator from a checkpoint file or run folder, in eval mode.
 
     A run trained with ``train.ema_decay > 0`` is loaded with its averaged weights
     (``generator_ema``), the ones meant for inference.
+
+    Args:
+        weights: ``auto`` (the averaged weights when the run has them, else the raw ones),
+            ``ema`` (the averaged weights; an error without them) or ``raw`` (the last
+            optimiser iterate, e.g. to measure what the averaging brings).
 
     Args:
         checkpoint: ``.pt`` file or run folder (uses ``checkpoints/last.pt``).
@@ -48,7 +56,12 @@ def load_model(checkpoint: Union[str, Path], device: Union[str, torch.device, No
     """
     from anoseg.training import build_generator, resolve_device
 
+    if weights not in WEIGHTS_CHOICES:
+        raise ConfigError(f"weights={weights!r} is not one of {', '.join(WEIGHTS_CHOICES)}")
     state = load_checkpoint(checkpoint)
+    if weights == "ema" and state.get("generator_ema") is None:
+        raise CheckpointError(f"{checkpoint} has no averaged weights (it was trained with "
+                              "train.ema_decay=0); use weights 'raw' or 'auto'")
     if state.get("kind", "anoseg") != "anoseg":
         raise CheckpointError(f"{checkpoint} is a {state['kind']!r} checkpoint, not an AnoSeg "
                               "segmenter; pass the run folder or its checkpoints/last.pt")
@@ -56,7 +69,9 @@ def load_model(checkpoint: Union[str, Path], device: Union[str, torch.device, No
     cfg.model.init_weights = None  # the checkpoint already holds the weights
     generator = build_generator(cfg)
     try:
-        generator.load_state_dict(state.get("generator_ema") or state["generator"])
+        chosen = state["generator"] if weights == "raw" else (
+            state.get("generator_ema") or state["generator"])
+        generator.load_state_dict(chosen)
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {checkpoint} does not match its own config: {exc}") \
             from None

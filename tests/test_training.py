@@ -99,11 +99,14 @@ def test_ema_weights_average_the_raw_weights_and_serve_inference(demo_root, tmp_
     for key in raw:  # batch-norm statistics are copied, not averaged
         if key.endswith("running_mean"):
             assert torch.equal(raw[key], ema[key])
-    model = anoseg.load_model(tmp_path / "run", device="cpu")
-    assert torch.equal(model.generator.state_dict()[name], ema[name])
+    for weights, expected in (("auto", ema), ("ema", ema), ("raw", raw)):
+        model = anoseg.load_model(tmp_path / "run", device="cpu", weights=weights)
+        assert torch.equal(model.generator.state_dict()[name], expected[name]), weights
     plain = tiny_config(demo_root, "train.steps=1")
     train(plain, tmp_path / "plain", progress=False)
     assert "generator_ema" not in load_checkpoint(tmp_path / "plain")
+    with pytest.raises(CheckpointError, match="ema_decay=0"):
+        anoseg.load_model(tmp_path / "plain", device="cpu", weights="ema")
 
 
 def test_existing_run_needs_resume(demo_root, tmp_path):

@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plot", action="store_true",
                         help="plot IoU against the threshold (needs matplotlib: "
                              "pip install 'anoseg-torch[plot]')")
+    parser.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
+                        help="generator weights of a run trained with train.ema_decay: the "
+                             "averaged ones (auto, ema) or the last raw iterate (raw)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -79,7 +82,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           output_dir=args.output_dir, batch_size=args.batch_size,
                           device=args.device, save_maps=args.save_maps, pictures=args.pictures,
                           plot=args.plot, progress=not args.no_progress,
-                          num_workers=args.num_workers)
+                          num_workers=args.num_workers, weights=args.weights)
     print(report.table, end="")
     for note in report.mean_notes:
         print(f"note: {note}")
