@@ -6,6 +6,9 @@ Gaussian), measured on this kind of 2-core machine at 128x128 with 1200 s of tra
         --config configs/cpu_real.yaml --budget 1200 --output-dir runs/real
 
 Runs that already finished are evaluated again but not retrained (delete the folder to redo).
+With ``--seeds 0 1 2`` every set is trained once per seed (``train.seed``; also the held-out
+split) and the table gets a row per seed, their mean, and the margin of the mean over the
+better peer on the metrics the issue's goal names (pixel AUROC, AUPRO, best IoU).
 """
 
 from __future__ import annotations
@@ -45,13 +48,16 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+GOAL_METRICS = ("pixel_auroc", "aupro", "iou_pooled_best")
+
+
 def run_one(data_root: Path, category: str, config: str, overrides: List[str], budget: float,
-            run_dir: Path, progress: bool) -> Dict:
+            run_dir: Path, progress: bool, seed: int = 0) -> Dict:
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
         cfg = load_config(config, overrides, values={
             "data": {"root": str(data_root), "category": category},
-            "train": {"time_budget": budget}})
+            "train": {"time_budget": budget, "seed": seed}})
         # an interrupted run (checkpoint, no summary) continues where it stopped
         train(cfg, run_dir, progress=progress, resume=(run_dir / LAST_CHECKPOINT).is_file())
     summary = json.loads(summary_path.read_text())
@@ -73,25 +79,49 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--budget", type=float, default=1200.0, help="training seconds")
     parser.add_argument("--output-dir", default="runs/real")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0],
+                        help="train.seed values; one run per set and seed")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
 
     out = Path(args.output_dir)
-    ours = {c: run_one(Path(args.data_root), c, args.config, args.overrides, args.budget,
-                       out / c, not args.no_progress) for c in args.categories}
+
+    def run_dir(category: str, seed: int) -> Path:
+        return out / category if seed == 0 else out / f"{category}_seed{seed}"
+
+    ours = {c: [run_one(Path(args.data_root), c, args.config, args.overrides, args.budget,
+                        run_dir(c, seed), not args.no_progress, seed=seed)
+                for seed in args.seeds] for c in args.categories}
     lines = [f"Training budget {args.budget:.0f} s per set, config `{args.config}`"
-             + (f", overrides {args.overrides}" if args.overrides else "") + ".", "",
-             "| set | method | " + " | ".join(n for _, n in COLUMNS) + " | steps |",
-             "|---|---|" + "---|" * (len(COLUMNS) + 1)]
+             + (f", overrides {args.overrides}" if args.overrides else "")
+             + f", seeds {args.seeds}.", "",
+             "| set | method | " + " | ".join(n for _, n in COLUMNS) + " | steps | train s |",
+             "|---|---|" + "---|" * (len(COLUMNS) + 2)]
     for category in args.categories:
-        r = ours[category]
-        lines.append(f"| {category} | anoseg | " + " | ".join(_fmt(r.get(k)) for k, _ in COLUMNS)
-                     + f" | {r['steps']} |")
+        runs = ours[category]
+        for seed, r in zip(args.seeds, runs):
+            lines.append(f"| {category} | anoseg seed {seed} | "
+                         + " | ".join(_fmt(r.get(k)) for k, _ in COLUMNS)
+                         + f" | {r['steps']} | {r['train_seconds']:.0f} |")
+        mean = {k: (sum(r[k] for r in runs) / len(runs)
+                    if all(r.get(k) is not None for r in runs) else None) for k, _ in COLUMNS}
+        if len(runs) > 1:
+            lines.append(f"| {category} | **anoseg mean of {len(runs)}** | "
+                         + " | ".join(_fmt(mean[k]) for k, _ in COLUMNS) + " | | |")
+        peers = [numbers[category] for numbers in PEERS.values() if category in numbers]
         for peer, numbers in PEERS.items():
             if category in numbers:
                 lines.append(f"| {category} | {peer} | "
                              + " | ".join(_fmt(numbers[category].get(k)) for k, _ in COLUMNS)
-                             + " | |")
+                             + " | | |")
+        if peers:
+            margins = []
+            for k, _ in COLUMNS:
+                best = max(p[k] for p in peers)
+                margins.append(f"{mean[k] - best:+.3f}" if k in GOAL_METRICS
+                               and mean[k] is not None else "")
+            lines.append(f"| {category} | margin of anoseg{' mean' if len(runs) > 1 else ''} "
+                         "over the better peer | " + " | ".join(margins) + " | | |")
     table = "\n".join(lines) + "\n"
     (out / "table.md").write_text(table)
     print(table)

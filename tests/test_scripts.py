@@ -278,3 +278,33 @@ def test_paper_numbers():
         assert means == sorted(means) and all(0.0 <= x <= 1.0 for m in means
                                               for x in (m if isinstance(m, tuple) else (m,)))
     assert paper.paper_value(paper.PIXEL_AUROC, "demo_texture") is None
+
+
+def test_real_data_benchmark_seeds_mean_and_margin(demo_root, tmp_path, monkeypatch, capsys):
+    rdb = _load_script("real_data_benchmark")
+    peer = {"pixel_auroc": 0.5, "image_auroc": 0.5, "aupro": 0.1, "iou_pooled_best": 0.01,
+            "pixel_f1_max": 0.02}
+    monkeypatch.setattr(rdb, "PEERS", {"toy peer": {"demo_texture": peer}})
+    out = tmp_path / "real"
+    argv = ["real_data_benchmark.py", "--data-root", str(demo_root), "--categories",
+            "demo_texture", "--config", str(REPO / "configs" / "cpu_small.yaml"),
+            "--budget", "600", "--output-dir", str(out), "--seeds", "0", "1", "--no-progress"]
+    for text in TINY:
+        argv += ["--set", text]
+    monkeypatch.setattr(sys, "argv", argv)
+    rdb.main()
+    table = (out / "table.md").read_text()
+    runs = [json.loads((out / d / "eval" / "metrics.json").read_text())
+            for d in ("demo_texture", "demo_texture_seed1")]
+    # the two seeds really are different runs
+    assert json.loads((out / "demo_texture_seed1" / "summary.json").read_text())["steps"] == 3
+    rows = {line.split(" | ")[1]: line.split(" | ")[2:] for line in table.splitlines()
+            if line.startswith("| demo_texture")}
+    assert set(rows) == {"anoseg seed 0", "anoseg seed 1", "**anoseg mean of 2**", "toy peer",
+                         "margin of anoseg mean over the better peer"}
+
+    mean_auroc = sum(r["categories"]["demo_texture"]["pixel_auroc"] for r in runs) / 2
+    assert float(rows["**anoseg mean of 2**"][0]) == pytest.approx(mean_auroc, abs=6e-4)
+    assert float(rows["margin of anoseg mean over the better peer"][0]) == pytest.approx(
+        mean_auroc - 0.5, abs=1.1e-3)
+    assert rows["margin of anoseg mean over the better peer"][1] == ""  # image AUROC: no goal
