@@ -282,6 +282,7 @@ def _cache_key(model: LoadedModel, checkpoint_path: Path, paths: Sequence[Path],
     holdout_digest = hashlib.sha256("\n".join(str(p) for p in paths).encode()).hexdigest()
     return {"checkpoint_size": stat.st_size, "checkpoint_mtime_ns": stat.st_mtime_ns,
             "checkpoint_step": int(model.checkpoint.get("step", -1)),
+            "weights": model.weights,
             "image_size": model.config.data.image_size, "quantile": quantile,
             "holdout_sha256": holdout_digest, "n_holdout_images": len(paths)}
 
@@ -292,8 +293,8 @@ def cached_label_free_threshold(model: LoadedModel, checkpoint_path: PathLike,
                                 progress: bool = False) -> Tuple[float, bool]:
     """:func:`compute_label_free_threshold`, cached in :func:`threshold_cache_path`.
 
-    The cache is used only if the checkpoint file (size, modification time, step), the image
-    size, the quantile and the list of held-out images are unchanged; otherwise the threshold is
+    The cache is used only if the checkpoint file (size, modification time, step), the weights
+    (EMA or raw), the image size, the quantile and the list of held-out images are unchanged; otherwise the threshold is
     recomputed and the cache rewritten (silently skipped if the folder is read-only).
 
     Returns:

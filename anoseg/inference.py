@@ -33,6 +33,8 @@ class LoadedModel:
     config: AnoSegConfig
     checkpoint: Dict[str, Any]
     device: torch.device
+    weights: str = "raw"
+    """Which generator weights were loaded: ``ema`` (averaged) or ``raw``."""
 
 
 WEIGHTS_CHOICES = ("auto", "ema", "raw")
@@ -69,15 +71,14 @@ def load_model(checkpoint: Union[str, Path], device: Union[str, torch.device, No
     cfg.model.init_weights = None  # the checkpoint already holds the weights
     generator = build_generator(cfg)
     try:
-        chosen = state["generator"] if weights == "raw" else (
-            state.get("generator_ema") or state["generator"])
-        generator.load_state_dict(chosen)
+        used = "ema" if weights != "raw" and state.get("generator_ema") is not None else "raw"
+        generator.load_state_dict(state["generator_ema" if used == "ema" else "generator"])
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {checkpoint} does not match its own config: {exc}") \
             from None
     dev = resolve_device("auto") if device is None else torch.device(device)
     generator.to(dev).eval()
-    return LoadedModel(generator, cfg, state, dev)
+    return LoadedModel(generator, cfg, state, dev, used)
 
 
 @torch.no_grad()

@@ -102,6 +102,16 @@ def test_ema_weights_average_the_raw_weights_and_serve_inference(demo_root, tmp_
     for weights, expected in (("auto", ema), ("ema", ema), ("raw", raw)):
         model = anoseg.load_model(tmp_path / "run", device="cpu", weights=weights)
         assert torch.equal(model.generator.state_dict()[name], expected[name]), weights
+        assert model.weights == ("raw" if weights == "raw" else "ema")
+    # the cached label-free threshold belongs to one set of weights, not to the file
+    from anoseg.evaluation import cached_label_free_threshold, holdout_image_paths
+
+    ckpt_path = tmp_path / "run" / "checkpoints" / "last.pt"
+    for weights, from_cache in (("ema", False), ("ema", True), ("raw", False), ("raw", True)):
+        model = anoseg.load_model(tmp_path / "run", device="cpu", weights=weights)
+        paths = holdout_image_paths(model, None, tmp_path / "run")
+        assert paths
+        assert cached_label_free_threshold(model, ckpt_path, paths)[1] is from_cache, weights
     plain = tiny_config(demo_root, "train.steps=1")
     train(plain, tmp_path / "plain", progress=False)
     assert "generator_ema" not in load_checkpoint(tmp_path / "plain")
