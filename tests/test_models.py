@@ -95,3 +95,29 @@ def test_map_skips_from_config_and_detector_has_none():
     assert g.map_skips == 3 and g.map_decoder.skip_channels[:3] == g.encoder.feature_channels[3:0:-1]
     detector = build_generator(cfg, map_decoder=False)
     assert detector.map_decoder is None and detector.map_skips == 0
+
+
+def _old_decoder_key(key):
+    """The name a decoder parameter had in anoseg 0.1 (one Sequential ``layers``: 0 = stem,
+    then (up, conv) pairs for the five blocks, 11 = the head's Conv)."""
+    for decoder in ("map_decoder.", "reconstruction_decoder."):
+        if key.startswith(decoder):
+            part, index, rest = (key[len(decoder):].split(".", 2) + ["", ""])[:3]
+            if part == "stem":
+                return f"{decoder}layers.0.{index}.{rest}".rstrip(".")
+            if part in ("ups", "convs"):
+                return f"{decoder}layers.{1 + 2 * int(index) + (part == 'convs')}.{rest}"
+            if part == "head":
+                return f"{decoder}layers.{11 + int(index)}.{rest}"
+    return key
+
+
+def test_checkpoints_from_before_the_skip_connections_still_load():
+    new = AnoSegGenerator(image_size=64, width=0.125).state_dict()
+    old = {_old_decoder_key(k): v for k, v in new.items()}
+    assert "map_decoder.layers.11.weight" in old and "map_decoder.layers.0.0.weight" in old
+    assert not any(".stem." in k or ".ups." in k for k in old)
+    fresh = AnoSegGenerator(image_size=64, width=0.125)
+    fresh.load_state_dict(old)
+    for key, value in new.items():
+        assert torch.equal(fresh.state_dict()[key], value), key

@@ -141,6 +141,23 @@ class Decoder(nn.Module):
         self.head = nn.Sequential(nn.Conv2d(plan[-1], out_channels, 3, padding=1),
                                   nn.Sigmoid())
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before the skip connections (anoseg 0.1) kept the decoder as one
+        # Sequential "layers": 0 = stem, then (up, conv) pairs, then the head's Conv.
+        old = prefix + "layers."
+        for key in [k for k in state_dict if k.startswith(old)]:
+            index, _, rest = key[len(old):].partition(".")
+            i = int(index)
+            n = len(self.ups)
+            if i == 0:
+                new = f"stem.{rest}"
+            elif i <= 2 * n:
+                new = f"{'ups' if i % 2 else 'convs'}.{(i - 1) // 2}.{rest}"
+            else:
+                new = f"head.{i - 2 * n - 1}.{rest}"
+            state_dict[prefix + new] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, features: torch.Tensor,
                 skips: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
         """``skips``: encoder maps for the blocks with ``skip_channels > 0``, coarsest first."""
