@@ -41,6 +41,9 @@ class DataConfig:
     holdout_fraction: float = 0.1
     """Fraction of ``train/good`` kept out of training (seeded split). Evaluation chooses the
     label-free threshold on these normal images, which the model never saw."""
+    split_seed: Optional[int] = None
+    """Seed of the held-out split; ``None`` = ``train.seed``. Runs meant to be averaged as an
+    ensemble (``anoseg-eval --ensemble``) need the same split, hence the same value here."""
     num_workers: int = 2
     """Data-loader worker processes (synthesis runs there, not on the training thread)."""
     cache_images: bool = True

@@ -644,7 +644,7 @@ def evaluate_run(run_or_checkpoint: Union[PathLike, Sequence[PathLike]],
                  device: Union[None, str, torch.device] = None,
                  save_maps: bool = False, pictures: int = 0, plot: bool = False,
                  progress: bool = True, num_workers: int = 0,
-                 weights: str = "auto") -> EvaluationReport:
+                 weights: str = "auto", ensemble: bool = False) -> EvaluationReport:
     """Evaluate one or several runs (one category each) and write the tables.
 
     Writes into ``output_dir``: ``metrics.json`` / ``.csv`` / ``.md`` (a row per category and,
@@ -665,6 +665,10 @@ def evaluate_run(run_or_checkpoint: Union[PathLike, Sequence[PathLike]],
         num_workers: Data-loader workers for the test images.
         weights: ``auto``, ``ema`` or ``raw``: which generator weights of an EMA run to use
             (see :func:`anoseg.load_model`).
+        ensemble: The runs are members of one model of one category (their maps averaged,
+            :func:`anoseg.inference.load_ensemble`), evaluated as one row. The label-free
+            threshold uses the held-out images no member trained on (none when the members
+            used different splits: the label-free columns are then skipped).
 
     Raises:
         AnoSegError: Bad paths, missing data, several runs of one category, ...
@@ -681,8 +685,14 @@ def evaluate_run(run_or_checkpoint: Union[PathLike, Sequence[PathLike]],
         raise ConfigError("a category override applies to one run only; each run is evaluated "
                           "on the category it was trained on")
     checkpoint_paths = [resolve_checkpoint(run) for run in runs]
+    if ensemble:
+        if isinstance(categories, str) or categories is None:
+            wanted = [categories]
+        else:
+            raise ConfigError("an ensemble is one model of one category: give one category "
+                              "or none")
     if output_dir is None:
-        if len(runs) > 1:
+        if len(runs) > 1 and not ensemble:
             raise ConfigError("several runs: pass an output folder (--output-dir) for the "
                               "combined table")
         output_dir = default_output_dir(checkpoint_paths[0])
@@ -693,8 +703,16 @@ def evaluate_run(run_or_checkpoint: Union[PathLike, Sequence[PathLike]],
     files: List[Path] = []
     messages: List[str] = []
     sources: Dict[str, str] = {}
-    for checkpoint_path, category in zip(checkpoint_paths, wanted):
-        model = load_model(checkpoint_path, torch_device, weights=weights)
+    jobs = ([(checkpoint_paths, wanted[0])] if ensemble
+            else list(zip(checkpoint_paths, wanted)))
+    for checkpoint_path, category in jobs:
+        if ensemble:
+            from anoseg.inference import load_ensemble
+
+            model = load_ensemble(checkpoint_path, torch_device, weights=weights)
+            checkpoint_path = checkpoint_path[0]  # counters, split and detector: the first's
+        else:
+            model = load_model(checkpoint_path, torch_device, weights=weights)
         category = category or model.config.data.category
         if category in sources:
             raise ConfigError(f"runs {sources[category]} and {checkpoint_path} both evaluate "
@@ -703,19 +721,26 @@ def evaluate_run(run_or_checkpoint: Union[PathLike, Sequence[PathLike]],
         sources[category] = str(checkpoint_path)
         run_dir = run_folder_of(checkpoint_path)
         root = resolve_eval_data_root(model, data_root, run_dir)
-        holdout = holdout_image_paths(model, root, run_dir)
+        holdout = holdout_image_paths(model, root, None if ensemble else run_dir)
         category_dir = output_dir / _safe_name(category)
         maps_dir = category_dir / "maps" if save_maps else None
         pictures_dir = category_dir / "pictures" if pictures > 0 else None
-        detector, detector_warning = run_detector(checkpoint_path, model, torch_device)
+        detector, detector_warning = (None, None) if ensemble else run_detector(
+            checkpoint_path, model, torch_device)
         result = evaluate_category(
             model, root, category, batch_size=batch_size or model.config.eval.batch_size,
             progress=progress, save_maps_dir=maps_dir, pictures_dir=pictures_dir,
             max_pictures=pictures, num_workers=num_workers, holdout_paths=holdout,
-            threshold_cache_for=checkpoint_path, detector=detector)
+            threshold_cache_for=None if ensemble else checkpoint_path, detector=detector)
         if detector_warning is not None:
             result["warnings"].append(detector_warning)
         result["checkpoint"] = str(checkpoint_path)
+        if ensemble:
+            result["ensemble"] = list(model.checkpoint["ensemble"])
+            if not holdout:
+                result["warnings"].append(
+                    "the ensemble's members share no held-out image that none of them trained "
+                    "on (train them with the same data.split_seed): label-free columns skipped")
         result["checkpoint_step"] = int(model.checkpoint.get("step", 0))
         files.append(write_iou_curve_csv(category_dir / "iou_curve.csv", result["iou_curve"]))
         files.extend(p for p in (maps_dir, pictures_dir) if p is not None)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ from torch import nn
 from anoseg.checkpoint import load_checkpoint
 from anoseg.config import AnoSegConfig, config_from_dict
 from anoseg.errors import CheckpointError, ConfigError
+from anoseg.models.generator import GeneratorOutput
 
 
 def normality_to_anomaly(normality_map: torch.Tensor) -> torch.Tensor:
@@ -98,3 +99,62 @@ def predict_anomaly_maps(generator: nn.Module, images: torch.Tensor, *,
             normality = generator(chunk).normality_map
         maps.append(normality_to_anomaly(normality.float())[:, 0].cpu())
     return torch.cat(maps) if maps else torch.empty(0)
+
+
+class AnoSegEnsemble(nn.Module):
+    """Several generators of one category used as one: their normality maps (and
+    reconstructions) are averaged. Independently seeded short runs disagree most where they
+    are wrong, so the mean map is steadier than any one run (``docs/experiments.md``)."""
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        if not members:
+            raise ConfigError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+        self.image_size = getattr(members[0], "image_size", None)
+
+    def forward(self, images: torch.Tensor) -> GeneratorOutput:
+        outs = [member(images) for member in self.members]
+
+        def mean(parts):
+            return None if any(p is None for p in parts) else torch.stack(parts).mean(0)
+
+        return GeneratorOutput(mean([o.normality_map for o in outs]),
+                               mean([o.reconstruction for o in outs]))
+
+
+def load_ensemble(checkpoints: Sequence[Union[str, Path]],
+                  device: Union[str, torch.device, None] = None, *,
+                  weights: str = "auto") -> LoadedModel:
+    """Load several runs of one category as one model (:class:`AnoSegEnsemble`).
+
+    The members must share the image size and the category. The returned model's config,
+    checkpoint (counters, split) and weights kind are the first member's, with
+    ``checkpoint["ensemble"]`` listing every member and ``checkpoint["split"]["holdout"]``
+    reduced to the held-out images that *no* member trained on (empty when the members used
+    different splits: give them the same ``data.split_seed``).
+    """
+    if not checkpoints:
+        raise ConfigError("an ensemble needs at least one run")
+    loaded = [load_model(c, device, weights=weights) for c in checkpoints]
+    first = loaded[0]
+    for path, model in zip(checkpoints[1:], loaded[1:]):
+        for key in ("image_size", "category"):
+            mine, theirs = getattr(first.config.data, key), getattr(model.config.data, key)
+            if mine != theirs:
+                raise ConfigError(f"ensemble member {path} has data.{key}={theirs!r}, the "
+                                  f"first member {checkpoints[0]} has {mine!r}; members must "
+                                  "share it")
+    trained = set()
+    for model in loaded:
+        trained.update(model.checkpoint.get("split", {}).get("train", []))
+    holdout = [p for p in first.checkpoint.get("split", {}).get("holdout", [])
+               if p not in trained and all(p in m.checkpoint.get("split", {}).get("holdout", [])
+                                           for m in loaded)]
+    state = dict(first.checkpoint)
+    state["split"] = {**state.get("split", {}), "holdout": holdout}
+    state["ensemble"] = [str(c) for c in checkpoints]
+    state["step"] = sum(int(m.checkpoint.get("step", 0)) for m in loaded)
+    state["train_seconds"] = sum(float(m.checkpoint.get("train_seconds", 0.0)) for m in loaded)
+    ensemble = AnoSegEnsemble([m.generator for m in loaded]).to(first.device).eval()
+    return LoadedModel(ensemble, first.config, state, first.device, first.weights)

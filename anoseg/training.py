@@ -677,7 +677,8 @@ def prepare_training_split(cfg: AnoSegConfig, root: Path) -> Dict[str, List[str]
     from anoseg.data.mvtec import list_train_images, split_holdout
 
     paths = list_train_images(root, cfg.data.category)
-    train_paths, holdout = split_holdout(paths, cfg.data.holdout_fraction, cfg.train.seed)
+    seed = cfg.train.seed if cfg.data.split_seed is None else cfg.data.split_seed
+    train_paths, holdout = split_holdout(paths, cfg.data.holdout_fraction, seed)
     return {"train": [str(p) for p in train_paths], "holdout": [str(p) for p in holdout]}
 
 

@@ -9,6 +9,10 @@ Runs that already finished are evaluated again but not retrained (delete the fol
 With ``--seeds 0 1 2`` every set is trained once per seed (``train.seed``; also the held-out
 split) and the table gets a row per seed, their mean, and the margin of the mean over the
 better peer on the metrics the issue's goal names (pixel AUROC, AUPRO, best IoU).
+With ``--ensemble`` the seeds are members of one model: each member gets ``budget / len(seeds)``
+seconds (so the ensemble stays within the budget), all share the held-out split
+(``data.split_seed`` = the first seed), and the table adds the ensemble (maps averaged,
+``anoseg-eval --ensemble``) with its summed training time; the margin row is then the ensemble's.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from anoseg.checkpoint import LAST_CHECKPOINT
 from anoseg.config import load_config
@@ -52,12 +56,15 @@ GOAL_METRICS = ("pixel_auroc", "aupro", "iou_pooled_best")
 
 
 def run_one(data_root: Path, category: str, config: str, overrides: List[str], budget: float,
-            run_dir: Path, progress: bool, seed: int = 0) -> Dict:
+            run_dir: Path, progress: bool, seed: int = 0,
+            split_seed: Optional[int] = None) -> Dict:
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
+        data = {"root": str(data_root), "category": category}
+        if split_seed is not None:
+            data["split_seed"] = split_seed
         cfg = load_config(config, overrides, values={
-            "data": {"root": str(data_root), "category": category},
-            "train": {"time_budget": budget, "seed": seed}})
+            "data": data, "train": {"time_budget": budget, "seed": seed}})
         # an interrupted run (checkpoint, no summary) continues where it stopped
         train(cfg, run_dir, progress=progress, resume=(run_dir / LAST_CHECKPOINT).is_file())
     summary = json.loads(summary_path.read_text())
@@ -81,20 +88,36 @@ def main() -> None:
     parser.add_argument("--output-dir", default="runs/real")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0],
                         help="train.seed values; one run per set and seed")
+    parser.add_argument("--ensemble", action="store_true",
+                        help="the seeds are members of one model sharing the budget")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
+    member_budget = args.budget / len(args.seeds) if args.ensemble else args.budget
+    split_seed = args.seeds[0] if args.ensemble else None
 
     out = Path(args.output_dir)
 
     def run_dir(category: str, seed: int) -> Path:
         return out / category if seed == 0 else out / f"{category}_seed{seed}"
 
-    ours = {c: [run_one(Path(args.data_root), c, args.config, args.overrides, args.budget,
-                        run_dir(c, seed), not args.no_progress, seed=seed)
+    ours = {c: [run_one(Path(args.data_root), c, args.config, args.overrides, member_budget,
+                        run_dir(c, seed), not args.no_progress, seed=seed,
+                        split_seed=split_seed)
                 for seed in args.seeds] for c in args.categories}
+    ensembles = {}
+    if args.ensemble:
+        for c in args.categories:
+            members = [run_dir(c, seed) for seed in args.seeds]
+            report = evaluate_run(members, output_dir=out / f"{c}_ensemble",
+                                  progress=not args.no_progress, pictures=6, ensemble=True)
+            ensembles[c] = dict(report.results[c])
+            ensembles[c]["steps"] = sum(r["steps"] for r in ours[c])
+            ensembles[c]["train_seconds"] = sum(r["train_seconds"] for r in ours[c])
     lines = [f"Training budget {args.budget:.0f} s per set, config `{args.config}`"
              + (f", overrides {args.overrides}" if args.overrides else "")
-             + f", seeds {args.seeds}.", "",
+             + f", seeds {args.seeds}"
+             + (f" as one ensemble ({member_budget:.0f} s each)" if args.ensemble else "")
+             + ".", "",
              "| set | method | " + " | ".join(n for _, n in COLUMNS) + " | steps | train s |",
              "|---|---|" + "---|" * (len(COLUMNS) + 2)]
     for category in args.categories:
@@ -106,8 +129,15 @@ def main() -> None:
         mean = {k: (sum(r[k] for r in runs) / len(runs)
                     if all(r.get(k) is not None for r in runs) else None) for k, _ in COLUMNS}
         if len(runs) > 1:
-            lines.append(f"| {category} | **anoseg mean of {len(runs)}** | "
+            lines.append(f"| {category} | {'' if args.ensemble else '**'}anoseg mean of "
+                         f"{len(runs)}{'' if args.ensemble else '**'} | "
                          + " | ".join(_fmt(mean[k]) for k, _ in COLUMNS) + " | | |")
+        if args.ensemble:
+            e = ensembles[category]
+            lines.append(f"| {category} | **anoseg ensemble of {len(runs)}** | "
+                         + " | ".join(_fmt(e.get(k)) for k, _ in COLUMNS)
+                         + f" | {e['steps']} | {e['train_seconds']:.0f} |")
+            mean = {k: e.get(k) for k, _ in COLUMNS}
         peers = [numbers[category] for numbers in PEERS.values() if category in numbers]
         for peer, numbers in PEERS.items():
             if category in numbers:
@@ -120,7 +150,8 @@ def main() -> None:
                 best = max(p[k] for p in peers)
                 margins.append(f"{mean[k] - best:+.3f}" if k in GOAL_METRICS
                                and mean[k] is not None else "")
-            lines.append(f"| {category} | margin of anoseg{' mean' if len(runs) > 1 else ''} "
+            which = (" ensemble" if args.ensemble else " mean" if len(runs) > 1 else "")
+            lines.append(f"| {category} | margin of anoseg{which} "
                          "over the better peer | " + " | ".join(margins) + " | | |")
     table = "\n".join(lines) + "\n"
     (out / "table.md").write_text(table)

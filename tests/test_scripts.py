@@ -308,3 +308,27 @@ def test_real_data_benchmark_seeds_mean_and_margin(demo_root, tmp_path, monkeypa
     assert float(rows["margin of anoseg mean over the better peer"][0]) == pytest.approx(
         mean_auroc - 0.5, abs=1.1e-3)
     assert rows["margin of anoseg mean over the better peer"][1] == ""  # image AUROC: no goal
+
+
+def test_real_data_benchmark_ensemble_shares_budget_and_split(demo_root, tmp_path, monkeypatch):
+    rdb = _load_script("real_data_benchmark")
+    out = tmp_path / "real"
+    argv = ["real_data_benchmark.py", "--data-root", str(demo_root), "--categories",
+            "demo_texture", "--config", str(REPO / "configs" / "cpu_small.yaml"),
+            "--budget", "600", "--output-dir", str(out), "--seeds", "0", "1", "--ensemble",
+            "--no-progress"]
+    for text in TINY:
+        argv += ["--set", text]
+    monkeypatch.setattr(sys, "argv", argv)
+    rdb.main()
+    configs = [yaml.safe_load((out / d / "config.yaml").read_text())
+               for d in ("demo_texture", "demo_texture_seed1")]
+    assert [c["train"]["time_budget"] for c in configs] == [300.0, 300.0]
+    assert [c["data"]["split_seed"] for c in configs] == [0, 0]
+    table = (out / "table.md").read_text()
+    assert "| demo_texture | **anoseg ensemble of 2** |" in table
+    ens = json.loads((out / "demo_texture_ensemble" / "metrics.json").read_text())
+    row = [line for line in table.splitlines() if "ensemble of 2" in line][0].split(" | ")
+    assert float(row[2]) == pytest.approx(ens["categories"]["demo_texture"]["pixel_auroc"],
+                                          abs=6e-4)
+    assert row[-2] == "6"  # steps of both members

@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
                         help="generator weights of a run trained with train.ema_decay: the "
                              "averaged ones (auto, ema) or the last raw iterate (raw)")
+    parser.add_argument("--ensemble", action="store_true",
+                        help="the runs are members of one model (same category): average "
+                             "their maps and evaluate them as one")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -73,7 +76,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from anoseg.evaluation import evaluate_run
 
     runs = args.run or args.checkpoint
-    if args.category is not None and len(runs) > 1:
+    if args.category is not None and len(runs) > 1 and not args.ensemble:
         from anoseg.errors import ConfigError
 
         raise ConfigError("--category applies to one run only; each run is evaluated on the "
@@ -82,7 +85,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           output_dir=args.output_dir, batch_size=args.batch_size,
                           device=args.device, save_maps=args.save_maps, pictures=args.pictures,
                           plot=args.plot, progress=not args.no_progress,
-                          num_workers=args.num_workers, weights=args.weights)
+                          num_workers=args.num_workers, weights=args.weights,
+                          ensemble=args.ensemble)
     print(report.table, end="")
     for note in report.mean_notes:
         print(f"note: {note}")

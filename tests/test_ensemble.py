@@ -1,0 +1,77 @@
+"""Ensembles of runs (anoseg.inference.load_ensemble, anoseg-eval --ensemble) and
+data.split_seed."""
+
+import json
+
+import pytest
+import torch
+
+import anoseg
+from anoseg.config import load_config
+from anoseg.errors import ConfigError
+from anoseg.evaluation import evaluate_run
+from anoseg.inference import load_ensemble
+from anoseg.training import train
+
+TINY = ["data.image_size=64", "model.width=0.125", "train.batch_size=4", "data.num_workers=0",
+        "train.steps=2", "train.checkpoint_every=1000", "eval.num_thresholds=200"]
+
+
+@pytest.fixture(scope="module")
+def members(demo_root, tmp_path_factory):
+    base = tmp_path_factory.mktemp("ensemble")
+    runs = []
+    for seed in (0, 1):
+        cfg = load_config(None, TINY + [f"data.root={demo_root}", "data.category=demo_texture",
+                                        f"train.seed={seed}", "data.split_seed=0"])
+        train(cfg, base / f"seed{seed}", progress=False)
+        runs.append(base / f"seed{seed}")
+    return runs
+
+
+def test_ensemble_map_is_the_mean_of_the_members(members):
+    images = torch.rand(3, 3, 64, 64)
+    single = [anoseg.predict_anomaly_maps(anoseg.load_model(r, device="cpu").generator, images)
+              for r in members]
+    assert not torch.allclose(single[0], single[1])  # different seeds, different models
+    model = load_ensemble(members, device="cpu")
+    both = anoseg.predict_anomaly_maps(model.generator, images)
+    assert torch.allclose(both, (single[0] + single[1]) / 2, atol=1e-6)
+    assert model.checkpoint["ensemble"] == [str(r) for r in members]
+    assert model.checkpoint["step"] == 4
+
+
+def test_split_seed_gives_members_one_holdout(members, demo_root, tmp_path):
+    splits = [json.loads((r / "split.json").read_text()) for r in members]
+    assert splits[0]["holdout"] == splits[1]["holdout"] and splits[0]["holdout"]
+    assert load_ensemble(members, device="cpu").checkpoint["split"]["holdout"] == \
+        splits[0]["holdout"]
+    # without a shared split seed the members hold out different images
+    cfg = load_config(None, TINY + [f"data.root={demo_root}", "data.category=demo_texture",
+                                    "train.seed=1"])
+    train(cfg, tmp_path / "own_split", progress=False)
+    other = json.loads((tmp_path / "own_split" / "split.json").read_text())["holdout"]
+    assert other != splits[0]["holdout"]
+    mixed = load_ensemble([members[0], tmp_path / "own_split"], device="cpu")
+    shared = mixed.checkpoint["split"]["holdout"]
+    assert set(shared) == set(splits[0]["holdout"]) & set(other)
+
+
+def test_members_must_share_image_size(members, demo_root, tmp_path):
+    cfg = load_config(None, TINY + [f"data.root={demo_root}", "data.category=demo_texture",
+                                    "data.image_size=96"])
+    train(cfg, tmp_path / "bigger", progress=False)
+    with pytest.raises(ConfigError, match="data.image_size"):
+        load_ensemble([members[0], tmp_path / "bigger"], device="cpu")
+
+
+def test_evaluate_run_ensemble_writes_one_row(members, tmp_path):
+    report = evaluate_run(members, output_dir=tmp_path / "eval", progress=False,
+                          ensemble=True)
+    assert list(report.results) == ["demo_texture"]
+    result = report.results["demo_texture"]
+    assert result["ensemble"] == [str(m / "checkpoints" / "last.pt") for m in members]
+    assert 0.0 <= result["pixel_auroc"] <= 1.0
+    assert result["label_free_threshold"] is not None  # the members share their holdout
+    with pytest.raises(ConfigError, match="several runs"):
+        evaluate_run(members, progress=False)
