@@ -294,8 +294,9 @@ def cached_label_free_threshold(model: LoadedModel, checkpoint_path: PathLike,
     """:func:`compute_label_free_threshold`, cached in :func:`threshold_cache_path`.
 
     The cache is used only if the checkpoint file (size, modification time, step), the weights
-    (EMA or raw), the image size, the quantile and the list of held-out images are unchanged; otherwise the threshold is
-    recomputed and the cache rewritten (silently skipped if the folder is read-only).
+    (EMA or raw), the image size, the quantile and the list of held-out images are unchanged;
+    otherwise the threshold is recomputed and the cache rewritten (silently skipped if the
+    folder is read-only).
 
     Returns:
         ``(threshold, came_from_cache)``.
@@ -692,7 +693,7 @@ def evaluate_run(run_or_checkpoint: Union[PathLike, Sequence[PathLike]],
             raise ConfigError("an ensemble is one model of one category: give one category "
                               "or none")
     if output_dir is None:
-        if len(runs) > 1 and not ensemble:
+        if len(runs) > 1:  # an ensemble too: its table must not overwrite a member's eval
             raise ConfigError("several runs: pass an output folder (--output-dir) for the "
                               "combined table")
         output_dir = default_output_dir(checkpoint_paths[0])
@@ -738,6 +739,8 @@ def evaluate_run(run_or_checkpoint: Union[PathLike, Sequence[PathLike]],
         if ensemble:
             result["ensemble"] = list(model.checkpoint["ensemble"])
             if not holdout:
+                result["warnings"] = [w for w in result["warnings"]
+                                      if not w.startswith("the run has no held-out")]
                 result["warnings"].append(
                     "the ensemble's members share no held-out image that none of them trained "
                     "on (train them with the same data.split_seed): label-free columns skipped")

@@ -73,5 +73,18 @@ def test_evaluate_run_ensemble_writes_one_row(members, tmp_path):
     assert result["ensemble"] == [str(m / "checkpoints" / "last.pt") for m in members]
     assert 0.0 <= result["pixel_auroc"] <= 1.0
     assert result["label_free_threshold"] is not None  # the members share their holdout
-    with pytest.raises(ConfigError, match="several runs"):
-        evaluate_run(members, progress=False)
+    with pytest.raises(ConfigError, match="several runs"):  # would overwrite a member's eval
+        evaluate_run(members, progress=False, ensemble=True)
+
+
+def test_ensemble_of_different_splits_skips_label_free_columns(members, demo_root, tmp_path):
+    cfg = load_config(None, TINY + [f"data.root={demo_root}", "data.category=demo_texture",
+                                    "train.seed=3", "data.holdout_fraction=0"])
+    train(cfg, tmp_path / "other", progress=False)  # trained on every image member 0 held out
+    report = evaluate_run([members[0], tmp_path / "other"], output_dir=tmp_path / "eval",
+                          progress=False, ensemble=True)
+    result = report.results["demo_texture"]
+    assert load_ensemble([members[0], tmp_path / "other"]).checkpoint["split"]["holdout"] == []
+    assert result["label_free_threshold"] is None
+    assert any("data.split_seed" in w for w in result["warnings"])
+    assert not any("holdout_fraction = 0" in w for w in result["warnings"])
