@@ -18,6 +18,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -330,6 +331,7 @@ def train_step(state: TrainState, batch: Dict[str, torch.Tensor], cfg: TrainConf
     if "adv" in losses:
         total = total + cfg.weight_adv * losses["adv"]
     result = check_finite({**losses, "total": total}, state.step)
+    result["map_std"] = float(normality.detach().std())  # ~0: the map collapsed to a constant
     state.opt_g.zero_grad(set_to_none=True)
     backward(total, scaler)
     optimizer_step(state.opt_g, scaler)
@@ -682,6 +684,16 @@ def prepare_training_split(cfg: AnoSegConfig, root: Path) -> Dict[str, List[str]
     return {"train": [str(p) for p in train_paths], "holdout": [str(p) for p in holdout]}
 
 
+COLLAPSE_STD = 1e-3
+COLLAPSE_STEPS = 20
+COLLAPSE_MESSAGE = ("the normality map has been constant (std < 1e-3 over the batch) for {steps} "
+                    "steps, up to step {step}: the map decoder collapsed and will not recover "
+                    "(its sigmoid is saturated). Lower train.lr_generator, or use a smaller "
+                    "model.width; summary.json records the step as map_collapsed_at_step.")
+"""Warned once per run when every one of ``COLLAPSE_STEPS`` consecutive steps has a map
+standard deviation below ``COLLAPSE_STD`` (seen at width 0.5, lr 1e-3: docs/experiments.md)."""
+
+
 RESUME_FREE_KEYS = (
     ("train", "steps"), ("train", "time_budget"), ("train", "device"), ("train", "precision"),
     ("train", "log_every"), ("train", "checkpoint_every"), ("train", "compile"),
@@ -773,14 +785,23 @@ def train(cfg: AnoSegConfig, output_dir: Union[str, Path], *, resume: bool = Fal
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return [bool(f) for f in flags.tolist()]
 
+    collapse = {"run": 0, "at": None}
+
     def step(batch: Dict[str, torch.Tensor]) -> Dict[str, float]:
         for group in state.opt_g.param_groups:
             group["lr"] = learning_rate(state.step, cfg.train.lr_generator, cfg.train)
         if state.opt_d is not None:
             for group in state.opt_d.param_groups:
                 group["lr"] = learning_rate(state.step, cfg.train.lr_discriminator, cfg.train)
-        return train_step(state, batch, cfg.train, device=device, amp_dtype=amp_dtype,
-                          channels_last=cfg.train.channels_last)
+        losses = train_step(state, batch, cfg.train, device=device, amp_dtype=amp_dtype,
+                            channels_last=cfg.train.channels_last)
+        collapse["run"] = collapse["run"] + 1 if losses["map_std"] < COLLAPSE_STD else 0
+        if collapse["run"] == COLLAPSE_STEPS and collapse["at"] is None:
+            collapse["at"] = state.step
+            if ctx.is_main:
+                warnings.warn(COLLAPSE_MESSAGE.format(steps=COLLAPSE_STEPS, step=state.step),
+                              RuntimeWarning, stacklevel=2)
+        return losses
 
     stopped, last = run_training_loop(
         state, loader, step, total_steps=cfg.train.steps, save=save,
@@ -790,7 +811,8 @@ def train(cfg: AnoSegConfig, output_dir: Union[str, Path], *, resume: bool = Fal
         should_stop=should_stop,
         log_extra=lambda: {"lr_g": state.opt_g.param_groups[0]["lr"]})
     if ctx.is_main:
-        summary = training_summary(state, stopped, device, amp_dtype, last)
+        summary = training_summary(state, stopped, device, amp_dtype, last,
+                                   map_collapsed_at_step=collapse["at"])
         summary["world_size"] = ctx.world_size
         write_json(run_dir / "summary.json", summary)
     if ctx.enabled:

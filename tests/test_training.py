@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -44,7 +45,7 @@ def test_base_model_ablation_trains_map_only():
     assert state.discriminator is None
     batch = synthetic_batch(torch.rand(4, 3, 64, 64), cfg.synthesis, seed=0)
     losses = train_step(state, batch, cfg.train, device=torch.device("cpu"))
-    assert set(losses) == {"seg", "total"}
+    assert set(losses) == {"seg", "total", "map_std"}
 
 
 def test_short_run_lowers_segmentation_loss(demo_root, tmp_path):
@@ -215,3 +216,35 @@ def test_balanced_segmentation_loss_weighs_both_classes_equally():
     pred = torch.full_like(target, 0.9)
     assert segmentation_loss(pred, torch.ones_like(target), balanced=True).item() == \
         pytest.approx(0.1)
+
+
+def test_collapsed_map_is_reported(demo_root, tmp_path, monkeypatch):
+    import anoseg.training as training
+
+    real_build = training.build_generator
+
+    def collapsed(cfg, **kwargs):
+        g = real_build(cfg, **kwargs)
+        if g.map_decoder is not None:  # a saturated constant map, as after a collapse
+            head = g.map_decoder.head[0]
+            torch.nn.init.zeros_(head.weight)
+            torch.nn.init.constant_(head.bias, 40.0)
+        return g
+
+    monkeypatch.setattr(training, "build_generator", collapsed)
+    cfg = tiny_config(demo_root, "train.steps=22", "train.log_every=1")
+    with pytest.warns(RuntimeWarning, match="collapsed"):
+        train(cfg, tmp_path / "run", progress=False)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["map_collapsed_at_step"] == training.COLLAPSE_STEPS
+    log = [json.loads(line) for line in (tmp_path / "run" / "losses.jsonl").read_text().splitlines()]
+    assert all(r["map_std"] < training.COLLAPSE_STD for r in log)
+
+
+def test_healthy_run_reports_no_collapse(demo_root, tmp_path):
+    cfg = tiny_config(demo_root, "train.steps=22")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        train(cfg, tmp_path / "run", progress=False)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["map_collapsed_at_step"] is None
