@@ -330,8 +330,9 @@ def train_step(state: TrainState, batch: Dict[str, torch.Tensor], cfg: TrainConf
         total = total + cfg.weight_rec * losses["rec"]
     if "adv" in losses:
         total = total + cfg.weight_adv * losses["adv"]
-    result = check_finite({**losses, "total": total}, state.step)
-    result["map_std"] = float(normality.detach().std())  # ~0: the map collapsed to a constant
+    # map_std ~ 0: the map collapsed to a constant; read back with the losses (one host sync)
+    result = check_finite({**losses, "total": total, "map_std": normality.detach().std()},
+                          state.step)
     state.opt_g.zero_grad(set_to_none=True)
     backward(total, scaler)
     optimizer_step(state.opt_g, scaler)
