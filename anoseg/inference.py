@@ -49,13 +49,11 @@ def load_model(checkpoint: Union[str, Path], device: Union[str, torch.device, No
     (``generator_ema``), the ones meant for inference.
 
     Args:
+        checkpoint: ``.pt`` file or run folder (uses ``checkpoints/last.pt``).
+        device: where to put the model; ``None`` = the best available (CUDA, MPS, CPU).
         weights: ``auto`` (the averaged weights when the run has them, else the raw ones),
             ``ema`` (the averaged weights; an error without them) or ``raw`` (the last
             optimiser iterate, e.g. to measure what the averaging brings).
-
-    Args:
-        checkpoint: ``.pt`` file or run folder (uses ``checkpoints/last.pt``).
-        device: where to put the model; ``None`` = the best available (CUDA, MPS, CPU).
     """
     from anoseg.training import build_generator, resolve_device
 
@@ -145,12 +143,12 @@ def load_ensemble(checkpoints: Sequence[Union[str, Path]],
                 raise ConfigError(f"ensemble member {path} has data.{key}={theirs!r}, the "
                                   f"first member {checkpoints[0]} has {mine!r}; members must "
                                   "share it")
-    trained = set()
-    for model in loaded:
-        trained.update(model.checkpoint.get("split", {}).get("train", []))
+    # A member never trains on its own held-out images, so the images every member held out
+    # are exactly those no member trained on.
+    held_by_all = set.intersection(*(set(m.checkpoint.get("split", {}).get("holdout", []))
+                                     for m in loaded))
     holdout = [p for p in first.checkpoint.get("split", {}).get("holdout", [])
-               if p not in trained and all(p in m.checkpoint.get("split", {}).get("holdout", [])
-                                           for m in loaded)]
+               if p in held_by_all]
     state = dict(first.checkpoint)
     state["split"] = {**state.get("split", {}), "holdout": holdout}
     state["ensemble"] = [str(c) for c in checkpoints]

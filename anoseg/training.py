@@ -229,7 +229,6 @@ class TrainState:
     train_seconds: float = 0.0
     ema: Optional[nn.Module] = None
     """Exponential moving average of the generator's weights (``train.ema_decay > 0``)."""
-    ema_decay: float = 0.0
 
 
 def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> None:
@@ -339,7 +338,7 @@ def train_step(state: TrainState, batch: Dict[str, torch.Tensor], cfg: TrainConf
     if scaler is not None:
         scaler.update()
     if state.ema is not None:
-        ema_update(state.ema, _unwrap(generator), state.ema_decay, state.step)
+        ema_update(state.ema, _unwrap(generator), cfg.ema_decay, state.step)
     state.step += 1
     state.images_seen += images.shape[0] * _world_size()
     return result
@@ -622,7 +621,7 @@ def create_train_state(cfg: AnoSegConfig, device: torch.device,
 
         ema = copy.deepcopy(_unwrap(generator)).eval().requires_grad_(False)
     return TrainState(generator, discriminator, opt_g, opt_d, make_scaler(t.precision, device),
-                      ema=ema, ema_decay=t.ema_decay)
+                      ema=ema)
 
 
 def _wrap_ddp(module: nn.Module, device: torch.device, sync_batchnorm: bool) -> nn.Module:

@@ -4,7 +4,8 @@ All functions work on one float image ``(3, H, W)`` in ``[0, 1]`` and draw every
 from the ``torch.Generator`` they are given, so a sample is a pure function of its seed: the
 same seed gives the same anomaly in any data-loader worker, on any run, after any resume.
 
-The mask returned to the training code is a *normality* mask (1 = normal, 0 = pasted), the
+The mask returned to the training code is a *normality* mask (1 = normal, 0 = pasted and
+changed: a pasted pixel equal to the one it covers stays 1), the
 target of the map decoder (see ``docs/design.md``).
 
 Example:
