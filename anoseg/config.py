@@ -86,6 +86,16 @@ class SynthesisConfig:
     anomalies_per_image: Tuple[int, int] = (1, 1)
     """How many anomalies are pasted into one synthetic sample, drawn uniformly from the range
     (the paper pastes one). Real defects often come several to an image."""
+    edit_p: float = 0.0
+    """Probability that an anomaly is a *local edit* of the image itself instead of a CutPaste
+    patch: inside an irregular blob (sized by ``patch_area``) the image is dilated, eroded
+    (grey-level maximum / minimum over a square window) or filled with the colour of one of its
+    own pixels. Not in the paper (0 = CutPaste only); these mimic defects that change the shape
+    of what is there (spurs, bites, breaks, pin-holes, stray spots) rather than bring in
+    something foreign."""
+    edit_radius: Tuple[float, float] = (0.01, 0.03)
+    """Radius of the dilation / erosion window, as a fraction of the image side (at least 1
+    pixel)."""
 
 
 @dataclass
@@ -133,6 +143,10 @@ class TrainConfig:
     """Keep an exponential moving average of the generator's weights with this decay (0 = off,
     the paper); evaluation and prediction then use the averaged weights. Not in the paper:
     it steadies the maps of short, adversarial runs (docs/experiments.md)."""
+    grad_clip: float = 0.0
+    """Scale each optimiser's gradients (generator, discriminator) down to this global L2
+    norm before its step (0 = off, the paper). A guard for runs whose map saturates after a
+    swing of the adversarial game (docs/experiments.md)."""
     seed: int = 0
     device: str = "auto"
     """``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
@@ -247,12 +261,18 @@ class AnoSegConfig:
             _check(lo <= a <= b <= hi and (name == "scar_angle" or a > 0), f"synthesis.{name}",
                    (a, b), f"a range (low, high) with {lo} < low <= high <= {hi}")
         _check(0.0 <= s.blob_p <= 1.0, "synthesis.blob_p", s.blob_p, "a probability in [0, 1]")
+        _check(0.0 <= s.edit_p <= 1.0, "synthesis.edit_p", s.edit_p, "a probability in [0, 1]")
+        a, b = s.edit_radius
+        _check(0.0 < a <= b <= 0.5, "synthesis.edit_radius", (a, b),
+               "a range (low, high) with 0 < low <= high <= 0.5 (fractions of the image side)")
         lo, hi = s.anomalies_per_image
         _check(1 <= lo <= hi <= 64, "synthesis.anomalies_per_image", (lo, hi),
                "a range (low, high) of integers with 1 <= low <= high <= 64")
         _check(0.0 < m.width <= 4.0, "model.width", m.width, "a multiplier in (0, 4]")
         _check(0 <= m.map_skips <= 4, "model.map_skips", m.map_skips, "an integer from 0 to 4")
         _check(t.steps >= 1, "train.steps", t.steps, ">= 1")
+        _check(t.grad_clip >= 0.0 and math.isfinite(t.grad_clip), "train.grad_clip",
+               t.grad_clip, "a gradient norm >= 0 (0 = off)")
         _check(0.0 <= t.ema_decay < 1.0, "train.ema_decay", t.ema_decay,
                "a decay in [0, 1) (0 = no averaging)")
         _check(t.batch_size >= 1, "train.batch_size", t.batch_size, ">= 1")

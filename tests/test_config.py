@@ -19,6 +19,7 @@ def test_paper_config_is_paper_faithful():
     assert cfg.data.image_size == 256 and cfg.train.batch_size == 16
     assert cfg.model.width == 1.0 and cfg.model.coord_channels and cfg.train.adversarial
     assert cfg.model.map_skips == 0 and cfg.synthesis.blob_p == 0.0
+    assert cfg.synthesis.edit_p == 0.0
     assert tuple(cfg.synthesis.anomalies_per_image) == (1, 1) and cfg.train.seg_loss == "l1"
 
 
@@ -52,6 +53,9 @@ def test_overrides_and_round_trip(tmp_path):
     (["model.map_skips=5"], ["model.map_skips", "0 to 4"]),
     (["model.map_skips=-1"], ["model.map_skips", "0 to 4"]),
     (["synthesis.blob_p=2"], ["synthesis.blob_p", "probability"]),
+    (["synthesis.edit_p=-0.1"], ["synthesis.edit_p", "probability"]),
+    (["train.grad_clip=-1"], ["train.grad_clip", ">= 0"]),
+    (["synthesis.edit_radius=[0.05, 0.01]"], ["synthesis.edit_radius", "low <= high"]),
     (["synthesis.anomalies_per_image=[3, 1]"], ["synthesis.anomalies_per_image", "low"]),
     (["synthesis.anomalies_per_image=[0, 2]"], ["synthesis.anomalies_per_image", "1 <= low"]),
 ])

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from anoseg.config import SynthesisConfig
-from anoseg.data.synthesis import (blob_mask, color_jitter, cutpaste, hard_augment, permute_patches,
-                                   rotate, synthesize_anomaly)
+from anoseg.data import synthesis
+from anoseg.data.synthesis import (EDIT_OPERATIONS, blob_mask, color_jitter, cutpaste, hard_augment,
+                                   local_edit, permute_patches, rotate, synthesize_anomaly)
 from anoseg.data.training_data import StepSampler, SyntheticAnomalyDataset, synthetic_batch
 
 
@@ -83,6 +84,67 @@ def test_mask_leaves_out_pasted_pixels_that_did_not_change():
     for seed in range(8):
         out, normality = synthesize_anomaly(image, cfg, torch.Generator().manual_seed(seed))
         assert torch.equal((out != image).any(0), normality[0] == 0)
+
+
+def _lines(size=96):
+    """A binary 'circuit': white background, black lines and pads (like the PCB images)."""
+    image = torch.ones(3, size, size)
+    for k in range(8, size, 16):
+        image[:, k:k + 3, :] = 0.0
+        image[:, :, k + 4:k + 6] = 0.0
+    return image
+
+
+@pytest.mark.parametrize("operation", EDIT_OPERATIONS)
+def test_local_edit_changes_a_small_blob_exactly(operation):
+    cfg = SynthesisConfig(patch_area=(0.005, 0.02), edit_radius=(0.02, 0.04))
+    for seed in range(10):
+        for image in (_lines(), _noise(96, seed)):
+            out, mask = local_edit(image, cfg, torch.Generator().manual_seed(seed), operation)
+            changed = (out != image).any(0)
+            assert torch.equal(changed, mask), (operation, seed)
+            assert 0 < mask.sum() <= 0.02 * 96 * 96 + 1
+            if operation == "dilate":  # grey-level maximum: values only go up
+                assert (out >= image).all()
+            elif operation == "erode":
+                assert (out <= image).all()
+            else:  # one colour of the image itself
+                colours = out[:, mask].T.unique(dim=0)
+                assert len(colours) == 1
+                assert ((image.flatten(1).T == colours[0]).all(1)).any()
+
+
+def test_local_edit_of_a_flat_image_changes_nothing_and_says_so():
+    image = torch.full((3, 64, 64), 0.3)
+    out, mask = local_edit(image, SynthesisConfig(), torch.Generator().manual_seed(0), "dilate")
+    assert torch.equal(out, image) and not mask.any()
+    with pytest.raises(ValueError, match="operation must be one of"):
+        local_edit(image, SynthesisConfig(), torch.Generator(), "blur")
+
+
+def test_edit_p_chooses_between_local_edits_and_cutpaste(monkeypatch):
+    calls = {"edit": 0, "cutpaste": 0}
+    real_edit, real_cutpaste = synthesis.local_edit, synthesis.cutpaste
+
+    def counting(name, function):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(synthesis, "local_edit", counting("edit", real_edit))
+    monkeypatch.setattr(synthesis, "cutpaste", counting("cutpaste", real_cutpaste))
+    image = _lines(64)
+    for p, expect_edit, expect_paste in ((0.0, False, True), (1.0, True, False),
+                                         (0.5, True, True)):
+        calls.update(edit=0, cutpaste=0)
+        cfg = SynthesisConfig(edit_p=p, anomalies_per_image=(2, 2))
+        for seed in range(20):
+            out, normality = synthesize_anomaly(image, cfg, torch.Generator().manual_seed(seed))
+            assert torch.equal((out != image).any(0), normality[0] == 0)
+        assert (calls["edit"] > 0) == expect_edit and (calls["cutpaste"] > 0) == expect_paste
+        assert calls["edit"] + calls["cutpaste"] == 40
+    assert 10 <= calls["edit"] <= 30  # p = 0.5 of 40 anomalies, well inside 3 sigma
 
 
 def test_synthesis_is_reproducible_from_the_seed():

@@ -39,6 +39,29 @@ def test_one_step_changes_generator_and_discriminator():
     assert state.step == 1 and state.images_seen == 4
 
 
+def test_grad_clip_scales_gradients_to_the_norm_and_reports_it():
+    from anoseg.training import optimizer_step
+
+    weight = torch.nn.Parameter(torch.zeros(4))
+    opt = torch.optim.SGD([weight], lr=1.0)
+    weight.grad = torch.tensor([6.0, 8.0, 0.0, 0.0])  # norm 10
+    norm = optimizer_step(opt, None, max_norm=1.0)
+    assert float(norm) == pytest.approx(10.0)
+    assert torch.allclose(weight.detach(), torch.tensor([-0.6, -0.8, 0.0, 0.0]))
+    weight.grad = torch.tensor([6.0, 8.0, 0.0, 0.0])
+    assert optimizer_step(opt, None) is None  # off: the plain step
+    assert torch.allclose(weight.detach(), torch.tensor([-6.6, -8.8, 0.0, 0.0]))
+
+    cfg = load_config(None, TINY + ["train.grad_clip=0.5"])
+    state = create_train_state(cfg, torch.device("cpu"))
+    batch = synthetic_batch(torch.rand(4, 3, 64, 64), cfg.synthesis, seed=0)
+    losses = train_step(state, batch, cfg.train, device=torch.device("cpu"))
+    assert losses["grad_norm"] > 0.5  # a fresh model's gradients are larger: they were clipped
+    plain = load_config(None, TINY)
+    state = create_train_state(plain, torch.device("cpu"))
+    assert "grad_norm" not in train_step(state, batch, plain.train, device=torch.device("cpu"))
+
+
 def test_base_model_ablation_trains_map_only():
     cfg = load_config(None, TINY + ["model.reconstruction=false", "train.adversarial=false"])
     state = create_train_state(cfg, torch.device("cpu"))

@@ -1,4 +1,5 @@
-"""Synthetic anomalies (paper 3.1): hard augmentation of a copy, then CutPaste into the original.
+"""Synthetic anomalies (paper 3.1): hard augmentation of a copy, then CutPaste into the original
+(optionally also local edits of the image itself, :func:`local_edit`).
 
 All functions work on one float image ``(3, H, W)`` in ``[0, 1]`` and draw every random number
 from the ``torch.Generator`` they are given, so a sample is a pure function of its seed: the
@@ -19,9 +20,10 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
@@ -189,6 +191,65 @@ def cutpaste(target: torch.Tensor, source: torch.Tensor, cfg: SynthesisConfig,
     return out, mask
 
 
+EDIT_OPERATIONS = ("dilate", "erode", "fill")
+"""The local edits of :func:`local_edit`, drawn with equal probability."""
+
+EDIT_PLACEMENT_TRIES = 8
+"""Places tried for a local edit before giving up (a dilation of a flat region changes nothing)."""
+
+
+def local_edit(image: torch.Tensor, cfg: SynthesisConfig, generator: torch.Generator,
+               operation: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Change the image's own content inside an irregular blob: dilate, erode or fill it.
+
+    Dilation and erosion take the per-channel maximum / minimum over a square window of radius
+    ``cfg.edit_radius`` (thickening or thinning lines and spots: spurs, shorts, bites, breaks);
+    a fill paints the blob in the colour of a random pixel of the same image (pin-holes, stray
+    spots). Up to :data:`EDIT_PLACEMENT_TRIES` places are tried until the edit changes a pixel.
+
+    Args:
+        operation: one of :data:`EDIT_OPERATIONS`; default: drawn from ``generator``.
+
+    Returns:
+        The new image and the anomaly mask ``(H, W)`` (bool): exactly the changed pixels (empty
+        only when no tried place changed anything, e.g. a uniform image).
+    """
+    _, height, width = image.shape
+    ph, pw = _rectangle_patch(height, width, cfg, generator)
+    region = blob_mask(ph, pw, generator)[0] > 0.5
+    drawn = EDIT_OPERATIONS[_randint(generator, 0, len(EDIT_OPERATIONS) - 1)]
+    operation = drawn if operation is None else operation
+    if operation not in EDIT_OPERATIONS:
+        raise ValueError(f"operation must be one of {EDIT_OPERATIONS}, got {operation!r}")
+    side = min(height, width)
+    radius = max(1, int(round(_uniform(generator, *cfg.edit_radius) * side)))
+    colour = image[:, _randint(generator, 0, height - 1), _randint(generator, 0, width - 1)]
+    changed = torch.zeros(ph, pw, dtype=torch.bool)
+    edited = image[:, :ph, :pw]
+    for _ in range(EDIT_PLACEMENT_TRIES):
+        ty, tx = _randint(generator, 0, height - ph), _randint(generator, 0, width - pw)
+        window = image[:, ty:ty + ph, tx:tx + pw]
+        if operation == "fill":
+            edited = colour[:, None, None].expand_as(window)
+        else:
+            # pool over the window plus a margin of the radius, so the edit sees its neighbours
+            y0, x0 = max(ty - radius, 0), max(tx - radius, 0)
+            context = image[:, y0:ty + ph + radius, x0:tx + pw + radius].unsqueeze(0)
+            sign = 1.0 if operation == "dilate" else -1.0
+            pooled = sign * F.max_pool2d(sign * context, 2 * radius + 1, stride=1,
+                                         padding=radius)[0]
+            edited = pooled[:, ty - y0:ty - y0 + ph, tx - x0:tx - x0 + pw]
+        changed = (edited != window).any(0) & region
+        if changed.any():
+            break
+    out = image.clone()
+    out_window = out[:, ty:ty + ph, tx:tx + pw]
+    out_window[:, changed] = edited[:, changed]
+    mask = torch.zeros(height, width, dtype=torch.bool)
+    mask[ty:ty + ph, tx:tx + pw] = changed
+    return out, mask
+
+
 def synthesize_anomaly(image: torch.Tensor, cfg: SynthesisConfig,
                        generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
     """Make a synthetic anomaly from a normal image (paper Fig. 3).
@@ -210,9 +271,12 @@ def synthesize_anomaly(image: torch.Tensor, cfg: SynthesisConfig,
     out = image
     anomaly_mask = torch.zeros(image.shape[1:], dtype=torch.bool)
     for _ in range(count):
-        scar = _chance(generator, cfg.scar_p)
-        blob = not scar and cfg.blob_p > 0 and _chance(generator, cfg.blob_p)
-        out, pasted = cutpaste(out, source, cfg, generator, scar=scar, blob=blob)
+        if cfg.edit_p > 0 and _chance(generator, cfg.edit_p):
+            out, pasted = local_edit(out, cfg, generator)
+        else:
+            scar = _chance(generator, cfg.scar_p)
+            blob = not scar and cfg.blob_p > 0 and _chance(generator, cfg.blob_p)
+            out, pasted = cutpaste(out, source, cfg, generator, scar=scar, blob=blob)
         anomaly_mask |= pasted
     # A pasted pixel can equal what it covered (flat regions, a second paste over the first):
     # the mask keeps only pixels that really changed, so it stays the exact set of changes.
