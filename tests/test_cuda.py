@@ -32,7 +32,7 @@ def tiny_config(root, *extra):
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_training_step_on_cuda_in_each_precision(precision):
     cfg = load_config(None, TINY + [f"train.precision={precision}", "model.map_skips=2",
-                                    "train.ema_decay=0.9"])
+                                    "train.ema_decay=0.9", "train.grad_clip=1.0"])
     device = torch.device("cuda")
     from anoseg.training import resolve_precision
 
@@ -45,6 +45,7 @@ def test_training_step_on_cuda_in_each_precision(precision):
         losses = train_step(state, batch, cfg.train, device=device, amp_dtype=amp_dtype,
                             channels_last=True)
     assert all(torch.isfinite(torch.tensor(v)) for v in losses.values()), losses
+    assert losses["grad_norm"] > 0  # clipping ran (after unscaling, with the fp16 scaler)
     assert all(p.is_cuda for p in state.generator.parameters())
     changed = [not torch.equal(a, b) for a, b in zip(before, state.generator.parameters())]
     assert sum(changed) > len(changed) // 2
