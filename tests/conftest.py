@@ -69,3 +69,13 @@ def make_mvtec(tmp_path: Path) -> MakeMVTec:
         return root
 
     return factory
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port free on this machine now, for a torchrun rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

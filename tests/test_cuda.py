@@ -5,7 +5,6 @@ on a GPU machine with ``python -m pytest -q tests/test_cuda.py``."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 
@@ -98,16 +97,11 @@ def test_detector_stage_trains_on_cuda(demo_root, tmp_path):
     assert "image_auroc_detector" in report.results["demo_texture"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-def test_torchrun_uses_nccl_on_the_gpu(demo_root, tmp_path):
+def test_torchrun_uses_nccl_on_the_gpu(demo_root, tmp_path, free_port):
     run = tmp_path / "ddp"
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
-            f"--master_port={_free_port()}", "-m", "anoseg.cli.train", "--no-progress",
+            f"--master_port={free_port}", "-m", "anoseg.cli.train", "--no-progress",
             "--data-root", str(demo_root), "--category", "demo_texture", "--device", "cuda",
             "--output-dir", str(run), "--set", "train.sync_batchnorm=true"]
     for setting in TINY[:-1] + ["train.steps=3"]:

@@ -1,7 +1,6 @@
 """Two gloo processes on CPU (torchrun) against a single-process emulation of the same job."""
 
 import json
-import socket
 import subprocess
 import sys
 
@@ -19,16 +18,11 @@ SETTINGS = ["data.image_size=64", "model.width=0.125", "train.batch_size=4",
             "train.adversarial=false", "train.lr_generator=1e-3"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-def test_two_gloo_processes_match_the_same_job_in_one_process(demo_root, tmp_path):
+def test_two_gloo_processes_match_the_same_job_in_one_process(demo_root, tmp_path, free_port):
     run = tmp_path / "ddp"
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-            f"--master_port={_free_port()}", "-m", "anoseg.cli.train", "--no-progress",
+            f"--master_port={free_port}", "-m", "anoseg.cli.train", "--no-progress",
             "--data-root", str(demo_root), "--category", "demo_texture", "--device", "cpu",
             "--output-dir", str(run)]
     for setting in SETTINGS:

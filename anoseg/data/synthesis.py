@@ -182,12 +182,19 @@ def cutpaste(target: torch.Tensor, source: torch.Tensor, cfg: SynthesisConfig,
     if source is target and (ty, tx) == (sy, sx) and (height - ph or width - pw):
         # pasting a patch of the unaugmented image onto itself would change nothing
         ty, tx = (ty + 1) % (height - ph + 1), (tx + 1) % (width - pw + 1)
-    region = alpha[0] > 0.5
-    out = target.clone()
-    window = out[:, ty:ty + ph, tx:tx + pw]
-    window[:, region] = patch[:, region]
-    mask = torch.zeros(height, width, dtype=torch.bool)
-    mask[ty:ty + ph, tx:tx + pw] = region
+    return _put(target, patch, ty, tx, alpha[0] > 0.5)
+
+
+def _put(image: torch.Tensor, values: torch.Tensor, ty: int, tx: int,
+         region: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A copy of ``image`` with ``values`` written where ``region`` (``(h, w)`` bool) is set, in
+    the window at ``(ty, tx)``; and the ``(H, W)`` mask of the written pixels."""
+    h, w = region.shape
+    out = image.clone()
+    window = out[:, ty:ty + h, tx:tx + w]
+    window[:, region] = values[:, region]
+    mask = torch.zeros(image.shape[1:], dtype=torch.bool)
+    mask[ty:ty + h, tx:tx + w] = region
     return out, mask
 
 
@@ -242,12 +249,7 @@ def local_edit(image: torch.Tensor, cfg: SynthesisConfig, generator: torch.Gener
         changed = (edited != window).any(0) & region
         if changed.any():
             break
-    out = image.clone()
-    out_window = out[:, ty:ty + ph, tx:tx + pw]
-    out_window[:, changed] = edited[:, changed]
-    mask = torch.zeros(height, width, dtype=torch.bool)
-    mask[ty:ty + ph, tx:tx + pw] = changed
-    return out, mask
+    return _put(image, edited, ty, tx, changed)
 
 
 def synthesize_anomaly(image: torch.Tensor, cfg: SynthesisConfig,
