@@ -709,7 +709,7 @@ COLLAPSE_MESSAGE = ("the normality map has been nearly constant (std < 0.02 over
 """Warned once per run when every one of ``COLLAPSE_STEPS`` consecutive steps has a map
 standard deviation below ``COLLAPSE_STD``. Seen at width 0.5, lr 1e-3 on bsdata: after the
 collapse the batch std stayed between 0.003 and 0.016 (L_Seg stuck at 0.500), while healthy
-runs keep it above 0.1 (docs/experiments.md)."""
+runs keep it above 0.1 after their first few steps (docs/experiments.md)."""
 
 
 RESUME_FREE_KEYS = (

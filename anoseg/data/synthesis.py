@@ -231,8 +231,6 @@ def local_edit(image: torch.Tensor, cfg: SynthesisConfig, generator: torch.Gener
     side = min(height, width)
     radius = max(1, int(round(_uniform(generator, *cfg.edit_radius) * side)))
     colour = image[:, _randint(generator, 0, height - 1), _randint(generator, 0, width - 1)]
-    changed = torch.zeros(ph, pw, dtype=torch.bool)
-    edited = image[:, :ph, :pw]
     for _ in range(EDIT_PLACEMENT_TRIES):
         ty, tx = _randint(generator, 0, height - ph), _randint(generator, 0, width - pw)
         window = image[:, ty:ty + ph, tx:tx + pw]
