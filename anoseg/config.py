@@ -72,6 +72,10 @@ class SynthesisConfig:
     """Probability of a thin rotated "scar" patch instead of a rectangular CutPaste patch."""
     patch_area: Tuple[float, float] = (0.02, 0.15)
     """Rectangular patch area as a fraction of the image area."""
+    patch_area_scale: str = "uniform"
+    """How the area is drawn from ``patch_area``: ``uniform`` (the paper's CutPaste) or ``log``
+    (log-uniform: as many patches between 0.1 % and 1 % as between 1 % and 10 %, for a wide
+    range that should serve small and large defects alike)."""
     patch_aspect: Tuple[float, float] = (0.3, 3.3)
     """Aspect ratio (height / width), drawn log-uniformly."""
     scar_width: Tuple[float, float] = (0.01, 0.06)
@@ -261,6 +265,8 @@ class AnoSegConfig:
             _check(lo <= a <= b <= hi and (name == "scar_angle" or a > 0), f"synthesis.{name}",
                    (a, b), f"a range (low, high) with {lo} < low <= high <= {hi}")
         _check(0.0 <= s.blob_p <= 1.0, "synthesis.blob_p", s.blob_p, "a probability in [0, 1]")
+        _check(s.patch_area_scale in ("uniform", "log"), "synthesis.patch_area_scale",
+               s.patch_area_scale, "'uniform' or 'log'")
         _check(0.0 <= s.edit_p <= 1.0, "synthesis.edit_p", s.edit_p, "a probability in [0, 1]")
         a, b = s.edit_radius
         _check(0.0 < a <= b <= 0.5, "synthesis.edit_radius", (a, b),

@@ -55,6 +55,7 @@ def test_overrides_and_round_trip(tmp_path):
     (["synthesis.blob_p=2"], ["synthesis.blob_p", "probability"]),
     (["synthesis.edit_p=-0.1"], ["synthesis.edit_p", "probability"]),
     (["train.grad_clip=-1"], ["train.grad_clip", ">= 0"]),
+    (["synthesis.patch_area_scale=loga"], ["synthesis.patch_area_scale", "'log'"]),
     (["synthesis.edit_radius=[0.05, 0.01]"], ["synthesis.edit_radius", "low <= high"]),
     (["synthesis.anomalies_per_image=[3, 1]"], ["synthesis.anomalies_per_image", "low"]),
     (["synthesis.anomalies_per_image=[0, 2]"], ["synthesis.anomalies_per_image", "1 <= low"]),

@@ -147,6 +147,19 @@ def test_edit_p_chooses_between_local_edits_and_cutpaste(monkeypatch):
     assert 10 <= calls["edit"] <= 30  # p = 0.5 of 40 anomalies, well inside 3 sigma
 
 
+def test_log_patch_area_scale_spreads_areas_over_the_decades():
+    from anoseg.data.synthesis import _rectangle_patch
+
+    g = torch.Generator().manual_seed(0)
+    side = 1000
+    for scale, expected_median in (("uniform", (0.001 + 0.1) / 2), ("log", (0.001 * 0.1) ** 0.5)):
+        cfg = SynthesisConfig(patch_area=(0.001, 0.1), patch_area_scale=scale)
+        areas = torch.tensor([h * w / side ** 2 for h, w in
+                              (_rectangle_patch(side, side, cfg, g) for _ in range(2000))])
+        assert areas.min() >= 0.001 * 0.9 and areas.max() <= 0.1 * 1.1
+        assert abs(areas.median().item() / expected_median - 1) < 0.15, scale
+
+
 def test_synthesis_is_reproducible_from_the_seed():
     image = _noise(64, 3)
     cfg = SynthesisConfig()

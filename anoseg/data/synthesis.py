@@ -113,7 +113,12 @@ def hard_augment(image: torch.Tensor, cfg: SynthesisConfig,
 
 def _rectangle_patch(height: int, width: int, cfg: SynthesisConfig,
                      generator: torch.Generator) -> Tuple[int, int]:
-    area = _uniform(generator, *cfg.patch_area) * height * width
+    low, high = cfg.patch_area
+    if cfg.patch_area_scale == "log":
+        fraction = math.exp(_uniform(generator, math.log(low), math.log(high)))
+    else:
+        fraction = _uniform(generator, low, high)
+    area = fraction * height * width
     log_low, log_high = math.log(cfg.patch_aspect[0]), math.log(cfg.patch_aspect[1])
     aspect = math.exp(_uniform(generator, log_low, log_high))
     ph = int(round(math.sqrt(area * aspect)))
