@@ -74,8 +74,9 @@ class SynthesisConfig:
     """Rectangular patch area as a fraction of the image area."""
     patch_area_scale: str = "uniform"
     """How the area is drawn from ``patch_area``: ``uniform`` (the paper's CutPaste) or ``log``
-    (log-uniform: as many patches between 0.1 % and 1 % as between 1 % and 10 %, for a wide
-    range that should serve small and large defects alike)."""
+    (log-uniform: as many patches between 0.1 % and 1 % as between 1 % and 10 %). Meant for a
+    wide range when the defects' size is unknown; on the real sets it did not beat a range
+    matched to the defects (docs/experiments.md)."""
     patch_aspect: Tuple[float, float] = (0.3, 3.3)
     """Aspect ratio (height / width), drawn log-uniformly."""
     scar_width: Tuple[float, float] = (0.01, 0.06)
