@@ -409,6 +409,10 @@ def evaluate_category(model: LoadedModel, data_root: PathLike, category: str, *,
         else:
             threshold = compute_label_free_threshold(model, holdout_paths, quantile=quantile,
                                                      batch_size=batch_size, progress=progress)
+    elif "ensemble" in model.checkpoint:
+        warnings.append("the ensemble's members share no held-out image that none of them "
+                        "trained on (train them with the same data.split_seed): label-free "
+                        "columns skipped")
     else:
         warnings.append("the run has no held-out normal images (data.holdout_fraction = 0): "
                         "label-free threshold metrics skipped")
@@ -738,12 +742,6 @@ def evaluate_run(run_or_checkpoint: Union[PathLike, Sequence[PathLike]],
         result["checkpoint"] = str(checkpoint_path)
         if ensemble:
             result["ensemble"] = list(model.checkpoint["ensemble"])
-            if not holdout:
-                result["warnings"] = [w for w in result["warnings"]
-                                      if not w.startswith("the run has no held-out")]
-                result["warnings"].append(
-                    "the ensemble's members share no held-out image that none of them trained "
-                    "on (train them with the same data.split_seed): label-free columns skipped")
         result["checkpoint_step"] = int(model.checkpoint.get("step", 0))
         files.append(write_iou_curve_csv(category_dir / "iou_curve.csv", result["iou_curve"]))
         files.extend(p for p in (maps_dir, pictures_dir) if p is not None)

@@ -132,12 +132,13 @@ def main() -> None:
             lines.append(f"| {category} | {'' if args.ensemble else '**'}anoseg mean of "
                          f"{len(runs)}{'' if args.ensemble else '**'} | "
                          + " | ".join(_fmt(mean[k]) for k, _ in COLUMNS) + " | | |")
+        headline = mean  # what the margin row measures: the mean, or the ensemble below
         if args.ensemble:
             e = ensembles[category]
             lines.append(f"| {category} | **anoseg ensemble of {len(runs)}** | "
                          + " | ".join(_fmt(e.get(k)) for k, _ in COLUMNS)
                          + f" | {e['steps']} | {e['train_seconds']:.0f} |")
-            mean = {k: e.get(k) for k, _ in COLUMNS}
+            headline = {k: e.get(k) for k, _ in COLUMNS}
         peers = [numbers[category] for numbers in PEERS.values() if category in numbers]
         for peer, numbers in PEERS.items():
             if category in numbers:
@@ -148,8 +149,8 @@ def main() -> None:
             margins = []
             for k, _ in COLUMNS:
                 best = max(p[k] for p in peers)
-                margins.append(f"{mean[k] - best:+.3f}" if k in GOAL_METRICS
-                               and mean[k] is not None else "")
+                margins.append(f"{headline[k] - best:+.3f}" if k in GOAL_METRICS
+                               and headline[k] is not None else "")
             which = (" ensemble" if args.ensemble else " mean" if len(runs) > 1 else "")
             lines.append(f"| {category} | margin of anoseg{which} "
                          "over the better peer | " + " | ".join(margins) + " | | |")
