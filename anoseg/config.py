@@ -101,6 +101,30 @@ class SynthesisConfig:
     edit_radius: Tuple[float, float] = (0.01, 0.03)
     """Radius of the dilation / erosion window, as a fraction of the image side (at least 1
     pixel)."""
+    region_p: float = 0.0
+    """Probability that an anomaly is a *noise region* instead of a CutPaste patch: a mask
+    thresholded from Perlin noise (one or several blobs of irregular outline) covering a
+    fraction of the image drawn log-uniformly from ``region_area``, filled from one of
+    ``region_sources`` and blended with an opacity drawn from ``region_opacity``. Not in the
+    paper (0 = CutPaste only); it spans small spots to large, faint regions, so the map is not
+    taught one defect size (docs/experiments.md)."""
+    region_area: Tuple[float, float] = (0.0005, 0.3)
+    """Area of a noise region as a fraction of the image, drawn log-uniformly."""
+    region_scale: Tuple[int, int] = (1, 5)
+    """Perlin grid resolution per axis, ``2**k`` cells with ``k`` drawn from this range for each
+    axis independently: low = one large smooth region, high = many small spots."""
+    region_sources: List[str] = field(
+        default_factory=lambda: ["augmented", "texture", "intensity", "blur"])
+    """What fills a noise region, drawn with equal probability: ``augmented`` (the image's own
+    hard-augmented copy, as the paper's patches), ``texture`` (a procedural two-colour noise
+    texture), ``intensity`` (the image with its brightness / colour smoothly shifted) and
+    ``blur`` (the image blurred: texture or grain wiped out)."""
+    region_opacity: Tuple[float, float] = (0.3, 1.0)
+    """Blending opacity of a noise region (1 = the fill replaces the image)."""
+    region_min_change: float = 0.02
+    """A noise region's pixel is labelled anomalous only where the blend changed it by more than
+    this (largest channel difference, images in ``[0, 1]``): a blur over a flat area or a faint
+    blend of similar texture changes nothing one could see, and is not taught as a defect."""
 
 
 @dataclass
@@ -272,6 +296,23 @@ class AnoSegConfig:
         a, b = s.edit_radius
         _check(0.0 < a <= b <= 0.5, "synthesis.edit_radius", (a, b),
                "a range (low, high) with 0 < low <= high <= 0.5 (fractions of the image side)")
+        _check(0.0 <= s.region_p <= 1.0, "synthesis.region_p", s.region_p,
+               "a probability in [0, 1]")
+        a, b = s.region_area
+        _check(0.0 < a <= b <= 0.9, "synthesis.region_area", (a, b),
+               "a range (low, high) with 0 < low <= high <= 0.9 (fractions of the image)")
+        a, b = s.region_scale
+        _check(0 <= a <= b <= 7, "synthesis.region_scale", (a, b),
+               "a range (low, high) of integers with 0 <= low <= high <= 7 (log2 of the grid)")
+        a, b = s.region_opacity
+        _check(0.0 < a <= b <= 1.0, "synthesis.region_opacity", (a, b),
+               "a range (low, high) with 0 < low <= high <= 1")
+        _check(0.0 <= s.region_min_change < 1.0, "synthesis.region_min_change",
+               s.region_min_change, "a value in [0, 1)")
+        known = ("augmented", "texture", "intensity", "blur")
+        _check(len(s.region_sources) > 0 and all(x in known for x in s.region_sources),
+               "synthesis.region_sources", s.region_sources,
+               f"a non-empty list of {', '.join(known)}")
         lo, hi = s.anomalies_per_image
         _check(1 <= lo <= hi <= 64, "synthesis.anomalies_per_image", (lo, hi),
                "a range (low, high) of integers with 1 <= low <= high <= 64")

@@ -233,3 +233,91 @@ def test_dataset_mixes_normal_and_synthetic_samples():
     batch = synthetic_batch(torch.rand(4, 3, 64, 64), SynthesisConfig(), seed=0,
                             anomaly_ratio=1.0)
     assert batch["image"].shape == (4, 3, 64, 64) and (batch["normality"] == 0).any()
+
+
+# ------------------------------------------------------------------ noise regions (issue 11)
+
+
+def test_perlin_noise_is_smooth_and_bounded():
+    noise = synthesis.perlin_noise(64, 96, 4, 2, torch.Generator().manual_seed(0))
+    assert noise.shape == (64, 96)
+    assert noise.abs().max() <= 1.0
+    assert noise.std() > 0.05
+    # neighbouring pixels are close: a smooth field, not white noise
+    assert (noise[:, 1:] - noise[:, :-1]).abs().mean() < 0.1 * noise.std() * 4
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_region_mask_area_follows_the_drawn_fraction(seed):
+    cfg = SynthesisConfig(region_area=(0.01, 0.2))
+    mask = synthesis.region_mask(64, 64, cfg, torch.Generator().manual_seed(seed))
+    fraction = mask.float().mean().item()
+    assert 0.01 * 0.9 <= fraction <= 0.2 * 1.1
+
+
+def test_region_areas_span_the_log_range():
+    cfg = SynthesisConfig(region_area=(0.001, 0.3))
+    fractions = [synthesis.region_mask(64, 64, cfg, torch.Generator().manual_seed(s))
+                 .float().mean().item() for s in range(60)]
+    assert min(fractions) < 0.01 and max(fractions) > 0.1
+
+
+@pytest.mark.parametrize("source", synthesis.REGION_SOURCES)
+def test_noise_region_labels_visible_changes_only(source):
+    cfg = SynthesisConfig(region_sources=[source], region_opacity=(0.5, 1.0),
+                          region_area=(0.05, 0.2))
+    image = _noise(64, 3)
+    augmented = _noise(64, 4)
+    out, mask = synthesis.noise_region(image, augmented, cfg, torch.Generator().manual_seed(1))
+    change = (out - image).abs().amax(0)
+    assert mask.any()
+    assert torch.equal(mask, mask & (change > cfg.region_min_change))
+    # outside the labelled pixels, nothing changed more than the visibility limit
+    assert (change[~mask] <= cfg.region_min_change).all()
+    assert out.min() >= 0.0 and out.max() <= 1.0
+
+
+def test_blur_of_a_flat_image_is_not_labelled():
+    cfg = SynthesisConfig(region_sources=["blur"])
+    image = torch.full((3, 64, 64), 0.4)
+    out, mask = synthesis.noise_region(image, image, cfg, torch.Generator().manual_seed(0))
+    assert not mask.any()
+
+
+def test_region_p_makes_noise_regions(monkeypatch):
+    calls = []
+    real = synthesis.noise_region
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(synthesis, "noise_region", spy)
+    for seed in range(20):
+        synthesize_anomaly(_noise(32, seed), SynthesisConfig(region_p=1.0),
+                           torch.Generator().manual_seed(seed))
+    assert len(calls) == 20
+    calls.clear()
+    for seed in range(20):
+        synthesize_anomaly(_noise(32, seed), SynthesisConfig(region_p=0.0),
+                           torch.Generator().manual_seed(seed))
+    assert not calls
+
+
+def test_noise_regions_are_reproducible_from_the_seed():
+    cfg = SynthesisConfig(region_p=1.0)
+    a = synthesize_anomaly(_noise(64, 0), cfg, torch.Generator().manual_seed(5))
+    b = synthesize_anomaly(_noise(64, 0), cfg, torch.Generator().manual_seed(5))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("key,value", [("region_p", 1.5), ("region_area", [0.0, 0.1]),
+                                       ("region_scale", [3, 1]), ("region_opacity", [0.5, 1.2]),
+                                       ("region_sources", ["paint"]), ("region_sources", []),
+                                       ("region_min_change", -0.1)])
+def test_bad_region_settings_are_refused_with_the_key(key, value):
+    from anoseg.config import load_config
+    from anoseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"synthesis.{key}"):
+        load_config(None, [f"synthesis.{key}={value}"])

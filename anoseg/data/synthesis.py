@@ -255,6 +255,105 @@ def local_edit(image: torch.Tensor, cfg: SynthesisConfig, generator: torch.Gener
     return _put(image, edited, ty, tx, changed)
 
 
+def _fade(t: torch.Tensor) -> torch.Tensor:
+    return t * t * t * (t * (t * 6.0 - 15.0) + 10.0)
+
+
+def perlin_noise(height: int, width: int, cells_y: int, cells_x: int,
+                 generator: torch.Generator) -> torch.Tensor:
+    """Gradient (Perlin) noise ``(H, W)`` on a grid of ``cells_y x cells_x`` cells: smooth,
+    about ``[-0.7, 0.7]``, one random unit gradient per grid corner."""
+    angles = torch.rand(cells_y + 1, cells_x + 1, generator=generator) * (2.0 * math.pi)
+    gy, gx = torch.sin(angles), torch.cos(angles)
+    ys = (torch.arange(height, dtype=torch.float32) + 0.5) / height * cells_y
+    xs = (torch.arange(width, dtype=torch.float32) + 0.5) / width * cells_x
+    iy, ix = ys.floor().long(), xs.floor().long()
+    fy, fx = (ys - iy)[:, None], (xs - ix)[None, :]
+    iy, ix = iy[:, None], ix[None, :]
+
+    def corner(dy: int, dx: int) -> torch.Tensor:
+        return gy[iy + dy, ix + dx] * (fy - dy) + gx[iy + dy, ix + dx] * (fx - dx)
+
+    wy, wx = _fade(fy), _fade(fx)
+    top = corner(0, 0) + wx * (corner(0, 1) - corner(0, 0))
+    bottom = corner(1, 0) + wx * (corner(1, 1) - corner(1, 0))
+    return top + wy * (bottom - top)
+
+
+def _random_cells(cfg: SynthesisConfig, generator: torch.Generator) -> Tuple[int, int]:
+    low, high = cfg.region_scale
+    return 2 ** _randint(generator, low, high), 2 ** _randint(generator, low, high)
+
+
+def region_mask(height: int, width: int, cfg: SynthesisConfig,
+                generator: torch.Generator) -> torch.Tensor:
+    """A Perlin-noise region ``(H, W)`` bool covering a log-uniform fraction of the image.
+
+    The noise is thresholded at the quantile that leaves the drawn fraction above it, so the
+    area is controlled whatever the grid: a coarse grid gives one large smooth region, a fine
+    one several small spots. Never empty.
+    """
+    noise = perlin_noise(height, width, *_random_cells(cfg, generator), generator)
+    low, high = cfg.region_area
+    fraction = math.exp(_uniform(generator, math.log(low), math.log(high)))
+    keep = max(1, int(round(fraction * height * width)))
+    threshold = torch.topk(noise.flatten(), keep).values[-1]
+    return noise >= threshold
+
+
+REGION_SOURCES = ("augmented", "texture", "intensity", "blur")
+"""What can fill a noise region (:func:`region_fill`)."""
+
+
+def region_fill(image: torch.Tensor, augmented: torch.Tensor, source: str,
+                cfg: SynthesisConfig, generator: torch.Generator) -> torch.Tensor:
+    """A full-size ``(3, H, W)`` image to blend into a noise region.
+
+    ``augmented``: the hard-augmented copy; ``texture``: two random colours mixed by a Perlin
+    noise; ``intensity``: the image times a smooth gain plus a colour offset; ``blur``: the
+    image under a box blur of radius 1-4 pixels.
+    """
+    _, height, width = image.shape
+    if source == "augmented":
+        return augmented
+    if source == "texture":
+        noise = perlin_noise(height, width, *_random_cells(cfg, generator), generator)
+        mix = (noise - noise.min()) / (noise.max() - noise.min()).clamp_min(1e-6)
+        first, second = torch.rand(3, 1, 1, generator=generator), torch.rand(
+            3, 1, 1, generator=generator)
+        return first + (second - first) * mix[None]
+    if source == "intensity":
+        noise = perlin_noise(height, width, 2, 2, generator)
+        gain = 1.0 + _uniform(generator, 0.2, 0.6) * (1 if _chance(generator, 0.5) else -1)
+        gain_map = 1.0 + (gain - 1.0) * (0.75 + 0.25 * noise / 0.7)
+        offset = (torch.rand(3, 1, 1, generator=generator) - 0.5) * 0.3
+        return (image * gain_map[None] + offset).clamp(0.0, 1.0)
+    if source == "blur":
+        radius = _randint(generator, 1, 4)
+        padded = F.pad(image[None], (radius,) * 4, mode="replicate")
+        return F.avg_pool2d(padded, 2 * radius + 1, stride=1)[0]
+    raise ValueError(f"unknown region source {source!r}; expected one of {REGION_SOURCES}")
+
+
+def noise_region(image: torch.Tensor, augmented: torch.Tensor, cfg: SynthesisConfig,
+                 generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Blend a fill (:func:`region_fill`) into a Perlin region (:func:`region_mask`).
+
+    Returns:
+        The new image and the anomaly mask ``(H, W)`` (bool): the region's pixels that changed.
+    """
+    _, height, width = image.shape
+    region = region_mask(height, width, cfg, generator)
+    sources = cfg.region_sources
+    source = sources[_randint(generator, 0, len(sources) - 1)]
+    fill = region_fill(image, augmented, source, cfg, generator)
+    opacity = _uniform(generator, *cfg.region_opacity)
+    weight = region.to(image.dtype)[None] * opacity
+    out = image * (1.0 - weight) + fill.to(image.dtype) * weight
+    visible = (out - image).abs().amax(0) > cfg.region_min_change
+    return out, region & visible
+
+
 def synthesize_anomaly(image: torch.Tensor, cfg: SynthesisConfig,
                        generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
     """Make a synthetic anomaly from a normal image (paper Fig. 3).
@@ -276,7 +375,9 @@ def synthesize_anomaly(image: torch.Tensor, cfg: SynthesisConfig,
     out = image
     anomaly_mask = torch.zeros(image.shape[1:], dtype=torch.bool)
     for _ in range(count):
-        if cfg.edit_p > 0 and _chance(generator, cfg.edit_p):
+        if cfg.region_p > 0 and _chance(generator, cfg.region_p):
+            out, pasted = noise_region(out, source, cfg, generator)
+        elif cfg.edit_p > 0 and _chance(generator, cfg.edit_p):
             out, pasted = local_edit(out, cfg, generator)
         else:
             scar = _chance(generator, cfg.scar_p)

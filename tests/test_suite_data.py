@@ -1,0 +1,57 @@
+"""The development suite's generated categories and the per-pixel Gaussian floor."""
+
+import numpy as np
+import torch
+
+from anoseg.baselines import PerPixelGaussian
+from anoseg.data.mvtec import list_test_samples, list_train_images
+from anoseg.data.suite import SUITE_CATEGORIES, render, write_suite
+
+
+def test_every_suite_defect_draws_a_mask_of_the_right_kind():
+    areas = {}
+    for c, (category, (_, _, defects)) in enumerate(SUITE_CATEGORIES.items()):
+        good, none = render(category, None, (c, 0, 0, 0))
+        assert good.shape == (128, 128, 3) and good.dtype == np.uint8 and none is None
+        for d, defect in enumerate(defects, start=1):
+            fractions = []
+            for i in range(3):
+                image, mask = render(category, defect, (c, 2, d, i))
+                assert set(np.unique(mask)) <= {0, 255} and mask.any()
+                fractions.append((mask > 0).mean())
+            areas[(category, defect)] = float(np.mean(fractions))
+    # sizes are controlled: tiny spots, large faint regions
+    assert areas[("suite_grain", "spot")] < 0.005
+    assert 0.07 < areas[("suite_grain", "region")] < 0.35
+    assert 0.07 < areas[("suite_weave", "region")] < 0.35
+
+
+def test_rendering_is_deterministic():
+    a = render("suite_grain", "crack", (0, 2, 2, 1))
+    b = render("suite_grain", "crack", (0, 2, 2, 1))
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+def test_write_suite_makes_mvtec_layout(tmp_path, monkeypatch):
+    import anoseg.data.suite as suite
+
+    monkeypatch.setattr(suite, "SUITE_NUM_TRAIN", 3)
+    monkeypatch.setattr(suite, "SUITE_NUM_TEST_GOOD", 2)
+    monkeypatch.setattr(suite, "SUITE_NUM_PER_DEFECT", 1)
+    root = write_suite(tmp_path / "suite")
+    for category, (_, _, defects) in SUITE_CATEGORIES.items():
+        assert len(list_train_images(root, category)) == 3
+        samples = list_test_samples(root, category)
+        assert sorted({s.defect_type for s in samples}) == sorted(("good",) + defects)
+
+
+def test_gaussian_floor_finds_a_bright_square():
+    rng = torch.Generator().manual_seed(0)
+    train = 0.5 + 0.05 * torch.randn(20, 3, 32, 32, generator=rng)
+    test = 0.5 + 0.05 * torch.randn(1, 3, 32, 32, generator=rng)
+    test[:, :, 10:14, 10:14] = 1.0
+    maps = PerPixelGaussian.fit(train).anomaly_maps(test)
+    assert maps.shape == (1, 32, 32)
+    inside = maps[0, 10:14, 10:14].min()
+    outside = torch.cat([maps[0, :8].flatten(), maps[0, 16:].flatten()]).max()
+    assert inside > outside
