@@ -28,6 +28,11 @@ MVTEC_CATEGORIES: Tuple[str, ...] = (
     "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
 )
 
+RUNTIME = {"runtime": True}
+"""Field metadata of a *run-time* key: it says how a run is executed (steps, budget, device,
+precision, logging, workers, ...), not what is trained, so it may change when a run is resumed,
+a detector is trained on a run, or a batch of runs is restarted (:func:`runtime_keys`)."""
+
 
 @dataclass
 class DataConfig:
@@ -44,9 +49,9 @@ class DataConfig:
     split_seed: Optional[int] = None
     """Seed of the held-out split; ``None`` = ``train.seed``. Runs meant to be averaged as an
     ensemble (``anoseg-eval --ensemble``) need the same split, hence the same value here."""
-    num_workers: int = 2
+    num_workers: int = field(default=2, metadata=RUNTIME)
     """Data-loader worker processes (synthesis runs there, not on the training thread)."""
-    cache_images: bool = True
+    cache_images: bool = field(default=True, metadata=RUNTIME)
     """Decode and resize every training image once and keep it in memory."""
 
 
@@ -124,7 +129,7 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation. How the defaults were chosen, and what is not yet measured: ``docs/design.md``."""
 
-    steps: int = 20000
+    steps: int = field(default=20000, metadata=RUNTIME)
     batch_size: int = 16
     lr_generator: float = 2e-4
     lr_discriminator: float = 2e-4
@@ -153,27 +158,27 @@ class TrainConfig:
     norm before its step (0 = off, the paper). A guard for runs whose map saturates after a
     swing of the adversarial game (docs/experiments.md)."""
     seed: int = 0
-    device: str = "auto"
+    device: str = field(default="auto", metadata=RUNTIME)
     """``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
-    precision: str = "auto"
+    precision: str = field(default="auto", metadata=RUNTIME)
     """``auto`` (bf16 or fp16 mixed precision on CUDA, fp32 elsewhere), ``fp32``, ``bf16``,
     ``fp16``. ``bf16`` also works on CPU through autocast."""
     channels_last: bool = False
     """Use the channels-last memory layout (faster convolutions on some hardware)."""
     sync_batchnorm: bool = False
     """Synchronise batch-norm statistics across processes under torchrun (CUDA only)."""
-    compile: bool = False
+    compile: bool = field(default=False, metadata=RUNTIME)
     """Compile generator and discriminator with ``torch.compile`` (first steps are slow)."""
-    log_every: int = 10
-    checkpoint_every: int = 500
-    time_budget: Optional[float] = None
+    log_every: int = field(default=10, metadata=RUNTIME)
+    checkpoint_every: int = field(default=500, metadata=RUNTIME)
+    time_budget: Optional[float] = field(default=None, metadata=RUNTIME)
     """Wall-clock seconds of training; the run stops cleanly and saves when it is spent."""
-    deterministic: bool = False
+    deterministic: bool = field(default=False, metadata=RUNTIME)
 
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 16
+    batch_size: int = field(default=16, metadata=RUNTIME)
     num_thresholds: int = 10000
     """Thresholds swept for the IoU-vs-threshold curve (the paper uses 10,000)."""
     fpr_limit: float = 0.3
@@ -190,7 +195,7 @@ class DetectorConfig:
     ``docs/detector.md``. The three switches are the columns of the Table 5 ablation.
     """
 
-    steps: int = 5000
+    steps: int = field(default=5000, metadata=RUNTIME)
     batch_size: int = 16
     lr_generator: float = 2e-4
     lr_discriminator: float = 2e-4
@@ -213,8 +218,8 @@ class DetectorConfig:
     """Weight of the feature distance in the score (eq. 5)."""
     score_beta: float = 0.1
     """Weight of the image MSE in the score (eq. 5)."""
-    checkpoint_every: int = 500
-    time_budget: Optional[float] = None
+    checkpoint_every: int = field(default=500, metadata=RUNTIME)
+    time_budget: Optional[float] = field(default=None, metadata=RUNTIME)
     """Wall-clock seconds of detector training; it stops cleanly and saves when spent."""
 
 
@@ -523,3 +528,35 @@ DEMO_OVERRIDES: Dict[str, Dict[str, Any]] = {
     "train": {"steps": 300, "batch_size": 16, "checkpoint_every": 100, "lr_generator": 1e-3,
               "lr_discriminator": 5e-4, "seg_loss": "balanced_l1"},
 }
+
+
+def runtime_keys() -> Tuple[str, ...]:
+    """``section.key`` of every run-time key (fields declared with :data:`RUNTIME` metadata)."""
+    return tuple(f"{section.name}.{item.name}"
+                 for section in dataclasses.fields(AnoSegConfig)
+                 for item in dataclasses.fields(section.default_factory)
+                 if item.metadata.get("runtime"))
+
+
+def config_diff(a: Dict[str, Dict[str, Any]], b: Dict[str, Dict[str, Any]], *,
+                skip: Sequence[str] = ()) -> List[str]:
+    """``section.key`` names whose value differs between the config dicts ``a`` and ``b``
+    (a key missing on one side differs), in ``a``'s order then ``b``'s; ``skip`` names are
+    left out (e.g. :func:`runtime_keys`)."""
+    flat_a, flat_b = _flatten(a), _flatten(b)
+    skipped = set(skip)
+    keys = list(flat_a) + [k for k in flat_b if k not in flat_a]
+    return [k for k in keys if k not in skipped and flat_a.get(k) != flat_b.get(k)]
+
+
+def _flatten(config: Dict[str, Any]) -> Dict[str, Any]:
+    return {f"{section}.{key}": value for section, values in config.items()
+            for key, value in (values or {}).items()}
+
+
+def with_runtime_keys(saved: AnoSegConfig, cfg: AnoSegConfig) -> AnoSegConfig:
+    """``saved`` with the run-time keys of :func:`runtime_keys` taken from ``cfg`` (in place)."""
+    for name in runtime_keys():
+        section, key = name.split(".")
+        setattr(getattr(saved, section), key, getattr(getattr(cfg, section), key))
+    return saved

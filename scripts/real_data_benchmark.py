@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from anoseg.checkpoint import LAST_CHECKPOINT
 from anoseg.config import load_config
 from anoseg.evaluation import evaluate_run
+from anoseg.run_dir import RunDir
 from anoseg.training import train
 
 # From the issue "Real defects": DRAEM (anomalib 2.7), 128x128, batch 8, Adam 1e-4, 1200 s on
@@ -58,18 +58,18 @@ GOAL_METRICS = ("pixel_auroc", "aupro", "iou_pooled_best")
 def run_one(data_root: Path, category: str, config: str, overrides: List[str], budget: float,
             run_dir: Path, progress: bool, seed: int = 0,
             split_seed: Optional[int] = None) -> Dict:
-    summary_path = run_dir / "summary.json"
-    if not summary_path.is_file():
+    run = RunDir(run_dir)
+    if not run.summary.is_file():
         data = {"root": str(data_root), "category": category}
         if split_seed is not None:
             data["split_seed"] = split_seed
         cfg = load_config(config, overrides, values={
             "data": data, "train": {"time_budget": budget, "seed": seed}})
         # an interrupted run (checkpoint, no summary) continues where it stopped
-        train(cfg, run_dir, progress=progress, resume=(run_dir / LAST_CHECKPOINT).is_file())
-    summary = json.loads(summary_path.read_text())
+        train(cfg, run_dir, progress=progress, resume=run.has_checkpoint())
+    summary = json.loads(run.summary.read_text())
     start = time.perf_counter()
-    report = evaluate_run(run_dir, output_dir=run_dir / "eval", progress=progress, pictures=6)
+    report = evaluate_run(run_dir, output_dir=run.eval_dir, progress=progress, pictures=6)
     result = dict(report.results[category])
     result["eval_seconds"] = time.perf_counter() - start
     result["steps"] = summary["steps"]

@@ -36,14 +36,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import run_categories as rc  # noqa: E402  (the sibling script, importable from here)
-
-from anoseg import paper_results as paper  # noqa: E402
-from anoseg.checkpoint import atomic_write_text  # noqa: E402
-from anoseg.config import MVTEC_CATEGORIES, load_config  # noqa: E402
-from anoseg.errors import AnoSegError  # noqa: E402
+from anoseg import batch_runs as rc
+from anoseg import paper_results as paper
+from anoseg import reporting
+from anoseg.atomic import atomic_write_text
+from anoseg.config import MVTEC_CATEGORIES, load_config
+from anoseg.errors import AnoSegError
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -106,10 +104,10 @@ def ablation_job(ablation: Ablation, data_root: Path, output_dir: Path,
 
 
 def _pair(auroc: Optional[float], iou: Optional[float]) -> str:
-    return f"{rc.fmt(auroc)} / {rc.fmt(iou)}"
+    return f"{reporting.fmt(auroc)} / {reporting.fmt(iou)}"
 
 
-def table3(output_dir: Path, categories: Sequence[str]) -> rc.Table:
+def table3(output_dir: Path, categories: Sequence[str]) -> reporting.Table:
     """Table 3: a column per configuration, cells ``pixel AUROC / IoU``, mean and paper rows."""
     values: Dict[str, Dict[str, Dict[str, Any]]] = {
         a.name: {c: rc.category_metrics(output_dir / a.name / c) or {} for c in categories}
@@ -128,8 +126,8 @@ def table3(output_dir: Path, categories: Sequence[str]) -> rc.Table:
     md, raw = ["**Mean**"], ["mean"]
     paper_md, paper_raw = ["Paper (mean)"], ["paper_mean"]
     for a in TABLE3:
-        auroc = rc.mean_of(values[a.name][c].get("pixel_auroc") for c in categories)
-        iou = rc.mean_of(values[a.name][c].get("iou_pooled_best") for c in categories)
+        auroc = reporting.mean_of(values[a.name][c].get("pixel_auroc") for c in categories)
+        iou = reporting.mean_of(values[a.name][c].get("iou_pooled_best") for c in categories)
         md.append(_pair(auroc, iou))
         raw += [auroc, iou]
         paper_auroc, paper_iou = paper.TABLE3_MEANS[a.name]
@@ -141,12 +139,12 @@ def table3(output_dir: Path, categories: Sequence[str]) -> rc.Table:
     notes.append("Cells: pixel AUROC / IoU (all test pixels pooled, best threshold). The paper "
                  "row is its Table 3 mean over the 15 MVTec AD categories.")
     csv_headers = ["category"] + [f"{a.name}_{m}" for a in TABLE3 for m in ("pixel_auroc", "iou")]
-    return rc.Table("Table 3: segmentation ablation (pixel AUROC / IoU)",
+    return reporting.Table("Table 3: segmentation ablation (pixel AUROC / IoU)",
                     ["Category", *(a.title for a in TABLE3)], md_rows, csv_headers, csv_rows,
                     notes)
 
 
-def table5(output_dir: Path, categories: Sequence[str]) -> rc.Table:
+def table5(output_dir: Path, categories: Sequence[str]) -> reporting.Table:
     """Table 5: a column per detector configuration, cells image AUROC, mean and paper rows."""
     values: Dict[str, Dict[str, Dict[str, Any]]] = {}
     for spec in detector_specs():
@@ -159,18 +157,18 @@ def table5(output_dir: Path, categories: Sequence[str]) -> rc.Table:
     csv_rows: List[List[Any]] = []
     for category in categories:
         cells = [values[a.name][category]["image_auroc"] for a in TABLE5]
-        md_rows.append([category, *(rc.fmt(v) for v in cells)])
+        md_rows.append([category, *(reporting.fmt(v) for v in cells)])
         csv_rows.append([category, *cells])
-    means = [rc.mean_of(values[a.name][c]["image_auroc"] for c in categories) for a in TABLE5]
+    means = [reporting.mean_of(values[a.name][c]["image_auroc"] for c in categories) for a in TABLE5]
     papers = [paper.TABLE5_MEANS[a.name] for a in TABLE5]
-    md_rows += [["**Mean**", *(rc.fmt(v) for v in means)],
-                ["Paper (mean)", *(rc.fmt(v) for v in papers)]]
+    md_rows += [["**Mean**", *(reporting.fmt(v) for v in means)],
+                ["Paper (mean)", *(reporting.fmt(v) for v in papers)]]
     csv_rows += [["mean", *means], ["paper_mean", *papers]]
     notes = _missing_notes(values, "image_auroc")
     notes.append(f"Image AUROC of each detector's score (eq. 5), all trained on the full "
                  f"segmenter ({FULL_SEGMENTER.name}). The paper row is its Table 5 mean over "
                  "the 15 MVTec AD categories.")
-    return rc.Table("Table 5: detection ablation (image AUROC)",
+    return reporting.Table("Table 5: detection ablation (image AUROC)",
                     ["Category", *(a.title for a in TABLE5)], md_rows,
                     ["category", *(a.name for a in TABLE5)], csv_rows, notes)
 
@@ -180,7 +178,7 @@ def _missing_notes(values: Dict[str, Dict[str, Dict[str, Any]]], key: str) -> Li
                for category, result in by_category.items() if result.get(key) is None]
     if not missing:
         return []
-    return [f"Not done or undefined ({rc.MISSING}): {', '.join(missing)}; means average the "
+    return [f"Not done or undefined ({reporting.MISSING}): {', '.join(missing)}; means average the "
             "categories that have a value."]
 
 
@@ -202,11 +200,22 @@ def write_ablation_tables(output_dir: Path, categories: Sequence[str],
     atomic_write_text(paths[0], markdown)
     for table, name in tables:
         paths.append(output_dir / name)
-        atomic_write_text(paths[-1], rc.csv_text(table.csv_headers, table.csv_rows))
+        atomic_write_text(paths[-1], reporting.csv_text(table.csv_headers, table.csv_rows))
     return markdown, paths
 
 
 # ------------------------------------------------------------------------------ command line
+
+
+def child_command(job: rc.Job, category: str) -> List[str]:
+    """One category of ``job`` as a ``run_categories.py`` command line (for ``--gpus``)."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parent / "run_categories.py"
+    spec = importlib.util.spec_from_file_location("run_categories", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.child_command(job, category)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -259,7 +268,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rc.check_categories(data_root, args.categories)
         for ablation, job in zip(TABLE3, jobs):
             print(f"== {ablation.name}: {ablation.title}")
-            done = rc.run_job(job, args.categories, args.gpus)
+            done = rc.run_job(job, args.categories, args.gpus, command_for=child_command)
             statuses.update({f"{ablation.name}/{c}": s for c, s in done.items()})
             rc.write_tables(job.output_dir, args.categories)
             if "interrupted" in done.values():

@@ -1,0 +1,315 @@
+"""Every table: the evaluation's ``metrics.json`` / ``.csv`` / ``.md``, the paper's summary
+tables over categories (Tables 1, 2, AUPRO / F1-max), the ablation tables (3 and 5) and the
+real-data benchmark table. Values in, text out: nothing here runs a model.
+
+Example:
+    >>> print(markdown_table(["Category", "AUROC"], [["bottle", fmt(0.5)]]), end="")
+    | Category | AUROC |
+    |:---|---:|
+    | bottle | 0.500 |
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from anoseg import paper_results as paper
+from anoseg.atomic import atomic_write_text, write_json
+from anoseg.config import MVTEC_CATEGORIES
+from anoseg.run_dir import METRICS_STEM
+
+PathLike = Union[str, Path]
+
+METRIC_COLUMNS: Tuple[Tuple[str, str], ...] = (
+    ("pixel_auroc", "Pixel AUROC"),
+    ("image_auroc", "Image AUROC"),
+    ("iou_pooled_best", "IoU"),
+    ("iou_mean_per_image_best", "IoU per image"),
+    ("aupro", "AUPRO"),
+    ("pixel_f1_max", "F1-max"),
+    ("label_free_iou", "IoU @ label-free"),
+    ("label_free_f1", "F1 @ label-free"),
+)
+"""(key, Markdown header) of the metrics in the table, in the table's order."""
+
+MEAN_KEYS: Tuple[str, ...] = tuple(key for key, _ in METRIC_COLUMNS) + (
+    "label_free_iou_mean_per_image", "label_free_precision", "label_free_recall",
+    "label_free_fpr")
+"""Metrics averaged over categories in the mean row (thresholds and counts are not)."""
+
+CSV_KEYS: Tuple[str, ...] = MEAN_KEYS + (
+    "iou_pooled_best_threshold", "iou_mean_per_image_best_threshold", "pixel_f1_max_threshold",
+    "label_free_threshold", "threshold_quantile", "n_holdout_images", "n_images",
+    "n_defective", "n_good", "n_pixels", "n_defect_pixels", "n_regions")
+"""Columns of ``metrics.csv`` after ``category`` (fractions, not percentages)."""
+
+DETECTOR_KEY = "image_auroc_detector"
+DETECTOR_COLUMN = (DETECTOR_KEY, "Image AUROC (detector)")
+"""Image AUROC of the downstream detector's score (paper eq. 5); in the tables only when a run
+has a detector (``RUN_DIR/detector/last.pt``)."""
+
+def metric_columns(results: Sequence[Dict[str, Any]]) -> List[Tuple[str, str]]:
+    columns = list(METRIC_COLUMNS)
+    if any(r.get(DETECTOR_KEY) is not None for r in results):
+        columns.insert(2, DETECTOR_COLUMN)
+    return columns
+
+
+def _percent(value: Optional[float]) -> str:
+    return "—" if value is None else f"{100.0 * value:.1f}"
+
+
+def format_markdown_table(results: Sequence[Dict[str, Any]],
+                          mean: Optional[Dict[str, Optional[float]]] = None) -> str:
+    """A Markdown table like the paper's: a row per category (and ``mean``), metrics in %."""
+    columns = _metric_columns(results)
+    headers = ["Category", *(title for _, title in columns), "Label-free thr."]
+    lines = ["| " + " | ".join(headers) + " |",
+             "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|"]
+    for result in results:
+        threshold = result.get("label_free_threshold")
+        cells = [result["category"], *(_percent(result.get(k)) for k, _ in columns),
+                 "—" if threshold is None else f"{threshold:.4f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if mean is not None:
+        cells = ["**mean**", *(_percent(mean.get(k)) for k, _ in columns), ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _csv_value(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "" if math.isnan(value) else repr(value)
+    return str(value)
+
+
+def write_iou_curve_csv(path: PathLike, iou_curve: Dict[str, np.ndarray]) -> Path:
+    """Write ``threshold,iou_pooled,iou_mean_per_image`` rows (empty cell = undefined)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["threshold", "iou_pooled", "iou_mean_per_image"])
+    for row in zip(iou_curve["thresholds"], iou_curve["iou_pooled"],
+                   iou_curve["iou_mean_per_image"]):
+        writer.writerow([_csv_value(float(v)) for v in row])
+    atomic_write_text(path, buffer.getvalue())
+    return Path(path)
+
+
+def write_metrics_files(output_dir: PathLike, results: Sequence[Dict[str, Any]],
+                        mean: Optional[Dict[str, Optional[float]]], notes: Sequence[str],
+                        extra: Optional[Dict[str, Any]] = None) -> List[Path]:
+    """Write ``metrics.json``, ``metrics.csv`` and ``metrics.md``; returns their paths."""
+    output_dir = Path(output_dir)
+    per_category = {r["category"]: {k: v for k, v in r.items() if k != "iou_curve"}
+                    for r in results}
+    document = {**(extra or {}), "categories": per_category, "mean": mean,
+                "mean_notes": list(notes)}
+    json_path, csv_path, md_path = (output_dir / f"{METRICS_STEM}.{ext}"
+                                    for ext in ("json", "csv", "md"))
+    write_json(json_path, document)
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    csv_keys = CSV_KEYS + ((DETECTOR_KEY,) if any(DETECTOR_KEY in r for r in results) else ())
+    writer.writerow(["category", *csv_keys])
+    for result in results:
+        writer.writerow([result["category"], *(_csv_value(result.get(k)) for k in csv_keys)])
+    if mean is not None:
+        writer.writerow(["mean", *(_csv_value(mean.get(k)) for k in csv_keys)])
+    atomic_write_text(csv_path, buffer.getvalue())
+
+    quantile = results[0].get("threshold_quantile") if results else None
+    text = format_markdown_table(results, mean)
+    text += ("\nValues in %. IoU = pooled IoU at the best threshold (the paper's Table 2); IoU per "
+             "image = mean per-image IoU at the best common threshold; AUPRO up to FPR "
+             f"{results[0].get('fpr_limit', 0.3) if results else 0.3}; \"@ label-free\" = at the "
+             f"{quantile} quantile of held-out normal pixel scores. — = undefined.\n")
+    for note in notes:
+        text += f"\n- {note}"
+    for result in results:
+        for warning in result.get("warnings", []):
+            text += f"\n- {result['category']}: {warning}"
+    atomic_write_text(md_path, text.rstrip("\n") + "\n")
+    return [json_path, csv_path, md_path]
+
+
+# ------------------------------------------------------------------------- summary tables
+
+MISSING = "-"
+"""Table cell for a value that does not exist (paper has none, run not done, undefined)."""
+
+
+def mean_of(values: Iterable[Optional[float]]) -> Optional[float]:
+    """Mean of the defined (not ``None``, finite) values, or ``None`` if there are none."""
+    defined = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return sum(defined) / len(defined) if defined else None
+
+
+def fmt(value: Optional[float], digits: int = 3) -> str:
+    """A fraction with ``digits`` decimals, or :data:`MISSING`."""
+    return MISSING if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table, first column left-aligned, the others right-aligned."""
+    lines = ["| " + " | ".join(headers) + " |",
+             "|" + "|".join([":---"] + ["---:"] * (len(headers) - 1)) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """CSV with a header line; ``None`` cells are written as :data:`MISSING`."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(headers)
+    for row in rows:
+        writer.writerow([MISSING if cell is None else cell for cell in row])
+    return buffer.getvalue()
+
+
+def paper_mean(table: Dict[str, float], published: float,
+               categories: Sequence[str]) -> Tuple[Optional[float], str]:
+    """The paper's number for a mean row over ``categories``.
+
+    Returns:
+        ``(value, kind)``: the published mean for exactly the 15 MVTec AD categories
+        (``published``); the mean of the paper's per-category values when every category has
+        one (``subset``); else ``(None, "none")``.
+    """
+    if set(categories) == set(MVTEC_CATEGORIES):
+        return published, "published"
+    values = [table.get(c) for c in categories]
+    if categories and all(v is not None for v in values):
+        return mean_of(values), "subset"
+    return None, "none"
+
+
+@dataclass
+class Table:
+    """One summary table: Markdown cells plus the same values as numbers for the CSV."""
+
+    title: str
+    headers: List[str]
+    rows: List[List[str]]
+    csv_headers: List[str]
+    csv_rows: List[List[Any]]
+    notes: List[str] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        text = f"## {self.title}\n\n" + markdown_table(self.headers, self.rows)
+        if self.notes:
+            text += "\n" + "\n".join(f"- {note}" for note in self.notes) + "\n"
+        return text
+
+
+def _metric_rows(categories: Sequence[str], results: Dict[str, Dict[str, Any]],
+                 columns: Sequence[Tuple[str, Optional[Dict[str, float]], int]],
+                 paper_means: Sequence[Tuple[Optional[float], str]]
+                 ) -> Tuple[List[List[str]], List[List[Any]]]:
+    """Rows (Markdown, CSV) for ``columns`` = (result key or ``paper:<name>``, paper table,
+    digits); a paper column takes its numbers from the table and its mean from ``paper_means``
+    (in the order of the paper columns)."""
+    md_rows: List[List[str]] = []
+    csv_rows: List[List[Any]] = []
+    for category in categories:
+        md, raw = [category], [category]
+        for key, table, digits in columns:
+            value = table.get(category) if table is not None else results[category].get(key)
+            md.append(fmt(value, digits))
+            raw.append(value)
+        md_rows.append(md)
+        csv_rows.append(raw)
+    md, raw = ["**Mean**"], ["mean"]
+    paper_iter = iter(paper_means)
+    for key, table, digits in columns:
+        if table is not None:
+            value, _ = next(paper_iter)
+        else:
+            value = mean_of(results[c].get(key) for c in categories)
+        md.append(fmt(value, digits))
+        raw.append(value)
+    md_rows.append(md)
+    csv_rows.append(raw)
+    return md_rows, csv_rows
+
+
+def _mean_notes(categories: Sequence[str], results: Dict[str, Dict[str, Any]],
+                keys: Sequence[str], paper_kinds: Sequence[str]) -> List[str]:
+    notes = []
+    missing = [c for c in categories if results[c].get(keys[0]) is None]
+    if missing:
+        notes.append(f"Not evaluated or undefined ({MISSING}): {', '.join(missing)}; our means "
+                     "average the categories that have a value.")
+    if "published" in paper_kinds:
+        notes.append("Paper means are the published mean rows (over all 15 MVTec AD "
+                     "categories).")
+    if "subset" in paper_kinds:
+        notes.append("Paper means are the means of the paper's per-category numbers over the "
+                     "categories listed here.")
+    return notes
+
+
+def build_tables(categories: Sequence[str], results: Dict[str, Dict[str, Any]]) -> List[Table]:
+    """Table 1 (AUROC), Table 2 (IoU) and AUPRO / F1-max, with the paper's numbers beside ours.
+
+    Our image AUROC is the maximum of the anomaly map; the paper's (Table 4) is that of its
+    image-level detector, which is in our ``Image AUROC (detector)`` column when the runs have
+    one.
+    """
+    has_detector = any("image_auroc_detector" in results[c] for c in categories)
+    pixel_mean = paper_mean(paper.PIXEL_AUROC, paper.PIXEL_AUROC_MEAN, categories)
+    image_mean = paper_mean(paper.IMAGE_AUROC, paper.IMAGE_AUROC_MEAN, categories)
+    columns: List[Tuple[str, Optional[Dict[str, float]], int]] = [
+        ("pixel_auroc", None, 3), ("paper_pixel_auroc", paper.PIXEL_AUROC, 2),
+        ("image_auroc", None, 3)]
+    headers = ["Category", "Pixel AUROC", "Paper pixel AUROC (Table 1)",
+               "Image AUROC (map max)"]
+    csv_headers = ["category", "pixel_auroc", "paper_pixel_auroc", "image_auroc"]
+    if has_detector:
+        columns.append(("image_auroc_detector", None, 3))
+        headers.append("Image AUROC (detector)")
+        csv_headers.append("image_auroc_detector")
+    columns.append(("paper_image_auroc", paper.IMAGE_AUROC, 2))
+    headers.append("Paper image AUROC (Table 4)")
+    csv_headers.append("paper_image_auroc")
+    md_rows, csv_rows = _metric_rows(categories, results, columns, [pixel_mean, image_mean])
+    notes = _mean_notes(categories, results, ["pixel_auroc"], [pixel_mean[1], image_mean[1]])
+    notes.append("Our image AUROC (map max) scores an image by the maximum of its anomaly map; "
+                 "the paper's image AUROC is that of its anomaly detector (section 3.4)"
+                 + (", our `Image AUROC (detector)` column." if has_detector
+                    else "; run with --detector to train and score ours."))
+    table1 = Table("Table 1: pixel-level and image-level AUROC", headers, md_rows,
+                   csv_headers, csv_rows, notes)
+
+    iou_mean = ((paper.IOU_MEAN, "published") if set(categories) == set(MVTEC_CATEGORIES)
+                else (None, "none"))
+    columns = [("iou_pooled_best", None, 3), ("paper_iou", {}, 3),
+               ("label_free_iou", None, 3), ("iou_mean_per_image_best", None, 3)]
+    md_rows, csv_rows = _metric_rows(categories, results, columns, [iou_mean])
+    notes = _mean_notes(categories, results, ["iou_pooled_best"], [iou_mean[1]])
+    notes.append("IoU: all test pixels pooled, at the threshold that maximises it (the paper's "
+                 "definition); the paper gives only the mean (0.542, Table 2). IoU @ label-free: "
+                 "at the threshold chosen on held-out normal images. IoU per image: mean over "
+                 "defective images at the best common threshold.")
+    table2 = Table("Table 2: IoU", ["Category", "IoU", "Paper IoU (Table 2)",
+                                    "IoU @ label-free", "IoU per image"], md_rows,
+                   ["category", "iou", "paper_iou", "label_free_iou", "iou_per_image"],
+                   csv_rows, notes)
+
+    columns = [("aupro", None, 3), ("pixel_f1_max", None, 3)]
+    md_rows, csv_rows = _metric_rows(categories, results, columns, [])
+    notes = _mean_notes(categories, results, ["aupro"], [])
+    notes.append("The paper reports neither AUPRO (FPR <= 0.3) nor pixel F1-max.")
+    table3 = Table("AUPRO and F1-max", ["Category", "AUPRO", "F1-max"], md_rows,
+                   ["category", "aupro", "pixel_f1_max"], csv_rows, notes)
+    return [table1, table2, table3]
