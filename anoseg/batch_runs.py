@@ -332,6 +332,26 @@ def run_sequentially(job: Job, categories: Sequence[str]) -> Dict[str, str]:
 # ------------------------------------------------------------------------------ several GPUs
 
 
+def category_command(script: Path, job: Job, category: str) -> List[str]:
+    """The command line running one category of ``job`` with ``script`` (``run_categories.py``)
+    in a subprocess (no tables)."""
+    command = [sys.executable, str(script), "--data-root", str(job.data_root),
+               "--output-dir", str(job.output_dir), "--categories", category, "--no-tables",
+               "--no-progress"]
+    for path in job.config_paths:
+        command += ["--config", str(Path(path).resolve())]
+    for text in job.overrides:
+        command += ["--set", text]
+    for spec in job.detectors:
+        if spec.name == DETECTOR_DIR and spec.config is None:
+            command.append("--detector")
+        else:
+            command += ["--detector-variant",
+                        f"{spec.name}={Path(spec.config).resolve()}" if spec.config
+                        else spec.name]
+    return command
+
+
 _STATUS_BY_EXIT = {EXIT_OK: "done", EXIT_FAILED: "failed", EXIT_BAD_INPUT: "failed",
                    EXIT_INTERRUPTED: "interrupted"}
 

@@ -209,13 +209,8 @@ def write_ablation_tables(output_dir: Path, categories: Sequence[str],
 
 def child_command(job: rc.Job, category: str) -> List[str]:
     """One category of ``job`` as a ``run_categories.py`` command line (for ``--gpus``)."""
-    import importlib.util
-
-    script = Path(__file__).resolve().parent / "run_categories.py"
-    spec = importlib.util.spec_from_file_location("run_categories", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.child_command(job, category)
+    return rc.category_command(Path(__file__).resolve().parent / "run_categories.py", job,
+                               category)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,8 +29,9 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from anoseg.batch_runs import (EXIT_BAD_INPUT, DetectorSpec, Job, category_done,  # noqa: F401
-                               exit_status, run_job, write_tables)
+from anoseg.batch_runs import (EXIT_BAD_INPUT, DetectorSpec, Job,  # noqa: F401
+                               category_command, category_done, exit_status, run_job,
+                               write_tables)
 from anoseg.config import MVTEC_CATEGORIES, load_config
 from anoseg.errors import AnoSegError, ConfigError
 from anoseg.reporting import build_tables  # noqa: F401
@@ -41,21 +42,7 @@ SCRIPT = Path(__file__).resolve()
 
 def child_command(job: Job, category: str) -> List[str]:
     """The command line running one category of ``job`` in a subprocess (no tables)."""
-    command = [sys.executable, str(SCRIPT), "--data-root", str(job.data_root),
-               "--output-dir", str(job.output_dir), "--categories", category, "--no-tables",
-               "--no-progress"]
-    for path in job.config_paths:
-        command += ["--config", str(Path(path).resolve())]
-    for text in job.overrides:
-        command += ["--set", text]
-    for spec in job.detectors:
-        if spec.name == DETECTOR_DIR and spec.config is None:
-            command.append("--detector")
-        else:
-            command += ["--detector-variant",
-                        f"{spec.name}={Path(spec.config).resolve()}" if spec.config
-                        else spec.name]
-    return command
+    return category_command(SCRIPT, job, category)
 
 
 def parse_detector_variant(text: str) -> DetectorSpec:
