@@ -10,7 +10,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -22,11 +21,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
-from anoseg import paper_results as paper
 from anoseg.atomic import atomic_write_text, read_json, write_json
 from anoseg.config import AnoSegConfig, config_diff, load_config, runtime_keys
 from anoseg.errors import AnoSegError, ConfigError, DataError
-from anoseg.reporting import Table, build_tables, csv_text, fmt
+from anoseg.reporting import build_tables, csv_text, fmt
 from anoseg.run_dir import DETECTOR_DIR, DetectorDir, RunDir
 
 PathLike = Union[str, Path]

@@ -26,7 +26,8 @@ from anoseg.errors import CheckpointError, ConfigError
 from anoseg.models.detector import AnoSegDetector
 from anoseg.models.factory import build_detector, build_generator
 from anoseg.models.generator import GeneratorOutput
-from anoseg.run_dir import CHECKPOINT_FILE, DETECTOR_DIR, DataRecord, RunDir, TrainingSplit
+from anoseg.run_dir import (CHECKPOINT_FILE, DETECTOR_DIR, DataRecord, RunDir,
+                            TrainingSplit)
 from anoseg.runtime import autocast, resolve_device
 
 DETECTOR_KIND = "anoseg-detector"

@@ -69,7 +69,7 @@ def _percent(value: Optional[float]) -> str:
 def format_markdown_table(results: Sequence[Dict[str, Any]],
                           mean: Optional[Dict[str, Optional[float]]] = None) -> str:
     """A Markdown table like the paper's: a row per category (and ``mean``), metrics in %."""
-    columns = _metric_columns(results)
+    columns = metric_columns(results)
     headers = ["Category", *(title for _, title in columns), "Label-free thr."]
     lines = ["| " + " | ".join(headers) + " |",
              "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|"]
