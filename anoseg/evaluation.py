@@ -245,29 +245,6 @@ def mean_over_categories(results: Sequence[Dict[str, Any]]
     return mean, notes
 
 
-def mean_over_categories(results: Sequence[Dict[str, Any]]
-                         ) -> Tuple[Dict[str, Optional[float]], List[str]]:
-    """Mean of each metric in :data:`MEAN_KEYS` over categories, ignoring ``None``.
-
-    Returns:
-        ``(mean, notes)``; a note names the categories left out of a metric's mean.
-    """
-    mean: Dict[str, Optional[float]] = {}
-    notes: List[str] = []
-    keys = MEAN_KEYS + ((DETECTOR_KEY,) if any(DETECTOR_KEY in r for r in results) else ())
-    for key in keys:
-        values = [r.get(key) for r in results]
-        defined = [float(v) for v in values if v is not None]
-        mean[key] = float(np.mean(defined)) if defined else None
-        missing = [r["category"] for r, v in zip(results, values) if v is None]
-        if missing and defined:
-            notes.append(f"mean {key} over {len(defined)} of {len(results)} categories "
-                         f"(undefined for {', '.join(missing)})")
-        elif missing:
-            notes.append(f"mean {key} undefined: undefined for every category")
-    return mean, notes
-
-
 @dataclass
 class EvaluationReport:
     """What :func:`evaluate_run` computed and wrote.
