@@ -25,6 +25,7 @@ from anoseg.atomic import atomic_write_text, read_json, write_json
 from anoseg.config import AnoSegConfig, config_diff, load_config, runtime_keys
 from anoseg.errors import AnoSegError, ConfigError, DataError
 from anoseg.reporting import build_tables, csv_text, fmt
+from anoseg.results import CategoryResult
 from anoseg.run_dir import DETECTOR_DIR, DetectorDir, RunDir
 
 PathLike = Union[str, Path]
@@ -168,7 +169,7 @@ def train_segmenter(cfg: AnoSegConfig, run_dir: Path, *, progress: bool) -> str:
 
 
 def evaluate_segmenter(run_dir: Path, data_root: PathLike, *, device: Optional[str],
-                       progress: bool) -> Dict[str, Any]:
+                       progress: bool) -> CategoryResult:
     """``anoseg-eval --run RUN_DIR`` into ``RUN_DIR/eval``; returns the category's metrics."""
     from anoseg.evaluation import evaluate_run
 

@@ -34,6 +34,7 @@ from anoseg.inference import (LoadedDetector, LoadedModel, detector_scores, load
 from anoseg.metrics import SegmentationMetrics, image_auroc
 from anoseg.reporting import (DETECTOR_KEY, MEAN_KEYS, format_markdown_table,
                               write_iou_curve_csv, write_metrics_files)
+from anoseg.results import CategoryResult
 from anoseg.run_dir import RunDir, safe_name
 from anoseg.runtime import resolve_device
 from anoseg.threshold import (cached_label_free_threshold, compute_label_free_threshold,
@@ -88,7 +89,7 @@ def evaluate_category(model: LoadedModel, data_root: PathLike, category: str, *,
                       max_pictures: int = DEFAULT_MAX_PICTURES, num_workers: int = 0,
                       holdout_paths: Optional[Sequence[PathLike]] = None,
                       threshold_cache_for: Optional[PathLike] = None,
-                      detector: Optional[LoadedDetector] = None) -> Dict[str, Any]:
+                      detector: Optional[LoadedDetector] = None) -> CategoryResult:
     """Evaluate one model on the test set of one category.
 
     The label-free threshold is chosen first on the held-out normal images; then the test images
@@ -112,14 +113,10 @@ def evaluate_category(model: LoadedModel, data_root: PathLike, category: str, *,
             ``image_auroc_detector``, the image AUROC of its scores (eq. 5).
 
     Returns:
-        A dict with ``category``, ``pixel_auroc``, ``image_auroc``, ``iou_pooled_best`` (the
-        paper's Table 2 IoU), ``iou_mean_per_image_best``, ``aupro``, ``pixel_f1_max``, their
-        thresholds, ``label_free_threshold`` with ``label_free_iou`` / ``label_free_f1`` /
-        ``..._precision`` / ``..._recall`` / ``..._fpr`` / ``..._iou_mean_per_image`` there,
-        ``threshold_quantile``, ``n_holdout_images``, counts (``n_images``, ``n_defective``,
-        ``n_good``, ``n_pixels``, ``n_defect_pixels``, ``n_regions``), ``score_min``,
-        ``score_max``, ``warnings`` and ``iou_curve`` (numpy arrays ``thresholds``,
-        ``iou_pooled``, ``iou_mean_per_image``). Undefined metrics are ``None``.
+        A :class:`~anoseg.results.CategoryResult`: the label-based metrics (``pixel_auroc``,
+        ``image_auroc``, ``iou_pooled_best`` = the paper's Table 2 IoU, ...), the label-free
+        threshold and the metrics there, counts, ``warnings`` and ``iou_curve``. Undefined
+        metrics are ``None``.
 
     Raises:
         DataError: Missing or broken test data, or missing held-out images.
@@ -194,35 +191,18 @@ def evaluate_category(model: LoadedModel, data_root: PathLike, category: str, *,
             seen += len(maps)
             bar.update(len(maps))
 
-    result = metrics.compute(threshold=threshold)
-    at_threshold = result.pop("at_threshold", None) or {}
-    warnings.extend(result.pop("warnings"))
-    score_range = result.pop("score_range")
-    summary: Dict[str, Any] = {"category": category, "data_root": str(data_root),
-                               "image_size": image_size}
-    summary.update({k: v for k, v in result.items() if k != "iou_curve"})
-    summary.update({
-        "score_range": [float(score_range[0]), float(score_range[1])],
-        "n_good": result["n_images"] - result["n_defective"],
-        "label_free_threshold": threshold,
-        "threshold_quantile": quantile,
-        "n_holdout_images": len(holdout_paths),
-        "label_free_iou": at_threshold.get("iou_pooled"),
-        "label_free_iou_mean_per_image": at_threshold.get("iou_mean_per_image"),
-        "label_free_f1": at_threshold.get("f1"),
-        "label_free_precision": at_threshold.get("precision"),
-        "label_free_recall": at_threshold.get("recall"),
-        "label_free_fpr": at_threshold.get("fpr"),
-        "warnings": warnings,
-        "iou_curve": result["iou_curve"],
-    })
+    result = CategoryResult.from_metrics(
+        metrics.compute(threshold=threshold), category=category, data_root=data_root,
+        image_size=image_size, threshold=threshold, threshold_quantile=quantile,
+        n_holdout_images=len(holdout_paths), warnings=warnings)
     if detector is not None:
-        summary[DETECTOR_KEY] = image_auroc(np.concatenate(label_parts),
-                                             np.concatenate(detector_parts))
-    return summary
+        result.detector_scored = True
+        result.image_auroc_detector = image_auroc(np.concatenate(label_parts),
+                                                  np.concatenate(detector_parts))
+    return result
 
 
-def mean_over_categories(results: Sequence[Dict[str, Any]]
+def mean_over_categories(results: Sequence[CategoryResult]
                          ) -> Tuple[Dict[str, Optional[float]], List[str]]:
     """Mean of each metric in :data:`MEAN_KEYS` over categories, ignoring ``None``.
 
@@ -231,12 +211,12 @@ def mean_over_categories(results: Sequence[Dict[str, Any]]
     """
     mean: Dict[str, Optional[float]] = {}
     notes: List[str] = []
-    keys = MEAN_KEYS + ((DETECTOR_KEY,) if any(DETECTOR_KEY in r for r in results) else ())
+    keys = MEAN_KEYS + ((DETECTOR_KEY,) if any(r.detector_scored for r in results) else ())
     for key in keys:
-        values = [r.get(key) for r in results]
+        values = [getattr(r, key) for r in results]
         defined = [float(v) for v in values if v is not None]
         mean[key] = float(np.mean(defined)) if defined else None
-        missing = [r["category"] for r, v in zip(results, values) if v is None]
+        missing = [r.category for r, v in zip(results, values) if v is None]
         if missing and defined:
             notes.append(f"mean {key} over {len(defined)} of {len(results)} categories "
                          f"(undefined for {', '.join(missing)})")
@@ -251,7 +231,7 @@ class EvaluationReport:
 
     Attributes:
         output_dir: Where the files are.
-        results: Category -> :func:`evaluate_category` result.
+        results: Category -> its :class:`~anoseg.results.CategoryResult`.
         mean: Mean of each metric over categories (``None`` for a single category).
         mean_notes: Which categories a mean left out.
         table: The Markdown table.
@@ -260,7 +240,7 @@ class EvaluationReport:
     """
 
     output_dir: Path
-    results: Dict[str, Dict[str, Any]]
+    results: Dict[str, CategoryResult]
     mean: Optional[Dict[str, Optional[float]]]
     mean_notes: List[str]
     table: str
@@ -347,7 +327,7 @@ def evaluate_run(run_or_checkpoint: Union[PathLike, Sequence[PathLike]],
     output_dir = Path(output_dir)
     torch_device = resolve_device(device)
 
-    results: List[Dict[str, Any]] = []
+    results: List[CategoryResult] = []
     files: List[Path] = []
     messages: List[str] = []
     sources: Dict[str, str] = {}
@@ -380,21 +360,21 @@ def evaluate_run(run_or_checkpoint: Union[PathLike, Sequence[PathLike]],
             max_pictures=pictures, num_workers=num_workers, holdout_paths=holdout,
             threshold_cache_for=None if ensemble else checkpoint_path, detector=detector)
         if detector_warning is not None:
-            result["warnings"].append(detector_warning)
-        result["checkpoint"] = str(checkpoint_path)
+            result.warnings.append(detector_warning)
+        result.checkpoint = str(checkpoint_path)
         if ensemble:
-            result["ensemble"] = list(model.members)
-        result["checkpoint_step"] = model.step or 0
-        files.append(write_iou_curve_csv(category_dir / "iou_curve.csv", result["iou_curve"]))
+            result.ensemble = list(model.members)
+        result.checkpoint_step = model.step or 0
+        files.append(write_iou_curve_csv(category_dir / "iou_curve.csv", result.iou_curve))
         files.extend(p for p in (maps_dir, pictures_dir) if p is not None)
         if plot:
-            curve = result["iou_curve"]
+            curve = result.iou_curve
             plot_path = save_iou_curve_plot(
                 category_dir / "iou_curve.png", curve["thresholds"],
                 {"pooled IoU": curve["iou_pooled"], "mean per-image IoU":
                  curve["iou_mean_per_image"]},
                 title=f"{category}: IoU vs threshold",
-                marked_threshold=result["label_free_threshold"])
+                marked_threshold=result.label_free_threshold)
             if plot_path is None:
                 if PLOT_SKIPPED_MESSAGE not in messages:
                     messages.append(PLOT_SKIPPED_MESSAGE)
@@ -408,7 +388,7 @@ def evaluate_run(run_or_checkpoint: Union[PathLike, Sequence[PathLike]],
 
     files[:0] = write_metrics_files(output_dir, results, mean, notes,
                                     extra={"anoseg_version": __version__})
-    return EvaluationReport(output_dir, {r["category"]: r for r in results}, mean, notes,
+    return EvaluationReport(output_dir, {r.category: r for r in results}, mean, notes,
                             format_markdown_table(results, mean), files, messages)
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from anoseg import paper_results as paper
 from anoseg.atomic import atomic_write_text, write_json
 from anoseg.config import MVTEC_CATEGORIES
+from anoseg.results import CategoryResult
 from anoseg.run_dir import METRICS_STEM
 
 PathLike = Union[str, Path]
@@ -55,9 +56,10 @@ DETECTOR_COLUMN = (DETECTOR_KEY, "Image AUROC (detector)")
 """Image AUROC of the downstream detector's score (paper eq. 5); in the tables only when a run
 has a detector (``RUN_DIR/detector/last.pt``)."""
 
-def metric_columns(results: Sequence[Dict[str, Any]]) -> List[Tuple[str, str]]:
+def metric_columns(results: Sequence[CategoryResult]) -> List[Tuple[str, str]]:
+    """:data:`METRIC_COLUMNS`, with the detector's column where a result has its value."""
     columns = list(METRIC_COLUMNS)
-    if any(r.get(DETECTOR_KEY) is not None for r in results):
+    if any(r.image_auroc_detector is not None for r in results):
         columns.insert(2, DETECTOR_COLUMN)
     return columns
 
@@ -66,7 +68,7 @@ def _percent(value: Optional[float]) -> str:
     return "—" if value is None else f"{100.0 * value:.1f}"
 
 
-def format_markdown_table(results: Sequence[Dict[str, Any]],
+def format_markdown_table(results: Sequence[CategoryResult],
                           mean: Optional[Dict[str, Optional[float]]] = None) -> str:
     """A Markdown table like the paper's: a row per category (and ``mean``), metrics in %."""
     columns = metric_columns(results)
@@ -74,8 +76,8 @@ def format_markdown_table(results: Sequence[Dict[str, Any]],
     lines = ["| " + " | ".join(headers) + " |",
              "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|"]
     for result in results:
-        threshold = result.get("label_free_threshold")
-        cells = [result["category"], *(_percent(result.get(k)) for k, _ in columns),
+        threshold = result.label_free_threshold
+        cells = [result.category, *(_percent(getattr(result, k)) for k, _ in columns),
                  "—" if threshold is None else f"{threshold:.4f}"]
         lines.append("| " + " | ".join(cells) + " |")
     if mean is not None:
@@ -104,13 +106,12 @@ def write_iou_curve_csv(path: PathLike, iou_curve: Dict[str, np.ndarray]) -> Pat
     return Path(path)
 
 
-def write_metrics_files(output_dir: PathLike, results: Sequence[Dict[str, Any]],
+def write_metrics_files(output_dir: PathLike, results: Sequence[CategoryResult],
                         mean: Optional[Dict[str, Optional[float]]], notes: Sequence[str],
                         extra: Optional[Dict[str, Any]] = None) -> List[Path]:
     """Write ``metrics.json``, ``metrics.csv`` and ``metrics.md``; returns their paths."""
     output_dir = Path(output_dir)
-    per_category = {r["category"]: {k: v for k, v in r.items() if k != "iou_curve"}
-                    for r in results}
+    per_category = {r.category: r.to_dict() for r in results}
     document = {**(extra or {}), "categories": per_category, "mean": mean,
                 "mean_notes": list(notes)}
     json_path, csv_path, md_path = (output_dir / f"{METRICS_STEM}.{ext}"
@@ -119,25 +120,25 @@ def write_metrics_files(output_dir: PathLike, results: Sequence[Dict[str, Any]],
 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    csv_keys = CSV_KEYS + ((DETECTOR_KEY,) if any(DETECTOR_KEY in r for r in results) else ())
+    csv_keys = CSV_KEYS + ((DETECTOR_KEY,) if any(r.detector_scored for r in results) else ())
     writer.writerow(["category", *csv_keys])
     for result in results:
-        writer.writerow([result["category"], *(_csv_value(result.get(k)) for k in csv_keys)])
+        writer.writerow([result.category, *(_csv_value(getattr(result, k)) for k in csv_keys)])
     if mean is not None:
         writer.writerow(["mean", *(_csv_value(mean.get(k)) for k in csv_keys)])
     atomic_write_text(csv_path, buffer.getvalue())
 
-    quantile = results[0].get("threshold_quantile") if results else None
+    quantile = results[0].threshold_quantile if results else None
     text = format_markdown_table(results, mean)
     text += ("\nValues in %. IoU = pooled IoU at the best threshold (the paper's Table 2); IoU per "
              "image = mean per-image IoU at the best common threshold; AUPRO up to FPR "
-             f"{results[0].get('fpr_limit', 0.3) if results else 0.3}; \"@ label-free\" = at the "
+             f"{results[0].fpr_limit if results else 0.3}; \"@ label-free\" = at the "
              f"{quantile} quantile of held-out normal pixel scores. — = undefined.\n")
     for note in notes:
         text += f"\n- {note}"
     for result in results:
-        for warning in result.get("warnings", []):
-            text += f"\n- {result['category']}: {warning}"
+        for warning in result.warnings:
+            text += f"\n- {result.category}: {warning}"
     atomic_write_text(md_path, text.rstrip("\n") + "\n")
     return [json_path, csv_path, md_path]
 
@@ -313,3 +314,4 @@ def build_tables(categories: Sequence[str], results: Dict[str, Dict[str, Any]]) 
     table3 = Table("AUPRO and F1-max", ["Category", "AUPRO", "F1-max"], md_rows,
                    ["category", "aupro", "pixel_f1_max"], csv_rows, notes)
     return [table1, table2, table3]
+
