@@ -24,7 +24,7 @@ import yaml
 from anoseg.atomic import atomic_write_text, read_json, write_json
 from anoseg.config import AnoSegConfig, config_diff, load_config, runtime_keys
 from anoseg.errors import AnoSegError, ConfigError, DataError
-from anoseg.reporting import build_tables, csv_text, fmt
+from anoseg.reporting import ablation_markdown, build_tables, csv_text, fmt, table3, table5
 from anoseg.results import CategoryResult
 from anoseg.run_dir import DETECTOR_DIR, DetectorDir, RunDir
 
@@ -460,6 +460,48 @@ def write_tables(output_dir: Path, categories: Sequence[str],
 
 
 # ------------------------------------------------------------------------------ command line
+
+
+ABLATION_MARKDOWN = "ablations.md"
+TABLE3_CSV = "table3_ablation.csv"
+TABLE5_CSV = "table5_ablation.csv"
+"""Files of :func:`write_ablation_tables`."""
+
+
+def write_ablation_tables(output_dir: Path, categories: Sequence[str],
+                          segmenters: Dict[str, str],
+                          detectors: Sequence[Tuple[DetectorSpec, str]] = ()
+                          ) -> Tuple[str, List[Path]]:
+    """Write ``ablations.md`` and the CSV files of Table 3 and (with ``detectors``) Table 5.
+
+    Args:
+        output_dir: Holds a folder per configuration, ``<configuration>/<category>``.
+        categories: The rows.
+        segmenters: Configuration name -> Table 3 column header; the last is the full
+            segmenter, on which the ``detectors`` were trained.
+        detectors: (detector variant, Table 5 column header) pairs.
+
+    Returns:
+        ``(markdown text, paths written)``.
+    """
+    full = list(segmenters)[-1]
+    tables = [(table3(categories, {name: {c: category_metrics(output_dir / name / c) or {}
+                                          for c in categories} for name in segmenters},
+                      segmenters), TABLE3_CSV)]
+    if detectors:
+        values = {spec.name: {c: (detector_auroc_record(output_dir / full / c, spec)
+                                  or {}).get("image_auroc") for c in categories}
+                  for spec, _ in detectors}
+        tables.append((table5(categories, values, {spec.name: title for spec, title in detectors},
+                              full), TABLE5_CSV))
+    markdown = ablation_markdown(output_dir, categories, [table for table, _ in tables])
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = [output_dir / ABLATION_MARKDOWN]
+    atomic_write_text(paths[0], markdown)
+    for table, name in tables:
+        paths.append(output_dir / name)
+        atomic_write_text(paths[-1], csv_text(table.csv_headers, table.csv_rows))
+    return markdown, paths
 
 
 def check_categories(data_root: Path, categories: Sequence[str]) -> None:

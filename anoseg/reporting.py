@@ -16,7 +16,7 @@ import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -315,3 +315,171 @@ def build_tables(categories: Sequence[str], results: Dict[str, Dict[str, Any]]) 
                    ["category", "aupro", "pixel_f1_max"], csv_rows, notes)
     return [table1, table2, table3]
 
+
+# ------------------------------------------------------------------------ ablation tables
+
+def _pair(auroc: Optional[float], iou: Optional[float]) -> str:
+    return f"{fmt(auroc)} / {fmt(iou)}"
+
+
+def _ablation_missing_notes(values: Dict[str, Dict[str, Mapping[str, Any]]],
+                            key: str) -> List[str]:
+    missing = [f"{name}/{category}" for name, by_category in values.items()
+               for category, result in by_category.items() if result.get(key) is None]
+    if not missing:
+        return []
+    return [f"Not done or undefined ({MISSING}): {', '.join(missing)}; means average the "
+            "categories that have a value."]
+
+
+def table3(categories: Sequence[str], values: Dict[str, Dict[str, Mapping[str, Any]]],
+           titles: Dict[str, str]) -> Table:
+    """Table 3: a column per configuration, cells ``pixel AUROC / IoU``, mean and paper rows.
+
+    Args:
+        categories: The rows.
+        values: Configuration name -> category -> its metrics (empty where not evaluated).
+        titles: Configuration name -> column header, in the paper's column order.
+    """
+    md_rows: List[List[str]] = []
+    csv_rows: List[List[Any]] = []
+    for category in categories:
+        md, raw = [category], [category]
+        for name in titles:
+            result = values[name][category]
+            auroc, iou = result.get("pixel_auroc"), result.get("iou_pooled_best")
+            md.append(_pair(auroc, iou))
+            raw += [auroc, iou]
+        md_rows.append(md)
+        csv_rows.append(raw)
+    md, raw = ["**Mean**"], ["mean"]
+    paper_md, paper_raw = ["Paper (mean)"], ["paper_mean"]
+    for name in titles:
+        auroc = mean_of(values[name][c].get("pixel_auroc") for c in categories)
+        iou = mean_of(values[name][c].get("iou_pooled_best") for c in categories)
+        md.append(_pair(auroc, iou))
+        raw += [auroc, iou]
+        paper_auroc, paper_iou = paper.TABLE3_MEANS[name]
+        paper_md.append(_pair(paper_auroc, paper_iou))
+        paper_raw += [paper_auroc, paper_iou]
+    md_rows += [md, paper_md]
+    csv_rows += [raw, paper_raw]
+    notes = _ablation_missing_notes({name: values[name] for name in titles}, "pixel_auroc")
+    notes.append("Cells: pixel AUROC / IoU (all test pixels pooled, best threshold). The paper "
+                 "row is its Table 3 mean over the 15 MVTec AD categories.")
+    csv_headers = ["category"] + [f"{name}_{m}" for name in titles for m in ("pixel_auroc", "iou")]
+    return Table("Table 3: segmentation ablation (pixel AUROC / IoU)",
+                 ["Category", *titles.values()], md_rows, csv_headers, csv_rows, notes)
+
+
+def table5(categories: Sequence[str], values: Dict[str, Dict[str, Optional[float]]],
+           titles: Dict[str, str], segmenter: str) -> Table:
+    """Table 5: a column per detector configuration, cells image AUROC, mean and paper rows.
+
+    Args:
+        categories: The rows.
+        values: Detector name -> category -> its image AUROC (``None`` where not scored).
+        titles: Detector name -> column header, in the paper's column order.
+        segmenter: The configuration the detectors were trained on (named in a note).
+    """
+    md_rows: List[List[str]] = []
+    csv_rows: List[List[Any]] = []
+    for category in categories:
+        cells = [values[name][category] for name in titles]
+        md_rows.append([category, *(fmt(v) for v in cells)])
+        csv_rows.append([category, *cells])
+    means = [mean_of(values[name][c] for c in categories) for name in titles]
+    papers = [paper.TABLE5_MEANS[name] for name in titles]
+    md_rows += [["**Mean**", *(fmt(v) for v in means)],
+                ["Paper (mean)", *(fmt(v) for v in papers)]]
+    csv_rows += [["mean", *means], ["paper_mean", *papers]]
+    notes = _ablation_missing_notes(
+        {name: {c: {"image_auroc": v} for c, v in by_category.items()}
+         for name, by_category in values.items()}, "image_auroc")
+    notes.append(f"Image AUROC of each detector's score (eq. 5), all trained on the full "
+                 f"segmenter ({segmenter}). The paper row is its Table 5 mean over "
+                 "the 15 MVTec AD categories.")
+    return Table("Table 5: detection ablation (image AUROC)", ["Category", *titles.values()],
+                 md_rows, ["category", *titles], csv_rows, notes)
+
+
+def ablation_markdown(output_dir: PathLike, categories: Sequence[str],
+                      tables: Sequence[Table]) -> str:
+    """``ablations.md``: a title line and the tables."""
+    return (f"# AnoSeg ablations on {len(categories)} categories\n\nRuns in "
+            f"`{output_dir}/<configuration>/<category>`; values are fractions.\n\n"
+            + "\n".join(table.markdown() for table in tables))
+
+
+# ------------------------------------------------------------------ real-data benchmark table
+
+BENCHMARK_COLUMNS: Tuple[Tuple[str, str], ...] = (
+    ("pixel_auroc", "pixel AUROC"), ("image_auroc", "image AUROC"), ("aupro", "AUPRO@0.3"),
+    ("iou_pooled_best", "best IoU"), ("pixel_f1_max", "F1-max"))
+"""(key, header) of the metrics in ``scripts/real_data_benchmark.py``'s table."""
+
+BENCHMARK_GOAL_METRICS = ("pixel_auroc", "aupro", "iou_pooled_best")
+"""The metrics whose margin over the better peer the benchmark table gives."""
+
+
+def _benchmark_cells(values: Mapping[str, Any]) -> str:
+    return " | ".join(fmt(values.get(k)) for k, _ in BENCHMARK_COLUMNS)
+
+
+def _benchmark_rows(category: str, seeds: Sequence[int], runs: Sequence[Mapping[str, Any]],
+                    ensemble: Optional[Mapping[str, Any]],
+                    peers: Dict[str, Dict[str, Dict[str, float]]]) -> List[str]:
+    """The rows of one data set: a row per seed, their mean, the ensemble, the peers, and the
+    margin of the mean (or the ensemble) over the better peer."""
+    lines = [f"| {category} | anoseg seed {seed} | " + _benchmark_cells(r)
+             + f" | {r['steps']} | {r['train_seconds']:.0f} |" for seed, r in zip(seeds, runs)]
+    mean = {k: (sum(r[k] for r in runs) / len(runs)
+                if all(r.get(k) is not None for r in runs) else None)
+            for k, _ in BENCHMARK_COLUMNS}
+    bold = "" if ensemble is not None else "**"
+    if len(runs) > 1:
+        lines.append(f"| {category} | {bold}anoseg mean of {len(runs)}{bold} | "
+                     + _benchmark_cells(mean) + " | | |")
+    headline = mean  # what the margin row measures: the mean, or the ensemble
+    if ensemble is not None:
+        lines.append(f"| {category} | **anoseg ensemble of {len(runs)}** | "
+                     + _benchmark_cells(ensemble)
+                     + f" | {ensemble['steps']} | {ensemble['train_seconds']:.0f} |")
+        headline = {k: ensemble.get(k) for k, _ in BENCHMARK_COLUMNS}
+    found = [numbers[category] for numbers in peers.values() if category in numbers]
+    lines += [f"| {category} | {peer} | " + _benchmark_cells(numbers[category]) + " | | |"
+              for peer, numbers in peers.items() if category in numbers]
+    if found:
+        margins = [f"{headline[k] - max(p[k] for p in found):+.3f}"
+                   if k in BENCHMARK_GOAL_METRICS and headline[k] is not None else ""
+                   for k, _ in BENCHMARK_COLUMNS]
+        which = (" ensemble" if ensemble is not None else " mean" if len(runs) > 1 else "")
+        lines.append(f"| {category} | margin of anoseg{which} "
+                     "over the better peer | " + " | ".join(margins) + " | | |")
+    return lines
+
+
+def benchmark_table(ours: Dict[str, Sequence[Mapping[str, Any]]],
+                    ensembles: Dict[str, Mapping[str, Any]],
+                    peers: Dict[str, Dict[str, Dict[str, float]]], *, seeds: Sequence[int],
+                    budget: float, member_budget: float, config: str,
+                    overrides: Sequence[str]) -> str:
+    """``scripts/real_data_benchmark.py``'s Markdown table, next to the peers' numbers.
+
+    Args:
+        ours: Data set -> a result per seed (metrics plus ``steps`` and ``train_seconds``).
+        ensembles: Data set -> the ensemble of its seeds' result (empty: no ensemble).
+        peers: Method -> data set -> metrics.
+        seeds, budget, member_budget, config, overrides: For the title line.
+    """
+    lines = [f"Training budget {budget:.0f} s per set, config `{config}`"
+             + (f", overrides {list(overrides)}" if overrides else "")
+             + f", seeds {list(seeds)}"
+             + (f" as one ensemble ({member_budget:.0f} s each)" if ensembles else "")
+             + ".", "",
+             "| set | method | " + " | ".join(n for _, n in BENCHMARK_COLUMNS)
+             + " | steps | train s |",
+             "|---|---|" + "---|" * (len(BENCHMARK_COLUMNS) + 2)]
+    for category, runs in ours.items():
+        lines += _benchmark_rows(category, seeds, runs, ensembles.get(category), peers)
+    return "\n".join(lines) + "\n"
