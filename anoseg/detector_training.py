@@ -127,11 +127,32 @@ def _check_finite(losses: Dict[str, torch.Tensor], step: int) -> Dict[str, float
 # --------------------------------------------------------------------------- one step
 
 
+def _cls_loss(detector: nn.Module, anoseg_generator: nn.Module,
+              batch: Dict[str, torch.Tensor], real_logits: torch.Tensor, cfg: DetectorConfig, *,
+              device: torch.device, amp_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """L_cls of :func:`detector_train_step`: the discriminator tells the real pair from a
+    synthetic anomaly paired with its map (the mask, or AnoSeg's map with ``cls_map=anoseg``)."""
+    if "anomaly_image" not in batch:
+        raise ValueError("detector.use_cls_loss needs batch['anomaly_image'] and "
+                         "batch['anomaly_normality'] (see DetectorTrainingDataset)")
+    anomalies = batch["anomaly_image"].to(device, non_blocking=True)
+    if cfg.cls_map == "anoseg" and cfg.use_anomaly_map:
+        anomaly_normality = anoseg_normality(anoseg_generator, anomalies, amp_dtype=amp_dtype)
+    else:
+        anomaly_normality = batch["anomaly_normality"].to(device, non_blocking=True)
+    with autocast(device, amp_dtype):
+        anomaly_logits, _ = detector.discriminator(detector.pair(anomalies, anomaly_normality))
+    return classification_loss(real_logits.float(), anomaly_logits.float())
+
+
 def detector_train_step(state: DetectorState, anoseg_generator: nn.Module,
                         batch: Dict[str, torch.Tensor], cfg: DetectorConfig, *,
                         device: torch.device, amp_dtype: Optional[torch.dtype] = None
                         ) -> Dict[str, float]:
     """One optimisation step of the detector's discriminator, then its generator.
+
+    Long: it reads top to bottom in the order of eq. 6 (discriminator step on the detached
+    pair, then the generator's adversarial, reconstruction and feature-matching losses).
 
     Args:
         state: detector networks and optimisers (updated in place).
@@ -174,18 +195,8 @@ def detector_train_step(state: DetectorState, anoseg_generator: nn.Module,
     loss_adv_d = discriminator_loss(real_logits.float(), fake_logits.float())
     loss_d = loss_adv_d
     if cfg.use_cls_loss:
-        if "anomaly_image" not in batch:
-            raise ValueError("detector.use_cls_loss needs batch['anomaly_image'] and "
-                             "batch['anomaly_normality'] (see DetectorTrainingDataset)")
-        anomalies = batch["anomaly_image"].to(device, non_blocking=True)
-        if cfg.cls_map == "anoseg" and cfg.use_anomaly_map:
-            anomaly_normality = anoseg_normality(anoseg_generator, anomalies,
-                                                 amp_dtype=amp_dtype)
-        else:
-            anomaly_normality = batch["anomaly_normality"].to(device, non_blocking=True)
-        with autocast(device, amp_dtype):
-            anomaly_logits, _ = discriminator(detector.pair(anomalies, anomaly_normality))
-        losses["cls"] = classification_loss(real_logits.float(), anomaly_logits.float())
+        losses["cls"] = _cls_loss(detector, anoseg_generator, batch, real_logits, cfg,
+                                  device=device, amp_dtype=amp_dtype)
         loss_d = loss_d + cfg.weight_cls * losses["cls"]
     _check_finite({"disc": loss_adv_d, **losses, "disc_total": loss_d}, state.step)
     state.opt_d.zero_grad(set_to_none=True)
@@ -265,6 +276,21 @@ def frozen_segmenter(seg_ckpt: Dict[str, Any], device: torch.device) -> nn.Modul
     return freeze(anoseg_generator.to(device))
 
 
+def _checkpoint_to_resume(folder: DetectorDir, run: RunDir, anoseg_step: int
+                          ) -> Dict[str, Any]:
+    """The detector checkpoint to resume, checked to be trained on the segmenter's current
+    step."""
+    if not folder.has_checkpoint():
+        raise CheckpointError(f"cannot resume: {folder.checkpoint} does not exist")
+    det_ckpt = load_detector_checkpoint(folder.checkpoint)
+    if int(det_ckpt["anoseg_step"]) != anoseg_step:
+        raise CheckpointError(
+            f"{folder.checkpoint} was trained on the segmenter at step "
+            f"{det_ckpt['anoseg_step']}, but {run.checkpoint} is now at step "
+            f"{anoseg_step}; train a new detector")
+    return det_ckpt
+
+
 def train_detector(run_dir: Union[str, Path], overrides: Sequence[str] = (), *,
                    config_path: Optional[Union[str, Path]] = None,
                    output_dir: Optional[Union[str, Path]] = None, resume: bool = False,
@@ -303,14 +329,7 @@ def train_detector(run_dir: Union[str, Path], overrides: Sequence[str] = (), *,
     anoseg_step = int(seg_ckpt["step"])
     det_ckpt: Optional[Dict[str, Any]] = None
     if resume:
-        if not folder.has_checkpoint():
-            raise CheckpointError(f"cannot resume: {folder.checkpoint} does not exist")
-        det_ckpt = load_detector_checkpoint(folder.checkpoint)
-        if int(det_ckpt["anoseg_step"]) != anoseg_step:
-            raise CheckpointError(
-                f"{folder.checkpoint} was trained on the segmenter at step "
-                f"{det_ckpt['anoseg_step']}, but {run.checkpoint} is now at step "
-                f"{anoseg_step}; train a new detector")
+        det_ckpt = _checkpoint_to_resume(folder, run, anoseg_step)
         cfg = resumed_config(det_ckpt["config"], cfg, "detector")
     else:
         refuse_overwrite(folder, "a detector")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 import torch
@@ -82,6 +82,59 @@ def _choose_picture_indices(defect_types: Sequence[str], max_pictures: int) -> L
     return sorted(chosen)
 
 
+def _threshold_for(model: LoadedModel, holdout_paths: Sequence[Path],
+                   cache_for: Optional[PathLike], warnings: List[str], *, batch_size: int,
+                   progress: bool) -> Optional[float]:
+    """The label-free threshold on ``holdout_paths`` (cached in ``cache_for``'s checkpoint
+    folder if given), or ``None`` with a warning appended when there are no held-out images."""
+    quantile = model.config.eval.threshold_quantile
+    if holdout_paths:
+        if cache_for is not None:
+            threshold, _ = cached_label_free_threshold(
+                model, cache_for, holdout_paths, quantile=quantile, batch_size=batch_size,
+                progress=progress)
+            return threshold
+        return compute_label_free_threshold(model, holdout_paths, quantile=quantile,
+                                            batch_size=batch_size, progress=progress)
+    if model.is_ensemble:
+        warnings.append("the ensemble's members share no held-out image that none of them "
+                        "trained on (train them with the same data.split_seed): label-free "
+                        "columns skipped")
+    else:
+        warnings.append("the run has no held-out normal images (data.holdout_fraction = 0): "
+                        "label-free threshold metrics skipped")
+    return None
+
+
+class _PictureWriter:
+    """Writes a test batch's maps (16-bit PNGs under ``maps_dir``, if given) and the triptychs
+    and overlays of the test images at ``picture_indices`` (under ``pictures_dir``)."""
+
+    def __init__(self, maps_dir: Optional[PathLike], pictures_dir: Optional[PathLike],
+                 picture_indices: Set[int]) -> None:
+        self.maps_dir = Path(maps_dir) if maps_dir is not None else None
+        self.pictures_dir = Path(pictures_dir) if pictures_dir is not None else None
+        self.picture_indices = picture_indices
+        self.seen = 0
+        if self.maps_dir is not None:
+            self.maps_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.maps_dir / "README.txt", MAPS_README)
+
+    def write(self, batch: Dict[str, Any], maps: torch.Tensor) -> None:
+        masks = batch["mask"][:, 0]
+        for offset, (path_text, defect) in enumerate(zip(batch["path"], batch["defect_type"])):
+            stem = safe_name(Path(path_text).stem)
+            if self.maps_dir is not None:
+                save_map_png(self.maps_dir / safe_name(defect) / f"{stem}.png", maps[offset])
+            if self.seen + offset in self.picture_indices:
+                name = f"{safe_name(defect)}_{stem}"
+                save_png(self.pictures_dir / f"{name}_triptych.png",
+                         triptych(batch["image"][offset], maps[offset], masks[offset]))
+                save_png(self.pictures_dir / f"{name}_overlay.png",
+                         enlarged_overlay(batch["image"][offset], maps[offset]))
+        self.seen += len(maps)
+
+
 def evaluate_category(model: LoadedModel, data_root: PathLike, category: str, *,
                       batch_size: int, progress: bool = True,
                       save_maps_dir: Optional[PathLike] = None,
@@ -134,23 +187,8 @@ def evaluate_category(model: LoadedModel, data_root: PathLike, category: str, *,
         holdout_paths = holdout_image_paths(model, data_root)
     holdout_paths = [Path(p) for p in holdout_paths]
     quantile = cfg.eval.threshold_quantile
-    threshold: Optional[float] = None
-    if holdout_paths:
-        if threshold_cache_for is not None:
-            threshold, _ = cached_label_free_threshold(
-                model, threshold_cache_for, holdout_paths, quantile=quantile,
-                batch_size=batch_size, progress=progress)
-        else:
-            threshold = compute_label_free_threshold(model, holdout_paths, quantile=quantile,
-                                                     batch_size=batch_size, progress=progress)
-    elif model.is_ensemble:
-        warnings.append("the ensemble's members share no held-out image that none of them "
-                        "trained on (train them with the same data.split_seed): label-free "
-                        "columns skipped")
-    else:
-        warnings.append("the run has no held-out normal images (data.holdout_fraction = 0): "
-                        "label-free threshold metrics skipped")
-
+    threshold = _threshold_for(model, holdout_paths, threshold_cache_for, warnings,
+                               batch_size=batch_size, progress=progress)
     metrics = SegmentationMetrics(num_thresholds=cfg.eval.num_thresholds,
                                   fpr_limit=cfg.eval.fpr_limit,
                                   fixed_thresholds=[threshold] if threshold is not None else ())
@@ -158,37 +196,21 @@ def evaluate_category(model: LoadedModel, data_root: PathLike, category: str, *,
     if pictures_dir is not None and max_pictures > 0:
         picture_indices = set(_choose_picture_indices(
             [s.defect_type for s in dataset.samples], max_pictures))
-    maps_dir = Path(save_maps_dir) if save_maps_dir is not None else None
-    if maps_dir is not None:
-        maps_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(maps_dir / "README.txt", MAPS_README)
+    writer = _PictureWriter(save_maps_dir, pictures_dir, picture_indices)
 
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    seen = 0
     detector_parts: List[np.ndarray] = []
     label_parts: List[np.ndarray] = []
     with tqdm(total=len(dataset), desc=f"eval {category}", unit="img", disable=not progress,
               dynamic_ncols=True) as bar:
         for batch in loader:
             maps = predict_anomaly_maps(model.generator, batch["image"], batch_size=batch_size)
-            masks = batch["mask"][:, 0]
-            metrics.update(maps, masks, labels=batch["label"])
+            metrics.update(maps, batch["mask"][:, 0], labels=batch["label"])
             if detector is not None:
                 detector_parts.append(detector_scores(detector, model.generator, batch["image"],
                                                       batch_size=batch_size).numpy())
                 label_parts.append(np.asarray(batch["label"]).astype(bool))
-            for offset, (path_text, defect) in enumerate(zip(batch["path"],
-                                                             batch["defect_type"])):
-                stem = safe_name(Path(path_text).stem)
-                if maps_dir is not None:
-                    save_map_png(maps_dir / safe_name(defect) / f"{stem}.png", maps[offset])
-                if seen + offset in picture_indices:
-                    name = f"{safe_name(defect)}_{stem}"
-                    save_png(Path(pictures_dir) / f"{name}_triptych.png",
-                             triptych(batch["image"][offset], maps[offset], masks[offset]))
-                    save_png(Path(pictures_dir) / f"{name}_overlay.png",
-                             enlarged_overlay(batch["image"][offset], maps[offset]))
-            seen += len(maps)
+            writer.write(batch, maps)
             bar.update(len(maps))
 
     result = CategoryResult.from_metrics(
@@ -301,6 +323,53 @@ def evaluate_run(run_or_checkpoint: Union[PathLike, Sequence[PathLike]],
     Raises:
         AnoSegError: Bad paths, missing data, several runs of one category, ...
     """
+    jobs, output_dir = _plan_jobs(run_or_checkpoint, categories, output_dir, ensemble)
+    torch_device = resolve_device(device)
+    results: List[CategoryResult] = []
+    files: List[Path] = []
+    messages: List[str] = []
+    sources: Dict[str, str] = {}
+    for checkpoint_path, category in jobs:
+        if ensemble:
+            model = load_ensemble(checkpoint_path, torch_device, weights=weights)
+            checkpoint_path = checkpoint_path[0]  # counters, split and detector: the first's
+        else:
+            model = load_model(checkpoint_path, torch_device, weights=weights)
+        category = category or model.config.data.category
+        if category in sources:
+            raise ConfigError(f"runs {sources[category]} and {checkpoint_path} both evaluate "
+                              f"category {category!r}; evaluate them into separate output "
+                              "folders")
+        sources[category] = str(checkpoint_path)
+        category_dir = output_dir / safe_name(category)
+        maps_dir = category_dir / "maps" if save_maps else None
+        pictures_dir = category_dir / "pictures" if pictures > 0 else None
+        result = _evaluate_checkpoint(
+            model, checkpoint_path, category, data_root, torch_device, ensemble=ensemble,
+            batch_size=batch_size, progress=progress, save_maps_dir=maps_dir,
+            pictures_dir=pictures_dir, max_pictures=pictures, num_workers=num_workers)
+        files.append(write_iou_curve_csv(category_dir / "iou_curve.csv", result.iou_curve))
+        files.extend(p for p in (maps_dir, pictures_dir) if p is not None)
+        if plot:
+            _plot_iou_curve(result, category_dir / "iou_curve.png", files, messages)
+        results.append(result)
+        del model
+
+    mean, notes = mean_over_categories(results) if len(results) > 1 else (None, [])
+    from anoseg._version import __version__
+
+    files[:0] = write_metrics_files(output_dir, results, mean, notes,
+                                    extra={"anoseg_version": __version__})
+    return EvaluationReport(output_dir, {r.category: r for r in results}, mean, notes,
+                            format_markdown_table(results, mean), files, messages)
+
+
+def _plan_jobs(run_or_checkpoint: Union[PathLike, Sequence[PathLike]],
+               categories: Union[None, str, Sequence[Optional[str]]],
+               output_dir: Optional[PathLike], ensemble: bool
+               ) -> Tuple[List[Tuple[Any, Optional[str]]], Path]:
+    """:func:`evaluate_run`'s arguments checked: ``(checkpoint or list of member checkpoints,
+    category or None)`` per row of the table, and the output folder."""
     runs = _as_list(run_or_checkpoint)
     if not runs:
         raise ConfigError("no run folder or checkpoint given")
@@ -324,71 +393,48 @@ def evaluate_run(run_or_checkpoint: Union[PathLike, Sequence[PathLike]],
             raise ConfigError("several runs: pass an output folder (--output-dir) for the "
                               "combined table")
         output_dir = default_output_dir(checkpoint_paths[0])
-    output_dir = Path(output_dir)
-    torch_device = resolve_device(device)
-
-    results: List[CategoryResult] = []
-    files: List[Path] = []
-    messages: List[str] = []
-    sources: Dict[str, str] = {}
     jobs = ([(checkpoint_paths, wanted[0])] if ensemble
             else list(zip(checkpoint_paths, wanted)))
-    for checkpoint_path, category in jobs:
-        if ensemble:
-            model = load_ensemble(checkpoint_path, torch_device, weights=weights)
-            checkpoint_path = checkpoint_path[0]  # counters, split and detector: the first's
-        else:
-            model = load_model(checkpoint_path, torch_device, weights=weights)
-        category = category or model.config.data.category
-        if category in sources:
-            raise ConfigError(f"runs {sources[category]} and {checkpoint_path} both evaluate "
-                              f"category {category!r}; evaluate them into separate output "
-                              "folders")
-        sources[category] = str(checkpoint_path)
-        run = RunDir.of_checkpoint(checkpoint_path)
-        run_dir = run.path if run is not None else None
-        root = resolve_eval_data_root(model, data_root, run_dir)
-        holdout = holdout_image_paths(model, root, None if ensemble else run_dir)
-        category_dir = output_dir / safe_name(category)
-        maps_dir = category_dir / "maps" if save_maps else None
-        pictures_dir = category_dir / "pictures" if pictures > 0 else None
-        detector, detector_warning = (None, None) if ensemble else run_detector(
-            checkpoint_path, model, torch_device)
-        result = evaluate_category(
-            model, root, category, batch_size=batch_size or model.config.eval.batch_size,
-            progress=progress, save_maps_dir=maps_dir, pictures_dir=pictures_dir,
-            max_pictures=pictures, num_workers=num_workers, holdout_paths=holdout,
-            threshold_cache_for=None if ensemble else checkpoint_path, detector=detector)
-        if detector_warning is not None:
-            result.warnings.append(detector_warning)
-        result.checkpoint = str(checkpoint_path)
-        if ensemble:
-            result.ensemble = list(model.members)
-        result.checkpoint_step = model.step or 0
-        files.append(write_iou_curve_csv(category_dir / "iou_curve.csv", result.iou_curve))
-        files.extend(p for p in (maps_dir, pictures_dir) if p is not None)
-        if plot:
-            curve = result.iou_curve
-            plot_path = save_iou_curve_plot(
-                category_dir / "iou_curve.png", curve["thresholds"],
-                {"pooled IoU": curve["iou_pooled"], "mean per-image IoU":
-                 curve["iou_mean_per_image"]},
-                title=f"{category}: IoU vs threshold",
-                marked_threshold=result.label_free_threshold)
-            if plot_path is None:
-                if PLOT_SKIPPED_MESSAGE not in messages:
-                    messages.append(PLOT_SKIPPED_MESSAGE)
-            else:
-                files.append(plot_path)
-        results.append(result)
-        del model
-
-    mean, notes = mean_over_categories(results) if len(results) > 1 else (None, [])
-    from anoseg._version import __version__
-
-    files[:0] = write_metrics_files(output_dir, results, mean, notes,
-                                    extra={"anoseg_version": __version__})
-    return EvaluationReport(output_dir, {r.category: r for r in results}, mean, notes,
-                            format_markdown_table(results, mean), files, messages)
+    return jobs, Path(output_dir)
 
 
+def _evaluate_checkpoint(model: LoadedModel, checkpoint_path: Path, category: str,
+                         data_root: Optional[PathLike], device: torch.device, *, ensemble: bool,
+                         batch_size: Optional[int], **options: Any) -> CategoryResult:
+    """:func:`evaluate_category` for one row of :func:`evaluate_run`: the run's data root,
+    held-out images, cached threshold and detector (not for an ensemble), and the checkpoint
+    fields of the result."""
+    run = RunDir.of_checkpoint(checkpoint_path)
+    run_dir = run.path if run is not None else None
+    root = resolve_eval_data_root(model, data_root, run_dir)
+    holdout = holdout_image_paths(model, root, None if ensemble else run_dir)
+    detector, detector_warning = (None, None) if ensemble else run_detector(
+        checkpoint_path, model, device)
+    result = evaluate_category(
+        model, root, category, batch_size=batch_size or model.config.eval.batch_size,
+        holdout_paths=holdout, threshold_cache_for=None if ensemble else checkpoint_path,
+        detector=detector, **options)
+    if detector_warning is not None:
+        result.warnings.append(detector_warning)
+    result.checkpoint = str(checkpoint_path)
+    if ensemble:
+        result.ensemble = list(model.members)
+    result.checkpoint_step = model.step or 0
+    return result
+
+
+def _plot_iou_curve(result: CategoryResult, path: Path, files: List[Path],
+                    messages: List[str]) -> None:
+    """Plot IoU against the threshold into ``path`` (added to ``files``), or add the message
+    that plotting was skipped (once)."""
+    curve = result.iou_curve
+    plot_path = save_iou_curve_plot(
+        path, curve["thresholds"],
+        {"pooled IoU": curve["iou_pooled"], "mean per-image IoU": curve["iou_mean_per_image"]},
+        title=f"{result.category}: IoU vs threshold",
+        marked_threshold=result.label_free_threshold)
+    if plot_path is None:
+        if PLOT_SKIPPED_MESSAGE not in messages:
+            messages.append(PLOT_SKIPPED_MESSAGE)
+    else:
+        files.append(plot_path)

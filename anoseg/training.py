@@ -69,6 +69,9 @@ def train_step(state: TrainState, batch: Dict[str, torch.Tensor], cfg: TrainConf
                channels_last: bool = False) -> Dict[str, float]:
     """One optimisation step of generator and (when adversarial) discriminator.
 
+    Long: it reads top to bottom in the order the step must happen (forward, L_Seg/L_Re
+    checked, discriminator step, generator step, EMA), which pieces would hide.
+
     Args:
         state: models and optimisers (updated in place).
         batch: ``{"image": (B,3,S,S), "normality": (B,1,S,S)}``, ``x_Seg`` and ``A_Seg``.

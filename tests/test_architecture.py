@@ -112,3 +112,31 @@ def test_no_import_cycles():
     for module in sorted(GRAPH):
         if state.get(module) is None:
             visit(module)
+
+
+MAX_FUNCTION_LINES = 60
+"""Lines of a package function, from ``def`` to its end, not counting its docstring."""
+
+LONG_MARKER = "long:"
+"""A docstring that says why its function is long contains this (any case)."""
+
+
+def long_functions() -> List[str]:
+    """``module.function (N lines)`` for each package function over
+    :data:`MAX_FUNCTION_LINES` whose docstring gives no reason (:data:`LONG_MARKER`)."""
+    found = []
+    for name, path in sorted(MODULES.items()):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            docstring = ast.get_docstring(node)
+            lines = node.end_lineno - node.lineno + 1
+            if docstring is not None:
+                lines -= node.body[0].end_lineno - node.body[0].lineno + 1
+            if lines > MAX_FUNCTION_LINES and LONG_MARKER not in (docstring or "").lower():
+                found.append(f"{name}.{node.name} ({lines} lines)")
+    return found
+
+
+def test_no_long_function_without_a_reason():
+    assert long_functions() == []
