@@ -26,13 +26,15 @@ _EXPORTS = {
     "AnoSegError": "anoseg.errors", "CheckpointError": "anoseg.errors",
     "ConfigError": "anoseg.errors", "DataError": "anoseg.errors",
     "load_model": "anoseg.inference", "predict_anomaly_maps": "anoseg.inference",
-    "build_generator": "anoseg.training", "build_discriminator": "anoseg.training",
+    "build_generator": "anoseg.models.factory", "build_discriminator": "anoseg.models.factory",
+    "build_detector": "anoseg.models.factory",
     "train": "anoseg.training", "train_step": "anoseg.training",
     "SegmentationMetrics": "anoseg.metrics", "label_free_threshold": "anoseg.metrics",
     "evaluate_run": "anoseg.evaluation", "evaluate_category": "anoseg.evaluation",
-    "predict_run": "anoseg.evaluation",
-    "train_detector": "anoseg.detector", "load_detector": "anoseg.detector",
-    "detector_scores": "anoseg.detector",
+    "predict_run": "anoseg.predict", "predict_images": "anoseg.predict",
+    "train_detector": "anoseg.detector_training", "load_detector": "anoseg.inference",
+    "detector_scores": "anoseg.inference", "load_ensemble": "anoseg.inference",
+    "RunDir": "anoseg.run_dir",
 }
 
 __all__ = ["__version__", *_EXPORTS]

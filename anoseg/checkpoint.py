@@ -1,52 +1,18 @@
-"""Checkpoints: plain dicts written atomically, and the run folder layout.
-
-A run folder holds::
-
-    config.yaml         the resolved configuration
-    split.json          which train/good images were trained on and which were held out
-    losses.jsonl        one JSON object per logged step
-    checkpoints/last.pt the latest checkpoint (a plain dict, see :func:`save_checkpoint`)
-    summary.json        steps, images seen, seconds, why the run stopped
-"""
+"""Checkpoints: plain dicts written atomically with ``torch.save`` (the folder they live in is
+:mod:`anoseg.run_dir`'s)."""
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Union
 
 import torch
 
+from anoseg.atomic import atomic_write_bytes
 from anoseg.errors import CheckpointError
+from anoseg.run_dir import LAST_CHECKPOINT
 
 CHECKPOINT_FORMAT = 1
-LAST_CHECKPOINT = Path("checkpoints") / "last.pt"
-
-
-def atomic_write_bytes(path: Union[str, Path], writer) -> None:
-    """Call ``writer(file)`` on a temporary file beside ``path``, fsync, then rename.
-
-    A crash at any moment leaves either the old file or the new one, never a half-written one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            writer(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: Union[str, Path], text: str) -> None:
-    atomic_write_bytes(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 def save_checkpoint(path: Union[str, Path], state: Dict[str, Any]) -> None:
@@ -83,7 +49,3 @@ def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu") -> Dict[s
         raise CheckpointError(f"{path} was written by a newer anoseg (format "
                               f"{state['format']}); upgrade anoseg to read it")
     return state
-
-
-def write_json(path: Union[str, Path], data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")

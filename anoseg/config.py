@@ -28,6 +28,11 @@ MVTEC_CATEGORIES: Tuple[str, ...] = (
     "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
 )
 
+RUNTIME = {"runtime": True}
+"""Field metadata of a *run-time* key: it says how a run is executed (steps, budget, device,
+precision, logging, workers, ...), not what is trained, so it may change when a run is resumed,
+a detector is trained on a run, or a batch of runs is restarted (:func:`runtime_keys`)."""
+
 
 @dataclass
 class DataConfig:
@@ -44,9 +49,9 @@ class DataConfig:
     split_seed: Optional[int] = None
     """Seed of the held-out split; ``None`` = ``train.seed``. Runs meant to be averaged as an
     ensemble (``anoseg-eval --ensemble``) need the same split, hence the same value here."""
-    num_workers: int = 2
+    num_workers: int = field(default=2, metadata=RUNTIME)
     """Data-loader worker processes (synthesis runs there, not on the training thread)."""
-    cache_images: bool = True
+    cache_images: bool = field(default=True, metadata=RUNTIME)
     """Decode and resize every training image once and keep it in memory."""
 
 
@@ -148,7 +153,7 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation. How the defaults were chosen, and what is not yet measured: ``docs/design.md``."""
 
-    steps: int = 20000
+    steps: int = field(default=20000, metadata=RUNTIME)
     batch_size: int = 16
     lr_generator: float = 2e-4
     lr_discriminator: float = 2e-4
@@ -177,27 +182,27 @@ class TrainConfig:
     norm before its step (0 = off, the paper). A guard for runs whose map saturates after a
     swing of the adversarial game (docs/experiments.md)."""
     seed: int = 0
-    device: str = "auto"
+    device: str = field(default="auto", metadata=RUNTIME)
     """``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
-    precision: str = "auto"
+    precision: str = field(default="auto", metadata=RUNTIME)
     """``auto`` (bf16 or fp16 mixed precision on CUDA, fp32 elsewhere), ``fp32``, ``bf16``,
     ``fp16``. ``bf16`` also works on CPU through autocast."""
     channels_last: bool = False
     """Use the channels-last memory layout (faster convolutions on some hardware)."""
     sync_batchnorm: bool = False
     """Synchronise batch-norm statistics across processes under torchrun (CUDA only)."""
-    compile: bool = False
+    compile: bool = field(default=False, metadata=RUNTIME)
     """Compile generator and discriminator with ``torch.compile`` (first steps are slow)."""
-    log_every: int = 10
-    checkpoint_every: int = 500
-    time_budget: Optional[float] = None
+    log_every: int = field(default=10, metadata=RUNTIME)
+    checkpoint_every: int = field(default=500, metadata=RUNTIME)
+    time_budget: Optional[float] = field(default=None, metadata=RUNTIME)
     """Wall-clock seconds of training; the run stops cleanly and saves when it is spent."""
-    deterministic: bool = False
+    deterministic: bool = field(default=False, metadata=RUNTIME)
 
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 16
+    batch_size: int = field(default=16, metadata=RUNTIME)
     num_thresholds: int = 10000
     """Thresholds swept for the IoU-vs-threshold curve (the paper uses 10,000)."""
     fpr_limit: float = 0.3
@@ -214,7 +219,7 @@ class DetectorConfig:
     ``docs/detector.md``. The three switches are the columns of the Table 5 ablation.
     """
 
-    steps: int = 5000
+    steps: int = field(default=5000, metadata=RUNTIME)
     batch_size: int = 16
     lr_generator: float = 2e-4
     lr_discriminator: float = 2e-4
@@ -237,8 +242,8 @@ class DetectorConfig:
     """Weight of the feature distance in the score (eq. 5)."""
     score_beta: float = 0.1
     """Weight of the image MSE in the score (eq. 5)."""
-    checkpoint_every: int = 500
-    time_budget: Optional[float] = None
+    checkpoint_every: int = field(default=500, metadata=RUNTIME)
+    time_budget: Optional[float] = field(default=None, metadata=RUNTIME)
     """Wall-clock seconds of detector training; it stops cleanly and saves when spent."""
 
 
@@ -264,119 +269,151 @@ class AnoSegConfig:
 
     def validate(self) -> "AnoSegConfig":
         """Check ranges and combinations; raise :class:`ConfigError` naming the key."""
-        d, s, m, t, e = self.data, self.synthesis, self.model, self.train, self.eval
-        size = d.image_size
-        _check(size % 32 == 0 and 64 <= size <= 512, "data.image_size", size,
-               "a multiple of 32 from 64 to 512 (the encoder has stride 32)")
-        _check(0.0 <= d.holdout_fraction < 1.0, "data.holdout_fraction", d.holdout_fraction,
-               "a fraction in [0, 1)")
-        _check(d.num_workers >= 0, "data.num_workers", d.num_workers, ">= 0")
-        _check(bool(d.category) and "/" not in d.category and "\\" not in d.category,
-               "data.category", d.category, "a folder name")
-        for name in ("anomaly_ratio", "rotation_p", "permutation_p", "jitter_p", "scar_p"):
-            value = getattr(s, name)
-            _check(0.0 <= value <= 1.0, f"synthesis.{name}", value, "a probability in [0, 1]")
-        _check(s.permutation_grid >= 2, "synthesis.permutation_grid", s.permutation_grid, ">= 2")
-        _check(len(s.rotation_angles) > 0, "synthesis.rotation_angles", s.rotation_angles,
-               "a non-empty list of angles in degrees")
-        for name in ("jitter_brightness", "jitter_contrast", "jitter_saturation"):
-            value = getattr(s, name)
-            _check(0.0 <= value <= 1.0, f"synthesis.{name}", value, "a value in [0, 1]")
-        _check(0.0 <= s.jitter_hue <= 0.5, "synthesis.jitter_hue", s.jitter_hue, "in [0, 0.5]")
-        for name, lo, hi in (("patch_area", 0.0, 1.0), ("scar_width", 0.0, 1.0),
-                             ("scar_length", 0.0, 1.0), ("patch_aspect", 0.0, math.inf),
-                             ("scar_angle", -360.0, 360.0)):
-            a, b = getattr(s, name)
-            _check(lo <= a <= b <= hi and (name == "scar_angle" or a > 0), f"synthesis.{name}",
-                   (a, b), f"a range (low, high) with {lo} < low <= high <= {hi}")
-        _check(0.0 <= s.blob_p <= 1.0, "synthesis.blob_p", s.blob_p, "a probability in [0, 1]")
-        _check(s.patch_area_scale in ("uniform", "log"), "synthesis.patch_area_scale",
-               s.patch_area_scale, "'uniform' or 'log'")
-        _check(0.0 <= s.edit_p <= 1.0, "synthesis.edit_p", s.edit_p, "a probability in [0, 1]")
-        a, b = s.edit_radius
-        _check(0.0 < a <= b <= 0.5, "synthesis.edit_radius", (a, b),
-               "a range (low, high) with 0 < low <= high <= 0.5 (fractions of the image side)")
-        _check(0.0 <= s.region_p <= 1.0, "synthesis.region_p", s.region_p,
-               "a probability in [0, 1]")
-        a, b = s.region_area
-        _check(0.0 < a <= b <= 0.9, "synthesis.region_area", (a, b),
-               "a range (low, high) with 0 < low <= high <= 0.9 (fractions of the image)")
-        a, b = s.region_scale
-        _check(0 <= a <= b <= 7, "synthesis.region_scale", (a, b),
-               "a range (low, high) of integers with 0 <= low <= high <= 7 (log2 of the grid)")
-        a, b = s.region_opacity
-        _check(0.0 < a <= b <= 1.0, "synthesis.region_opacity", (a, b),
-               "a range (low, high) with 0 < low <= high <= 1")
-        _check(0.0 <= s.region_min_change < 1.0, "synthesis.region_min_change",
-               s.region_min_change, "a value in [0, 1)")
-        known = ("augmented", "texture", "intensity", "blur")
-        _check(len(s.region_sources) > 0 and all(x in known for x in s.region_sources),
-               "synthesis.region_sources", s.region_sources,
-               f"a non-empty list of {', '.join(known)}")
-        lo, hi = s.anomalies_per_image
-        _check(1 <= lo <= hi <= 64, "synthesis.anomalies_per_image", (lo, hi),
-               "a range (low, high) of integers with 1 <= low <= high <= 64")
-        _check(0.0 < m.width <= 4.0, "model.width", m.width, "a multiplier in (0, 4]")
-        _check(0 <= m.map_skips <= 4, "model.map_skips", m.map_skips, "an integer from 0 to 4")
-        _check(t.steps >= 1, "train.steps", t.steps, ">= 1")
-        _check(t.grad_clip >= 0.0 and math.isfinite(t.grad_clip), "train.grad_clip",
-               t.grad_clip, "a gradient norm >= 0 (0 = off)")
-        _check(0.0 <= t.ema_decay < 1.0, "train.ema_decay", t.ema_decay,
-               "a decay in [0, 1) (0 = no averaging)")
-        _check(t.batch_size >= 1, "train.batch_size", t.batch_size, ">= 1")
-        for name in ("lr_generator", "lr_discriminator"):
-            value = getattr(t, name)
-            _check(0.0 < value < 1.0, f"train.{name}", value, "a learning rate in (0, 1)")
-        for name in ("beta1", "beta2"):
-            value = getattr(t, name)
-            _check(0.0 <= value < 1.0, f"train.{name}", value, "in [0, 1)")
-        for name in ("weight_seg", "weight_rec", "weight_adv", "weight_decay"):
-            value = getattr(t, name)
-            _check(value >= 0.0 and math.isfinite(value), f"train.{name}", value,
-                   "a finite value >= 0")
-        _check(t.schedule in ("constant", "cosine"), "train.schedule", t.schedule,
-               "'constant' or 'cosine'")
-        _check(t.seg_loss in ("l1", "balanced_l1"), "train.seg_loss", t.seg_loss,
-               "'l1' or 'balanced_l1'")
-        _check(0 <= t.warmup_steps < max(t.steps, 1) or t.warmup_steps == 0,
-               "train.warmup_steps", t.warmup_steps, "in [0, train.steps)")
-        _check(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", t.min_lr_ratio, "in [0, 1]")
-        _check(t.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision", t.precision,
-               "'auto', 'fp32', 'bf16' or 'fp16'")
-        _check(t.device == "auto" or t.device in ("cpu", "cuda", "mps")
-               or t.device.startswith("cuda:"), "train.device", t.device,
-               "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
-        _check(t.log_every >= 1, "train.log_every", t.log_every, ">= 1")
-        _check(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, ">= 1")
-        _check(t.time_budget is None or t.time_budget > 0, "train.time_budget", t.time_budget,
-               "a number of seconds > 0, or null")
-        if t.adversarial and not m.reconstruction:
-            raise ConfigError(
-                "train.adversarial=true needs model.reconstruction=true: the discriminator "
-                "judges (reconstruction, map) pairs. Switch both on or both off.")
-        _check(e.batch_size >= 1, "eval.batch_size", e.batch_size, ">= 1")
-        _check(e.num_thresholds >= 2, "eval.num_thresholds", e.num_thresholds, ">= 2")
-        _check(0.0 < e.fpr_limit <= 1.0, "eval.fpr_limit", e.fpr_limit, "in (0, 1]")
-        _check(0.0 < e.threshold_quantile <= 1.0, "eval.threshold_quantile",
-               e.threshold_quantile, "in (0, 1]")
-        det = self.detector
-        _check(det.steps >= 1, "detector.steps", det.steps, ">= 1")
-        _check(det.batch_size >= 1, "detector.batch_size", det.batch_size, ">= 1")
-        for name in ("lr_generator", "lr_discriminator"):
-            value = getattr(det, name)
-            _check(0.0 < value < 1.0, f"detector.{name}", value, "a learning rate in (0, 1)")
-        for name in ("weight_adv", "weight_rec", "weight_fea", "weight_cls", "score_alpha",
-                     "score_beta"):
-            value = getattr(det, name)
-            _check(value >= 0.0 and math.isfinite(value), f"detector.{name}", value,
-                   "a finite value >= 0")
-        _check(det.cls_map in ("mask", "anoseg"), "detector.cls_map", det.cls_map,
-               "'mask' or 'anoseg'")
-        _check(det.checkpoint_every >= 1, "detector.checkpoint_every", det.checkpoint_every,
-               ">= 1")
-        _check(det.time_budget is None or det.time_budget > 0, "detector.time_budget",
-               det.time_budget, "a number of seconds > 0, or null")
+        _validate_data(self.data)
+        _validate_synthesis(self.synthesis)
+        _validate_model(self.model)
+        _validate_train(self.train, self.model)
+        _validate_eval(self.eval)
+        _validate_detector(self.detector)
         return self
+
+
+def _validate_data(d: DataConfig) -> None:
+    """The ``data`` section's checks."""
+    size = d.image_size
+    _check(size % 32 == 0 and 64 <= size <= 512, "data.image_size", size,
+           "a multiple of 32 from 64 to 512 (the encoder has stride 32)")
+    _check(0.0 <= d.holdout_fraction < 1.0, "data.holdout_fraction", d.holdout_fraction,
+           "a fraction in [0, 1)")
+    _check(d.num_workers >= 0, "data.num_workers", d.num_workers, ">= 0")
+    _check(bool(d.category) and "/" not in d.category and "\\" not in d.category,
+           "data.category", d.category, "a folder name")
+
+
+def _validate_synthesis(s: SynthesisConfig) -> None:
+    """The ``synthesis`` section's checks."""
+    for name in ("anomaly_ratio", "rotation_p", "permutation_p", "jitter_p", "scar_p"):
+        value = getattr(s, name)
+        _check(0.0 <= value <= 1.0, f"synthesis.{name}", value, "a probability in [0, 1]")
+    _check(s.permutation_grid >= 2, "synthesis.permutation_grid", s.permutation_grid, ">= 2")
+    _check(len(s.rotation_angles) > 0, "synthesis.rotation_angles", s.rotation_angles,
+           "a non-empty list of angles in degrees")
+    for name in ("jitter_brightness", "jitter_contrast", "jitter_saturation"):
+        value = getattr(s, name)
+        _check(0.0 <= value <= 1.0, f"synthesis.{name}", value, "a value in [0, 1]")
+    _check(0.0 <= s.jitter_hue <= 0.5, "synthesis.jitter_hue", s.jitter_hue, "in [0, 0.5]")
+    for name, lo, hi in (("patch_area", 0.0, 1.0), ("scar_width", 0.0, 1.0),
+                         ("scar_length", 0.0, 1.0), ("patch_aspect", 0.0, math.inf),
+                         ("scar_angle", -360.0, 360.0)):
+        a, b = getattr(s, name)
+        _check(lo <= a <= b <= hi and (name == "scar_angle" or a > 0), f"synthesis.{name}",
+               (a, b), f"a range (low, high) with {lo} < low <= high <= {hi}")
+    _check(0.0 <= s.blob_p <= 1.0, "synthesis.blob_p", s.blob_p, "a probability in [0, 1]")
+    _check(s.patch_area_scale in ("uniform", "log"), "synthesis.patch_area_scale",
+           s.patch_area_scale, "'uniform' or 'log'")
+    _check(0.0 <= s.edit_p <= 1.0, "synthesis.edit_p", s.edit_p, "a probability in [0, 1]")
+    a, b = s.edit_radius
+    _check(0.0 < a <= b <= 0.5, "synthesis.edit_radius", (a, b),
+           "a range (low, high) with 0 < low <= high <= 0.5 (fractions of the image side)")
+    _validate_regions(s)
+    lo, hi = s.anomalies_per_image
+    _check(1 <= lo <= hi <= 64, "synthesis.anomalies_per_image", (lo, hi),
+           "a range (low, high) of integers with 1 <= low <= high <= 64")
+
+
+def _validate_regions(s: SynthesisConfig) -> None:
+    """The noise-region keys of :class:`SynthesisConfig` (``region_*``)."""
+    _check(0.0 <= s.region_p <= 1.0, "synthesis.region_p", s.region_p, "a probability in [0, 1]")
+    a, b = s.region_area
+    _check(0.0 < a <= b <= 0.9, "synthesis.region_area", (a, b),
+           "a range (low, high) with 0 < low <= high <= 0.9 (fractions of the image)")
+    a, b = s.region_scale
+    _check(0 <= a <= b <= 7, "synthesis.region_scale", (a, b),
+           "a range (low, high) of integers with 0 <= low <= high <= 7 (log2 of the grid)")
+    a, b = s.region_opacity
+    _check(0.0 < a <= b <= 1.0, "synthesis.region_opacity", (a, b),
+           "a range (low, high) with 0 < low <= high <= 1")
+    _check(0.0 <= s.region_min_change < 1.0, "synthesis.region_min_change",
+           s.region_min_change, "a value in [0, 1)")
+    known = ("augmented", "texture", "intensity", "blur")
+    _check(len(s.region_sources) > 0 and all(x in known for x in s.region_sources),
+           "synthesis.region_sources", s.region_sources,
+           f"a non-empty list of {', '.join(known)}")
+
+
+def _validate_model(m: ModelConfig) -> None:
+    """The ``model`` section's checks."""
+    _check(0.0 < m.width <= 4.0, "model.width", m.width, "a multiplier in (0, 4]")
+    _check(0 <= m.map_skips <= 4, "model.map_skips", m.map_skips, "an integer from 0 to 4")
+
+
+def _validate_train(t: TrainConfig, m: ModelConfig) -> None:
+    """The ``train`` section's checks (and its combination with ``model``)."""
+    _check(t.steps >= 1, "train.steps", t.steps, ">= 1")
+    _check(t.grad_clip >= 0.0 and math.isfinite(t.grad_clip), "train.grad_clip",
+           t.grad_clip, "a gradient norm >= 0 (0 = off)")
+    _check(0.0 <= t.ema_decay < 1.0, "train.ema_decay", t.ema_decay,
+           "a decay in [0, 1) (0 = no averaging)")
+    _check(t.batch_size >= 1, "train.batch_size", t.batch_size, ">= 1")
+    for name in ("lr_generator", "lr_discriminator"):
+        value = getattr(t, name)
+        _check(0.0 < value < 1.0, f"train.{name}", value, "a learning rate in (0, 1)")
+    for name in ("beta1", "beta2"):
+        value = getattr(t, name)
+        _check(0.0 <= value < 1.0, f"train.{name}", value, "in [0, 1)")
+    for name in ("weight_seg", "weight_rec", "weight_adv", "weight_decay"):
+        value = getattr(t, name)
+        _check(value >= 0.0 and math.isfinite(value), f"train.{name}", value,
+               "a finite value >= 0")
+    _check(t.schedule in ("constant", "cosine"), "train.schedule", t.schedule,
+           "'constant' or 'cosine'")
+    _check(t.seg_loss in ("l1", "balanced_l1"), "train.seg_loss", t.seg_loss,
+           "'l1' or 'balanced_l1'")
+    _check(0 <= t.warmup_steps < max(t.steps, 1) or t.warmup_steps == 0,
+           "train.warmup_steps", t.warmup_steps, "in [0, train.steps)")
+    _check(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", t.min_lr_ratio, "in [0, 1]")
+    _check(t.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision", t.precision,
+           "'auto', 'fp32', 'bf16' or 'fp16'")
+    _check(t.device == "auto" or t.device in ("cpu", "cuda", "mps")
+           or t.device.startswith("cuda:"), "train.device", t.device,
+           "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    _check(t.log_every >= 1, "train.log_every", t.log_every, ">= 1")
+    _check(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, ">= 1")
+    _check(t.time_budget is None or t.time_budget > 0, "train.time_budget", t.time_budget,
+           "a number of seconds > 0, or null")
+    if t.adversarial and not m.reconstruction:
+        raise ConfigError(
+            "train.adversarial=true needs model.reconstruction=true: the discriminator "
+            "judges (reconstruction, map) pairs. Switch both on or both off.")
+
+
+def _validate_eval(e: EvalConfig) -> None:
+    """The ``eval`` section's checks."""
+    _check(e.batch_size >= 1, "eval.batch_size", e.batch_size, ">= 1")
+    _check(e.num_thresholds >= 2, "eval.num_thresholds", e.num_thresholds, ">= 2")
+    _check(0.0 < e.fpr_limit <= 1.0, "eval.fpr_limit", e.fpr_limit, "in (0, 1]")
+    _check(0.0 < e.threshold_quantile <= 1.0, "eval.threshold_quantile",
+           e.threshold_quantile, "in (0, 1]")
+
+
+def _validate_detector(det: DetectorConfig) -> None:
+    """The ``detector`` section's checks."""
+    _check(det.steps >= 1, "detector.steps", det.steps, ">= 1")
+    _check(det.batch_size >= 1, "detector.batch_size", det.batch_size, ">= 1")
+    for name in ("lr_generator", "lr_discriminator"):
+        value = getattr(det, name)
+        _check(0.0 < value < 1.0, f"detector.{name}", value, "a learning rate in (0, 1)")
+    for name in ("weight_adv", "weight_rec", "weight_fea", "weight_cls", "score_alpha",
+                 "score_beta"):
+        value = getattr(det, name)
+        _check(value >= 0.0 and math.isfinite(value), f"detector.{name}", value,
+               "a finite value >= 0")
+    _check(det.cls_map in ("mask", "anoseg"), "detector.cls_map", det.cls_map,
+           "'mask' or 'anoseg'")
+    _check(det.checkpoint_every >= 1, "detector.checkpoint_every", det.checkpoint_every,
+           ">= 1")
+    _check(det.time_budget is None or det.time_budget > 0, "detector.time_budget",
+           det.time_budget, "a number of seconds > 0, or null")
 
 
 _SECTION_TYPES = {
@@ -564,3 +601,35 @@ DEMO_OVERRIDES: Dict[str, Dict[str, Any]] = {
     "train": {"steps": 300, "batch_size": 16, "checkpoint_every": 100, "lr_generator": 1e-3,
               "lr_discriminator": 5e-4, "seg_loss": "balanced_l1"},
 }
+
+
+def runtime_keys() -> Tuple[str, ...]:
+    """``section.key`` of every run-time key (fields declared with :data:`RUNTIME` metadata)."""
+    return tuple(f"{section.name}.{item.name}"
+                 for section in dataclasses.fields(AnoSegConfig)
+                 for item in dataclasses.fields(section.default_factory)
+                 if item.metadata.get("runtime"))
+
+
+def config_diff(a: Dict[str, Dict[str, Any]], b: Dict[str, Dict[str, Any]], *,
+                skip: Sequence[str] = ()) -> List[str]:
+    """``section.key`` names whose value differs between the config dicts ``a`` and ``b``
+    (a key missing on one side differs), in ``a``'s order then ``b``'s; ``skip`` names are
+    left out (e.g. :func:`runtime_keys`)."""
+    flat_a, flat_b = _flatten(a), _flatten(b)
+    skipped = set(skip)
+    keys = list(flat_a) + [k for k in flat_b if k not in flat_a]
+    return [k for k in keys if k not in skipped and flat_a.get(k) != flat_b.get(k)]
+
+
+def _flatten(config: Dict[str, Any]) -> Dict[str, Any]:
+    return {f"{section}.{key}": value for section, values in config.items()
+            for key, value in (values or {}).items()}
+
+
+def with_runtime_keys(saved: AnoSegConfig, cfg: AnoSegConfig) -> AnoSegConfig:
+    """``saved`` with the run-time keys of :func:`runtime_keys` taken from ``cfg`` (in place)."""
+    for name in runtime_keys():
+        section, key = name.split(".")
+        setattr(getattr(saved, section), key, getattr(getattr(cfg, section), key))
+    return saved

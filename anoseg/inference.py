@@ -1,18 +1,21 @@
-"""Loading a trained model and turning images into anomaly maps.
+"""Loading trained networks and running them: anomaly maps, and the detector's image scores.
 
 This is the one place where the network's *normality* map (1 = normal, what the paper's
-losses are written for) becomes the *anomaly* map users get (1 = anomalous).
+losses are written for) becomes the *anomaly* map users get (1 = anomalous). Nothing here
+trains: it imports no training code.
 
 Example:
     >>> model = load_model("runs/demo")                        # doctest: +SKIP
     >>> maps = predict_anomaly_maps(model.generator, images)   # doctest: +SKIP
+    >>> bundle = load_detector("runs/demo")                    # doctest: +SKIP
+    >>> scores = detector_scores(bundle, model.generator, images)   # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -20,7 +23,15 @@ from torch import nn
 from anoseg.checkpoint import load_checkpoint
 from anoseg.config import AnoSegConfig, config_from_dict
 from anoseg.errors import CheckpointError, ConfigError
+from anoseg.models.detector import AnoSegDetector
+from anoseg.models.factory import build_detector, build_generator
 from anoseg.models.generator import GeneratorOutput
+from anoseg.run_dir import (CHECKPOINT_FILE, DETECTOR_DIR, DataRecord, RunDir,
+                            TrainingSplit)
+from anoseg.runtime import autocast, resolve_device
+
+DETECTOR_KIND = "anoseg-detector"
+"""``kind`` of a detector checkpoint."""
 
 
 def normality_to_anomaly(normality_map: torch.Tensor) -> torch.Tensor:
@@ -30,12 +41,26 @@ def normality_to_anomaly(normality_map: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class LoadedModel:
+    """A segmenter (or an ensemble of them) in eval mode, with what its checkpoint records."""
+
     generator: nn.Module
     config: AnoSegConfig
     checkpoint: Dict[str, Any]
+    """The checkpoint dict as loaded (an ensemble's: its first member's)."""
     device: torch.device
     weights: str = "raw"
     """Which generator weights were loaded: ``ema`` (averaged) or ``raw``."""
+    step: Optional[int] = None
+    """The training step of the weights (an ensemble's: the sum over its members)."""
+    data: Optional[DataRecord] = None
+    """The data root and split the checkpoint records (``None`` when it has none); an
+    ensemble's holdout is the images that no member trained on."""
+    members: Tuple[str, ...] = ()
+    """An ensemble's member checkpoints; empty for one model."""
+
+    @property
+    def is_ensemble(self) -> bool:
+        return bool(self.members)
 
 
 WEIGHTS_CHOICES = ("auto", "ema", "raw")
@@ -55,8 +80,6 @@ def load_model(checkpoint: Union[str, Path], device: Union[str, torch.device, No
             ``ema`` (the averaged weights; an error without them) or ``raw`` (the last
             optimiser iterate, e.g. to measure what the averaging brings).
     """
-    from anoseg.training import build_generator, resolve_device
-
     if weights not in WEIGHTS_CHOICES:
         raise ConfigError(f"weights={weights!r} is not one of {', '.join(WEIGHTS_CHOICES)}")
     state = load_checkpoint(checkpoint)
@@ -77,7 +100,10 @@ def load_model(checkpoint: Union[str, Path], device: Union[str, torch.device, No
             from None
     dev = resolve_device("auto") if device is None else torch.device(device)
     generator.to(dev).eval()
-    return LoadedModel(generator, cfg, state, dev, used)
+    step = state.get("step")
+    return LoadedModel(generator, cfg, state, dev, used,
+                       step=int(step) if step is not None else None,
+                       data=DataRecord.from_checkpoint(state))
 
 
 @torch.no_grad()
@@ -86,8 +112,6 @@ def predict_anomaly_maps(generator: nn.Module, images: torch.Tensor, *,
                          ) -> torch.Tensor:
     """Anomaly maps ``(B, H, W)`` in ``[0, 1]`` (higher = more anomalous) for float images
     ``(B, 3, H, W)`` in ``[0, 1]`` at the model's image size."""
-    from anoseg.training import autocast
-
     generator.eval()
     device = next(generator.parameters()).device
     maps = []
@@ -97,6 +121,13 @@ def predict_anomaly_maps(generator: nn.Module, images: torch.Tensor, *,
             normality = generator(chunk).normality_map
         maps.append(normality_to_anomaly(normality.float())[:, 0].cpu())
     return torch.cat(maps) if maps else torch.empty(0)
+
+
+def load_images(paths: Sequence[Path], image_size: int) -> torch.Tensor:
+    """Float images ``(B, 3, S, S)`` in ``[0, 1]`` at ``image_size``, as the networks take them."""
+    from anoseg.data.mvtec import load_image
+
+    return torch.stack([load_image(p, image_size) for p in paths]).float().div_(255.0)
 
 
 class AnoSegEnsemble(nn.Module):
@@ -127,10 +158,10 @@ def load_ensemble(checkpoints: Sequence[Union[str, Path]],
     """Load several runs of one category as one model (:class:`AnoSegEnsemble`).
 
     The members must share the image size and the category. The returned model's config,
-    checkpoint (counters, split) and weights kind are the first member's, with
-    ``checkpoint["ensemble"]`` listing every member and ``checkpoint["split"]["holdout"]``
-    reduced to the held-out images that *no* member trained on (empty when the members used
-    different splits: give them the same ``data.split_seed``).
+    checkpoint and weights kind are the first member's; ``members`` lists every member,
+    ``step`` is the sum of their steps and ``data.split.holdout`` holds the held-out images
+    that *no* member trained on (empty when the members used different splits: give them the
+    same ``data.split_seed``).
     """
     if not checkpoints:
         raise ConfigError("an ensemble needs at least one run")
@@ -145,14 +176,162 @@ def load_ensemble(checkpoints: Sequence[Union[str, Path]],
                                   "share it")
     # A member never trains on its own held-out images, so the images every member held out
     # are exactly those no member trained on.
-    held_by_all = set.intersection(*(set(m.checkpoint.get("split", {}).get("holdout", []))
-                                     for m in loaded))
-    holdout = [p for p in first.checkpoint.get("split", {}).get("holdout", [])
-               if p in held_by_all]
-    state = dict(first.checkpoint)
-    state["split"] = {**state.get("split", {}), "holdout": holdout}
-    state["ensemble"] = [str(c) for c in checkpoints]
-    state["step"] = sum(int(m.checkpoint.get("step", 0)) for m in loaded)
-    state["train_seconds"] = sum(float(m.checkpoint.get("train_seconds", 0.0)) for m in loaded)
+    def holdout_of(model: LoadedModel) -> List[str]:
+        return list(model.data.split.holdout) if model.data is not None else []
+
+    held_by_all = set.intersection(*(set(holdout_of(m)) for m in loaded))
+    first_data = first.data or DataRecord(TrainingSplit())
+    data = DataRecord(TrainingSplit(list(first_data.split.train),
+                                    [p for p in holdout_of(first) if p in held_by_all]),
+                      first_data.data_root)
     ensemble = AnoSegEnsemble([m.generator for m in loaded]).to(first.device).eval()
-    return LoadedModel(ensemble, first.config, state, first.device, first.weights)
+    return LoadedModel(ensemble, first.config, first.checkpoint, first.device, first.weights,
+                       step=sum(m.step or 0 for m in loaded), data=data,
+                       members=tuple(str(c) for c in checkpoints))
+
+
+# --------------------------------------------------------------------------- the detector
+
+
+@torch.no_grad()
+def anoseg_normality(anoseg_generator: nn.Module, images: torch.Tensor, *,
+                     amp_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """AnoSeg's *normality* map ``A_hat`` ``(B, 1, H, W)`` (1 = normal), the paper's convention
+    for the discriminator pairs; returned on the device of ``images``."""
+    device = next(anoseg_generator.parameters()).device
+    anoseg_generator.eval()
+    with autocast(device, amp_dtype):
+        normality = anoseg_generator(images.to(device)).normality_map
+    return normality.float().to(images.device)
+
+
+def detector_checkpoint_path(path: Union[str, Path]) -> Path:
+    """``last.pt`` of a detector, given a ``.pt`` file, a detector folder or a run folder."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    for candidate in (path / DETECTOR_DIR / CHECKPOINT_FILE, path / CHECKPOINT_FILE):
+        if candidate.is_file():
+            return candidate
+    raise CheckpointError(
+        f"no detector checkpoint at {path / DETECTOR_DIR / CHECKPOINT_FILE}: train one with "
+        f"anoseg-train --stage detector --run {path}")
+
+
+def load_detector_checkpoint(path: Path) -> Dict[str, Any]:
+    """A detector checkpoint (``kind`` checked)."""
+    ckpt = load_checkpoint(path)
+    if ckpt.get("kind") != DETECTOR_KIND:
+        raise CheckpointError(f"{path} is not a detector checkpoint (kind "
+                              f"{ckpt.get('kind')!r}); expected RUN_DIR/detector/last.pt")
+    return ckpt
+
+
+def load_detector_weights(detector: AnoSegDetector, ckpt: Dict[str, Any], path: Path) -> None:
+    """Load a detector checkpoint's two networks into ``detector``."""
+    try:
+        detector.generator.load_state_dict(ckpt["generator"])
+        detector.discriminator.load_state_dict(ckpt["discriminator"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path} does not match its own config: {exc}") from None
+
+
+@dataclass
+class LoadedDetector:
+    """A trained detector in eval mode, with its config and checkpoint dict."""
+
+    detector: AnoSegDetector
+    config: AnoSegConfig
+    checkpoint: Dict[str, Any]
+    device: torch.device
+
+    @property
+    def anoseg_step(self) -> int:
+        """The segmenter checkpoint step the detector was trained on."""
+        return int(self.checkpoint["anoseg_step"])
+
+
+def load_detector(path: Union[str, Path], device: Union[str, torch.device, None] = None
+                  ) -> LoadedDetector:
+    """Rebuild the detector from a run folder, a detector folder or its ``last.pt``.
+
+    Args:
+        path: ``RUN_DIR``, ``RUN_DIR/detector`` or ``RUN_DIR/detector/last.pt``.
+        device: where to put it; ``None`` = the best available (CUDA, MPS, CPU).
+
+    Raises:
+        CheckpointError: no detector there, or a file that is not a detector checkpoint.
+    """
+    ckpt_path = detector_checkpoint_path(path)
+    ckpt = load_detector_checkpoint(ckpt_path)
+    cfg = config_from_dict(ckpt["config"]).validate()
+    detector = build_detector(cfg)
+    load_detector_weights(detector, ckpt, ckpt_path)
+    dev = resolve_device("auto") if device is None else torch.device(device)
+    detector.to(dev).eval()
+    return LoadedDetector(detector, cfg, ckpt, dev)
+
+
+@torch.no_grad()
+def detector_scores(detector_bundle: LoadedDetector, anoseg_generator: nn.Module,
+                    images: torch.Tensor, *, batch_size: int = 16,
+                    amp_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Image anomaly scores (eq. 5), higher = more anomalous.
+
+    Args:
+        detector_bundle: from :func:`load_detector`.
+        anoseg_generator: the AnoSeg generator the detector was trained on
+            (``anoseg.load_model(run_dir).generator``).
+        images: float ``(B, 3, S, S)`` in ``[0, 1]`` at the model's image size.
+        batch_size: images per forward pass.
+        amp_dtype: optional autocast dtype.
+
+    Returns:
+        ``(B,)`` float scores on the CPU, with ``detector.score_alpha`` and
+        ``detector.score_beta`` of the detector's config.
+    """
+    detector = detector_bundle.detector.eval()
+    det_cfg = detector_bundle.config.detector
+    device = next(detector.parameters()).device
+    scores: List[torch.Tensor] = []
+    for start in range(0, images.shape[0], batch_size):
+        chunk = images[start:start + batch_size].to(device)
+        normality = (anoseg_normality(anoseg_generator, chunk, amp_dtype=amp_dtype)
+                     if detector.use_anomaly_map else None)
+        with autocast(device, amp_dtype):
+            score = detector.score(chunk, normality, alpha=det_cfg.score_alpha,
+                                   beta=det_cfg.score_beta)
+        scores.append(score.float().cpu())
+    return torch.cat(scores) if scores else torch.empty(0)
+
+
+def run_detector(checkpoint_path: Union[str, Path], model: LoadedModel,
+                 device: Union[None, str, torch.device] = None
+                 ) -> Tuple[Optional["LoadedDetector"], Optional[str]]:
+    """The detector of the run holding ``checkpoint_path``, if it has one.
+
+    Returns:
+        ``(LoadedDetector or None, warning or None)``; a detector trained on another segmenter
+        checkpoint step is not used, and the warning says so.
+    """
+    run = RunDir.of_checkpoint(checkpoint_path)
+    if run is None or not run.detector.has_checkpoint():
+        return None, None
+    detector = load_detector(run.path, device=device)
+    mismatch = detector_step_mismatch(model, detector, run.detector.checkpoint)
+    if mismatch is not None:
+        return None, (f"{mismatch}: detector scores skipped (retrain it with anoseg-train "
+                      "--stage detector)")
+    return detector, None
+
+
+def detector_step_mismatch(model: LoadedModel, detector: "LoadedDetector",
+                           detector_path: Union[str, Path]
+                           ) -> Optional[str]:
+    """Why ``detector`` does not belong to ``model`` (trained on another segmenter step), or
+    ``None`` when it does."""
+    step = model.step if model.step is not None else -1
+    if detector.anoseg_step == step:
+        return None
+    return (f"detector {detector_path} was trained on the segmenter at step "
+            f"{detector.anoseg_step}, the checkpoint is at step {step}")

@@ -658,67 +658,19 @@ class SegmentationMetrics:
         """
         self._require_data()
         warnings: List[str] = []
-        image_scores = np.concatenate(self._image_scores)
         image_labels = np.concatenate(self._image_labels)
         defect_hist = self._defect_hist.astype(np.float64)
         normal_hist = self._normal_hist.astype(np.float64)
         n_defect, n_normal = float(defect_hist.sum()), float(normal_hist.sum())
         n_defective = int(image_labels.sum())
         thresholds = self.thresholds()
-
         if self._grid.doublings:
-            grid = self._grid
-            old_width = (grid.initial_range[1] - grid.initial_range[0]) / self.num_bins
-            warnings.append(
-                f"scores in [{self._min_score:g}, {self._max_score:g}] fell outside the score "
-                f"range {grid.initial_range}; the range was doubled {grid.doublings} time(s) to "
-                f"({grid.lo:g}, {grid.hi:g}), so the bin width grew from {old_width:.3g} to "
-                f"{(grid.hi - grid.lo) / self.num_bins:.3g}. Pass score_range=(lo, hi) covering "
-                "all scores for full resolution.")
-
-        image_auroc: Optional[float] = None
-        if 0 < n_defective < len(image_labels):
-            image_auroc = _auroc_from_samples(image_scores, image_labels)
-        else:
-            kind = "defective" if n_defective == 0 else "normal"
-            warnings.append(f"image_auroc is undefined: there are no {kind} images "
-                            f"({len(image_labels)} images, {n_defective} defective)")
-
-        pixel_auroc: Optional[float] = None
-        aupro: Optional[float] = None
-        if n_defect > 0 and n_normal > 0:
-            pixel_auroc = _auroc_from_histograms(defect_hist, normal_hist)
-            aupro = self._aupro(normal_hist, n_normal)
-            aupro = None if aupro is None else float(aupro)
-        else:
-            kind = "defect" if n_defect == 0 else "normal"
-            warnings.append(f"pixel_auroc and aupro are undefined: there are no {kind} pixels")
-
-        iou_pooled = np.full(self.num_thresholds, np.nan)
-        iou_pooled_best = iou_pooled_best_t = f1_max = f1_max_t = None
-        if n_defect > 0:
-            true_pos, false_pos = self._threshold_counts()
-            iou_pooled = true_pos / (n_defect + false_pos)
-            f1 = 2.0 * true_pos / (true_pos + false_pos + n_defect)
-            best = int(np.argmax(iou_pooled))  # the first (lowest) threshold among ties
-            iou_pooled_best, iou_pooled_best_t = float(iou_pooled[best]), float(thresholds[best])
-            best = int(np.argmax(f1))
-            f1_max, f1_max_t = float(f1[best]), float(thresholds[best])
-        else:
-            warnings.append("iou_pooled and pixel_f1 are undefined: there are no defect pixels")
-
-        iou_mean = np.full(self.num_thresholds, np.nan)
-        iou_mean_best = iou_mean_best_t = None
-        if self._n_iou_images:
-            iou_mean = self._iou_sum_per_image / self._n_iou_images
-            best = int(np.argmax(iou_mean))
-            iou_mean_best, iou_mean_best_t = float(iou_mean[best]), float(thresholds[best])
-        else:
-            warnings.append("iou_mean_per_image is undefined: no image has defect pixels")
-        if self._n_empty_mask_defective:
-            warnings.append(
-                f"{self._n_empty_mask_defective} image(s) labelled defective have an empty mask: "
-                "they count for image_auroc but not for the per-image IoU")
+            warnings.append(self._range_doubled_warning())
+        image_auroc = self._image_auroc(image_labels, warnings)
+        pixel_auroc, aupro = self._pixel_auroc_and_aupro(defect_hist, normal_hist, warnings)
+        iou_pooled, iou_pooled_best, iou_pooled_best_t, f1_max, f1_max_t = \
+            self._pooled_iou_and_f1(thresholds, n_defect, warnings)
+        iou_mean, iou_mean_best, iou_mean_best_t = self._mean_iou_per_image(thresholds, warnings)
 
         result: Dict[str, Any] = {
             "pixel_auroc": pixel_auroc,
@@ -746,6 +698,69 @@ class SegmentationMetrics:
         if threshold is not None:
             result["at_threshold"] = self.at_threshold(threshold)
         return result
+
+    def _range_doubled_warning(self) -> str:
+        grid = self._grid
+        old_width = (grid.initial_range[1] - grid.initial_range[0]) / self.num_bins
+        return (f"scores in [{self._min_score:g}, {self._max_score:g}] fell outside the score "
+                f"range {grid.initial_range}; the range was doubled {grid.doublings} time(s) to "
+                f"({grid.lo:g}, {grid.hi:g}), so the bin width grew from {old_width:.3g} to "
+                f"{(grid.hi - grid.lo) / self.num_bins:.3g}. Pass score_range=(lo, hi) covering "
+                "all scores for full resolution.")
+
+    def _image_auroc(self, image_labels: np.ndarray, warnings: List[str]) -> Optional[float]:
+        """AUROC of the image scores, or ``None`` (and a warning) without both kinds."""
+        n_defective = int(image_labels.sum())
+        if 0 < n_defective < len(image_labels):
+            return _auroc_from_samples(np.concatenate(self._image_scores), image_labels)
+        kind = "defective" if n_defective == 0 else "normal"
+        warnings.append(f"image_auroc is undefined: there are no {kind} images "
+                        f"({len(image_labels)} images, {n_defective} defective)")
+        return None
+
+    def _pixel_auroc_and_aupro(self, defect_hist: np.ndarray, normal_hist: np.ndarray,
+                               warnings: List[str]
+                               ) -> Tuple[Optional[float], Optional[float]]:
+        n_defect, n_normal = float(defect_hist.sum()), float(normal_hist.sum())
+        if n_defect > 0 and n_normal > 0:
+            aupro = self._aupro(normal_hist, n_normal)
+            return (_auroc_from_histograms(defect_hist, normal_hist),
+                    None if aupro is None else float(aupro))
+        kind = "defect" if n_defect == 0 else "normal"
+        warnings.append(f"pixel_auroc and aupro are undefined: there are no {kind} pixels")
+        return None, None
+
+    def _pooled_iou_and_f1(self, thresholds: np.ndarray, n_defect: float, warnings: List[str]
+                           ) -> Tuple[np.ndarray, Optional[float], Optional[float],
+                                      Optional[float], Optional[float]]:
+        """``(pooled IoU curve, best IoU, its threshold, F1-max, its threshold)``."""
+        if n_defect == 0:
+            warnings.append("iou_pooled and pixel_f1 are undefined: there are no defect pixels")
+            return np.full(self.num_thresholds, np.nan), None, None, None, None
+        true_pos, false_pos = self._threshold_counts()
+        iou_pooled = true_pos / (n_defect + false_pos)
+        f1 = 2.0 * true_pos / (true_pos + false_pos + n_defect)
+        best = int(np.argmax(iou_pooled))  # the first (lowest) threshold among ties
+        best_f1 = int(np.argmax(f1))
+        return (iou_pooled, float(iou_pooled[best]), float(thresholds[best]),
+                float(f1[best_f1]), float(thresholds[best_f1]))
+
+    def _mean_iou_per_image(self, thresholds: np.ndarray, warnings: List[str]
+                            ) -> Tuple[np.ndarray, Optional[float], Optional[float]]:
+        """``(mean per-image IoU curve, its best value, that threshold)``."""
+        iou_mean = np.full(self.num_thresholds, np.nan)
+        best_value = best_threshold = None
+        if self._n_iou_images:
+            iou_mean = self._iou_sum_per_image / self._n_iou_images
+            best = int(np.argmax(iou_mean))
+            best_value, best_threshold = float(iou_mean[best]), float(thresholds[best])
+        else:
+            warnings.append("iou_mean_per_image is undefined: no image has defect pixels")
+        if self._n_empty_mask_defective:
+            warnings.append(
+                f"{self._n_empty_mask_defective} image(s) labelled defective have an empty mask: "
+                "they count for image_auroc but not for the per-image IoU")
+        return iou_mean, best_value, best_threshold
 
     def _aupro(self, normal_hist: np.ndarray, n_normal: float) -> Optional[float]:
         """Area under PRO(FPR) from 0 to ``fpr_limit``, divided by ``fpr_limit``."""

@@ -21,13 +21,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from anoseg.checkpoint import atomic_write_bytes
+from anoseg.atomic import atomic_write_bytes
 
 PathLike = Union[str, Path]
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
 MAP_PNG_SCALE = 65535
 """Full scale of the 16-bit map PNGs: ``score = pixel / MAP_PNG_SCALE``."""
+
+MAPS_README = ("Anomaly maps as 16-bit grayscale PNG at the model's resolution: "
+               "score = pixel value / 65535 (1 = anomalous).\n"
+               "Python: numpy.asarray(PIL.Image.open(path), dtype=float) / 65535, "
+               "or anoseg.visualize.read_map_png(path).\n")
+"""The ``README.txt`` written beside saved maps."""
 
 PLOT_SKIPPED_MESSAGE = ("IoU plot skipped: matplotlib is not installed "
                         "(pip install 'anoseg-torch[plot]')")

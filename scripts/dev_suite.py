@@ -26,7 +26,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from anoseg.baselines import PerPixelGaussian
-from anoseg.checkpoint import LAST_CHECKPOINT, atomic_write_text, write_json
+from anoseg.atomic import atomic_write_text, write_json
+from anoseg.run_dir import RunDir
 from anoseg.config import load_config
 from anoseg.data.mvtec import MVTecTestDataset, list_train_images, load_image
 from anoseg.data.suite import SUITE_CATEGORIES, write_suite
@@ -78,12 +79,13 @@ def train_members(cfg_path: str, overrides: List[str], root: Path, category: str
     for seed in seeds:
         run_dir = run_root / f"s{seed}"
         runs.append(run_dir)
-        if (run_dir / "summary.json").is_file():
+        run = RunDir(run_dir)
+        if run.read_summary() is not None:
             continue
         cfg = load_config(cfg_path, overrides, values={
             "data": {"root": str(root), "category": category, "split_seed": seeds[0]},
             "train": {"time_budget": budget / len(seeds), "seed": seed}})
-        train(cfg, run_dir, progress=False, resume=(run_dir / LAST_CHECKPOINT).is_file())
+        train(cfg, run_dir, progress=False, resume=run.has_checkpoint())
     return runs
 
 
@@ -146,8 +148,7 @@ def main() -> None:
         start = time.perf_counter()
         runs = train_members(args.config, args.overrides, root, category, args.budget,
                              args.seeds, output / name)
-        train_seconds = sum(json.loads((r / "summary.json").read_text())["train_seconds"]
-                            for r in runs)
+        train_seconds = sum(RunDir(r).read_summary()["train_seconds"] for r in runs)
         scores = model_scores(runs, root, category)
         results[name] = {"model": scores, "floor": floor, "train_seconds": train_seconds}
         print(f"{name}: {time.perf_counter() - start:.0f} s, train {train_seconds:.0f} s; "

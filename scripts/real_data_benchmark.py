@@ -23,9 +23,10 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from anoseg.checkpoint import LAST_CHECKPOINT
 from anoseg.config import load_config
 from anoseg.evaluation import evaluate_run
+from anoseg.reporting import benchmark_table
+from anoseg.run_dir import RunDir
 from anoseg.training import train
 
 # From the issue "Real defects": DRAEM (anomalib 2.7), 128x128, batch 8, Adam 1e-4, 1200 s on
@@ -44,33 +45,24 @@ PEERS: Dict[str, Dict[str, Dict[str, float]]] = {
                     "iou_pooled_best": 0.001, "pixel_f1_max": 0.002},
     },
 }
-COLUMNS = [("pixel_auroc", "pixel AUROC"), ("image_auroc", "image AUROC"),
-           ("aupro", "AUPRO@0.3"), ("iou_pooled_best", "best IoU"), ("pixel_f1_max", "F1-max")]
-
-
-def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.3f}"
-
-
-GOAL_METRICS = ("pixel_auroc", "aupro", "iou_pooled_best")
 
 
 def run_one(data_root: Path, category: str, config: str, overrides: List[str], budget: float,
             run_dir: Path, progress: bool, seed: int = 0,
             split_seed: Optional[int] = None) -> Dict:
-    summary_path = run_dir / "summary.json"
-    if not summary_path.is_file():
+    run = RunDir(run_dir)
+    if not run.summary.is_file():
         data = {"root": str(data_root), "category": category}
         if split_seed is not None:
             data["split_seed"] = split_seed
         cfg = load_config(config, overrides, values={
             "data": data, "train": {"time_budget": budget, "seed": seed}})
         # an interrupted run (checkpoint, no summary) continues where it stopped
-        train(cfg, run_dir, progress=progress, resume=(run_dir / LAST_CHECKPOINT).is_file())
-    summary = json.loads(summary_path.read_text())
+        train(cfg, run_dir, progress=progress, resume=run.has_checkpoint())
+    summary = json.loads(run.summary.read_text())
     start = time.perf_counter()
-    report = evaluate_run(run_dir, output_dir=run_dir / "eval", progress=progress, pictures=6)
-    result = dict(report.results[category])
+    report = evaluate_run(run_dir, output_dir=run.eval_dir, progress=progress, pictures=6)
+    result = report.results[category].to_dict()
     result["eval_seconds"] = time.perf_counter() - start
     result["steps"] = summary["steps"]
     result["train_seconds"] = summary["train_seconds"]
@@ -110,51 +102,12 @@ def main() -> None:
             members = [run_dir(c, seed) for seed in args.seeds]
             report = evaluate_run(members, output_dir=out / f"{c}_ensemble",
                                   progress=not args.no_progress, pictures=6, ensemble=True)
-            ensembles[c] = dict(report.results[c])
+            ensembles[c] = report.results[c].to_dict()
             ensembles[c]["steps"] = sum(r["steps"] for r in ours[c])
             ensembles[c]["train_seconds"] = sum(r["train_seconds"] for r in ours[c])
-    lines = [f"Training budget {args.budget:.0f} s per set, config `{args.config}`"
-             + (f", overrides {args.overrides}" if args.overrides else "")
-             + f", seeds {args.seeds}"
-             + (f" as one ensemble ({member_budget:.0f} s each)" if args.ensemble else "")
-             + ".", "",
-             "| set | method | " + " | ".join(n for _, n in COLUMNS) + " | steps | train s |",
-             "|---|---|" + "---|" * (len(COLUMNS) + 2)]
-    for category in args.categories:
-        runs = ours[category]
-        for seed, r in zip(args.seeds, runs):
-            lines.append(f"| {category} | anoseg seed {seed} | "
-                         + " | ".join(_fmt(r.get(k)) for k, _ in COLUMNS)
-                         + f" | {r['steps']} | {r['train_seconds']:.0f} |")
-        mean = {k: (sum(r[k] for r in runs) / len(runs)
-                    if all(r.get(k) is not None for r in runs) else None) for k, _ in COLUMNS}
-        if len(runs) > 1:
-            lines.append(f"| {category} | {'' if args.ensemble else '**'}anoseg mean of "
-                         f"{len(runs)}{'' if args.ensemble else '**'} | "
-                         + " | ".join(_fmt(mean[k]) for k, _ in COLUMNS) + " | | |")
-        headline = mean  # what the margin row measures: the mean, or the ensemble below
-        if args.ensemble:
-            e = ensembles[category]
-            lines.append(f"| {category} | **anoseg ensemble of {len(runs)}** | "
-                         + " | ".join(_fmt(e.get(k)) for k, _ in COLUMNS)
-                         + f" | {e['steps']} | {e['train_seconds']:.0f} |")
-            headline = {k: e.get(k) for k, _ in COLUMNS}
-        peers = [numbers[category] for numbers in PEERS.values() if category in numbers]
-        for peer, numbers in PEERS.items():
-            if category in numbers:
-                lines.append(f"| {category} | {peer} | "
-                             + " | ".join(_fmt(numbers[category].get(k)) for k, _ in COLUMNS)
-                             + " | | |")
-        if peers:
-            margins = []
-            for k, _ in COLUMNS:
-                best = max(p[k] for p in peers)
-                margins.append(f"{headline[k] - best:+.3f}" if k in GOAL_METRICS
-                               and headline[k] is not None else "")
-            which = (" ensemble" if args.ensemble else " mean" if len(runs) > 1 else "")
-            lines.append(f"| {category} | margin of anoseg{which} "
-                         "over the better peer | " + " | ".join(margins) + " | | |")
-    table = "\n".join(lines) + "\n"
+    table = benchmark_table(ours, ensembles, PEERS, seeds=args.seeds, budget=args.budget,
+                            member_budget=member_budget, config=args.config,
+                            overrides=args.overrides)
     (out / "table.md").write_text(table)
     print(table)
     print(f"wrote {out / 'table.md'}")

@@ -34,16 +34,11 @@ import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import run_categories as rc  # noqa: E402  (the sibling script, importable from here)
-
-from anoseg import paper_results as paper  # noqa: E402
-from anoseg.checkpoint import atomic_write_text  # noqa: E402
-from anoseg.config import MVTEC_CATEGORIES, load_config  # noqa: E402
-from anoseg.errors import AnoSegError  # noqa: E402
+from anoseg import batch_runs as rc
+from anoseg.config import MVTEC_CATEGORIES, load_config
+from anoseg.errors import AnoSegError
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -82,9 +77,6 @@ TABLE5: Tuple[Ablation, ...] = (
 """Table 5's detector configurations, trained on the full segmenter (``TABLE3[-1]``)."""
 
 FULL_SEGMENTER = TABLE3[-1]
-MARKDOWN_FILE = "ablations.md"
-TABLE3_CSV = "table3_ablation.csv"
-TABLE5_CSV = "table5_ablation.csv"
 
 
 def detector_specs() -> List[rc.DetectorSpec]:
@@ -102,111 +94,21 @@ def ablation_job(ablation: Ablation, data_root: Path, output_dir: Path,
                   list(overrides), detectors, device, progress)
 
 
-# ------------------------------------------------------------------------------ tables
-
-
-def _pair(auroc: Optional[float], iou: Optional[float]) -> str:
-    return f"{rc.fmt(auroc)} / {rc.fmt(iou)}"
-
-
-def table3(output_dir: Path, categories: Sequence[str]) -> rc.Table:
-    """Table 3: a column per configuration, cells ``pixel AUROC / IoU``, mean and paper rows."""
-    values: Dict[str, Dict[str, Dict[str, Any]]] = {
-        a.name: {c: rc.category_metrics(output_dir / a.name / c) or {} for c in categories}
-        for a in TABLE3}
-    md_rows: List[List[str]] = []
-    csv_rows: List[List[Any]] = []
-    for category in categories:
-        md, raw = [category], [category]
-        for a in TABLE3:
-            result = values[a.name][category]
-            auroc, iou = result.get("pixel_auroc"), result.get("iou_pooled_best")
-            md.append(_pair(auroc, iou))
-            raw += [auroc, iou]
-        md_rows.append(md)
-        csv_rows.append(raw)
-    md, raw = ["**Mean**"], ["mean"]
-    paper_md, paper_raw = ["Paper (mean)"], ["paper_mean"]
-    for a in TABLE3:
-        auroc = rc.mean_of(values[a.name][c].get("pixel_auroc") for c in categories)
-        iou = rc.mean_of(values[a.name][c].get("iou_pooled_best") for c in categories)
-        md.append(_pair(auroc, iou))
-        raw += [auroc, iou]
-        paper_auroc, paper_iou = paper.TABLE3_MEANS[a.name]
-        paper_md.append(_pair(paper_auroc, paper_iou))
-        paper_raw += [paper_auroc, paper_iou]
-    md_rows += [md, paper_md]
-    csv_rows += [raw, paper_raw]
-    notes = _missing_notes({a.name: values[a.name] for a in TABLE3}, "pixel_auroc")
-    notes.append("Cells: pixel AUROC / IoU (all test pixels pooled, best threshold). The paper "
-                 "row is its Table 3 mean over the 15 MVTec AD categories.")
-    csv_headers = ["category"] + [f"{a.name}_{m}" for a in TABLE3 for m in ("pixel_auroc", "iou")]
-    return rc.Table("Table 3: segmentation ablation (pixel AUROC / IoU)",
-                    ["Category", *(a.title for a in TABLE3)], md_rows, csv_headers, csv_rows,
-                    notes)
-
-
-def table5(output_dir: Path, categories: Sequence[str]) -> rc.Table:
-    """Table 5: a column per detector configuration, cells image AUROC, mean and paper rows."""
-    values: Dict[str, Dict[str, Dict[str, Any]]] = {}
-    for spec in detector_specs():
-        values[spec.name] = {}
-        for category in categories:
-            run_dir = output_dir / FULL_SEGMENTER.name / category
-            record = rc.detector_auroc_record(run_dir, spec) or {}
-            values[spec.name][category] = {"image_auroc": record.get("image_auroc")}
-    md_rows: List[List[str]] = []
-    csv_rows: List[List[Any]] = []
-    for category in categories:
-        cells = [values[a.name][category]["image_auroc"] for a in TABLE5]
-        md_rows.append([category, *(rc.fmt(v) for v in cells)])
-        csv_rows.append([category, *cells])
-    means = [rc.mean_of(values[a.name][c]["image_auroc"] for c in categories) for a in TABLE5]
-    papers = [paper.TABLE5_MEANS[a.name] for a in TABLE5]
-    md_rows += [["**Mean**", *(rc.fmt(v) for v in means)],
-                ["Paper (mean)", *(rc.fmt(v) for v in papers)]]
-    csv_rows += [["mean", *means], ["paper_mean", *papers]]
-    notes = _missing_notes(values, "image_auroc")
-    notes.append(f"Image AUROC of each detector's score (eq. 5), all trained on the full "
-                 f"segmenter ({FULL_SEGMENTER.name}). The paper row is its Table 5 mean over "
-                 "the 15 MVTec AD categories.")
-    return rc.Table("Table 5: detection ablation (image AUROC)",
-                    ["Category", *(a.title for a in TABLE5)], md_rows,
-                    ["category", *(a.name for a in TABLE5)], csv_rows, notes)
-
-
-def _missing_notes(values: Dict[str, Dict[str, Dict[str, Any]]], key: str) -> List[str]:
-    missing = [f"{name}/{category}" for name, by_category in values.items()
-               for category, result in by_category.items() if result.get(key) is None]
-    if not missing:
-        return []
-    return [f"Not done or undefined ({rc.MISSING}): {', '.join(missing)}; means average the "
-            "categories that have a value."]
-
-
 def write_ablation_tables(output_dir: Path, categories: Sequence[str],
                           detector: bool = False) -> Tuple[str, List[Path]]:
-    """Write ``ablations.md`` and the CSV files (Table 5 only with ``detector``).
-
-    Returns:
-        ``(markdown text, paths written)``.
-    """
-    tables = [(table3(output_dir, categories), TABLE3_CSV)]
-    if detector:
-        tables.append((table5(output_dir, categories), TABLE5_CSV))
-    markdown = (f"# AnoSeg ablations on {len(categories)} categories\n\nRuns in "
-                f"`{output_dir}/<configuration>/<category>`; values are fractions.\n\n"
-                + "\n".join(table.markdown() for table, _ in tables))
-    output_dir.mkdir(parents=True, exist_ok=True)
-    paths = [output_dir / MARKDOWN_FILE]
-    atomic_write_text(paths[0], markdown)
-    for table, name in tables:
-        paths.append(output_dir / name)
-        atomic_write_text(paths[-1], rc.csv_text(table.csv_headers, table.csv_rows))
-    return markdown, paths
+    """Write ``ablations.md`` and the CSV files (Table 5 only with ``detector``)."""
+    return rc.write_ablation_tables(
+        output_dir, categories, {a.name: a.title for a in TABLE3},
+        list(zip(detector_specs(), (a.title for a in TABLE5))) if detector else [])
 
 
 # ------------------------------------------------------------------------------ command line
+
+
+def child_command(job: rc.Job, category: str) -> List[str]:
+    """One category of ``job`` as a ``run_categories.py`` command line (for ``--gpus``)."""
+    return rc.category_command(Path(__file__).resolve().parent / "run_categories.py", job,
+                               category)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -259,7 +161,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rc.check_categories(data_root, args.categories)
         for ablation, job in zip(TABLE3, jobs):
             print(f"== {ablation.name}: {ablation.title}")
-            done = rc.run_job(job, args.categories, args.gpus)
+            done = rc.run_job(job, args.categories, args.gpus, command_for=child_command)
             statuses.update({f"{ablation.name}/{c}": s for c, s in done.items()})
             rc.write_tables(job.output_dir, args.categories)
             if "interrupted" in done.values():

@@ -33,7 +33,7 @@ def test_training_step_on_cuda_in_each_precision(precision):
     cfg = load_config(None, TINY + [f"train.precision={precision}", "model.map_skips=2",
                                     "train.ema_decay=0.9", "train.grad_clip=1.0"])
     device = torch.device("cuda")
-    from anoseg.training import resolve_precision
+    from anoseg.runtime import resolve_precision
 
     amp_dtype = resolve_precision(precision, device)
     state = create_train_state(cfg, device)
@@ -88,7 +88,7 @@ def test_cuda_run_loads_on_cpu_with_the_same_maps(demo_root, tmp_path):
 
 
 def test_detector_stage_trains_on_cuda(demo_root, tmp_path):
-    from anoseg.detector import train_detector
+    from anoseg.detector_training import train_detector
 
     train(tiny_config(demo_root, "train.steps=2"), tmp_path / "run", progress=False)
     train_detector(tmp_path / "run", ["detector.steps=2", "train.device=cuda"], progress=False)

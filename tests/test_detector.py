@@ -14,8 +14,9 @@ import anoseg
 from anoseg.checkpoint import load_checkpoint
 from anoseg.config import load_config
 from anoseg.data.mvtec import MVTecTestDataset
-from anoseg.detector import (DetectorTrainingDataset, create_detector_state, detector_scores,
-                             detector_train_step, freeze, load_detector, train_detector)
+from anoseg.detector_training import (DetectorTrainingDataset, create_detector_state,
+                                      detector_train_step, freeze, train_detector)
+from anoseg.inference import detector_scores, load_detector
 from anoseg.errors import CheckpointError, ConfigError, TrainingDivergedError
 from anoseg.models.detector import AnoSegDetector
 from anoseg.training import train
@@ -197,7 +198,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(segmenter_run, tm
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(segmenter_run, tmp_path, monkeypatch):
-    import anoseg.detector as detector
+    import anoseg.detector_training as detector
 
     real_loss = detector.reconstruction_loss
     calls = {"n": 0}
@@ -245,7 +246,8 @@ def test_cli_without_segmenter_gives_one_clear_line(tmp_path):
 
 def test_eval_and_predict_report_the_detector(segmenter_run, trained_detector, demo_root,
                                               tmp_path):
-    from anoseg.evaluation import evaluate_run, predict_run
+    from anoseg.evaluation import evaluate_run
+    from anoseg.predict import predict_run
 
     report = evaluate_run(segmenter_run, output_dir=tmp_path / "eval", device="cpu",
                           progress=False)

@@ -10,8 +10,9 @@ from anoseg.checkpoint import load_checkpoint
 from anoseg.config import load_config
 from anoseg.data.mvtec import load_images_cached
 from anoseg.data.training_data import StepSampler, SyntheticAnomalyDataset
-from anoseg.training import (build_generator, learning_rate, masked_reconstruction_loss,
-                             prepare_training_split, segmentation_loss)
+from anoseg.losses import masked_reconstruction_loss, segmentation_loss
+from anoseg.models.factory import build_generator
+from anoseg.training import learning_rate, prepare_training_split
 
 SETTINGS = ["data.image_size=64", "model.width=0.125", "train.batch_size=4",
             "data.num_workers=0", "train.steps=3", "train.log_every=1",

@@ -37,14 +37,14 @@ def test_ensemble_map_is_the_mean_of_the_members(members):
     model = load_ensemble(members, device="cpu")
     both = anoseg.predict_anomaly_maps(model.generator, images)
     assert torch.allclose(both, (single[0] + single[1]) / 2, atol=1e-6)
-    assert model.checkpoint["ensemble"] == [str(r) for r in members]
-    assert model.checkpoint["step"] == 4
+    assert list(model.members) == [str(r) for r in members]
+    assert model.step == 4
 
 
 def test_split_seed_gives_members_one_holdout(members, demo_root, tmp_path):
     splits = [json.loads((r / "split.json").read_text()) for r in members]
     assert splits[0]["holdout"] == splits[1]["holdout"] and splits[0]["holdout"]
-    assert load_ensemble(members, device="cpu").checkpoint["split"]["holdout"] == \
+    assert load_ensemble(members, device="cpu").data.split.holdout == \
         splits[0]["holdout"]
     # without a shared split seed the members hold out different images
     cfg = load_config(None, TINY + [f"data.root={demo_root}", "data.category=demo_texture",
@@ -53,7 +53,7 @@ def test_split_seed_gives_members_one_holdout(members, demo_root, tmp_path):
     other = json.loads((tmp_path / "own_split" / "split.json").read_text())["holdout"]
     assert other != splits[0]["holdout"]
     mixed = load_ensemble([members[0], tmp_path / "own_split"], device="cpu")
-    shared = mixed.checkpoint["split"]["holdout"]
+    shared = mixed.data.split.holdout
     assert set(shared) == set(splits[0]["holdout"]) & set(other)
 
 
@@ -84,7 +84,7 @@ def test_ensemble_of_different_splits_skips_label_free_columns(members, demo_roo
     report = evaluate_run([members[0], tmp_path / "other"], output_dir=tmp_path / "eval",
                           progress=False, ensemble=True)
     result = report.results["demo_texture"]
-    assert load_ensemble([members[0], tmp_path / "other"]).checkpoint["split"]["holdout"] == []
+    assert load_ensemble([members[0], tmp_path / "other"]).data.split.holdout == []
     assert result["label_free_threshold"] is None
     assert any("data.split_seed" in w for w in result["warnings"])
     assert not any("holdout_fraction = 0" in w for w in result["warnings"])

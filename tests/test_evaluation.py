@@ -20,8 +20,10 @@ from anoseg.cli import predict as predict_cli
 from anoseg.cli.common import run_cli
 from anoseg.config import load_config
 from anoseg.data.mvtec import load_image
-from anoseg.evaluation import (CSV_KEYS, METRIC_COLUMNS, collect_image_paths,
-                               evaluate_category, holdout_image_paths, output_names)
+from anoseg.evaluation import evaluate_category
+from anoseg.predict import collect_image_paths, output_names
+from anoseg.reporting import CSV_KEYS, METRIC_COLUMNS
+from anoseg.threshold import holdout_image_paths
 from anoseg.inference import load_model, predict_anomaly_maps
 from anoseg.metrics import NormalScoreQuantile
 from anoseg.training import train

@@ -4,7 +4,7 @@ import torch
 from anoseg.config import load_config
 from anoseg.models.discriminator import AnoSegDiscriminator
 from anoseg.models.generator import AnoSegGenerator, coordinate_channels
-from anoseg.training import build_generator
+from anoseg.models.factory import build_generator
 
 
 @pytest.mark.parametrize("size", [64, 128, 256])

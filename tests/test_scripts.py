@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from anoseg import batch_runs
 from anoseg import paper_results as paper
+from anoseg.reporting import build_tables
 from anoseg.config import MVTEC_CATEGORIES, load_config
 from anoseg.training import train
 
@@ -27,8 +29,8 @@ SWITCHES = {"synthesis.hard_augmentation", "train.adversarial", "model.reconstru
 
 
 def _load_script(name):
-    """Import ``scripts/<name>.py`` as module ``name`` (run_ablations imports run_categories
-    under that name, so both share one module)."""
+    """Import ``scripts/<name>.py`` as module ``name`` (for their command lines; the library
+    logic they call is imported from the package)."""
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
@@ -149,16 +151,16 @@ def test_one_category_per_gpu_path_runs_subprocesses(rc, demo_root, tmp_path):
     args.remove("--device")
     args.remove("cpu")
     assert rc.main(args) == 0
-    assert rc.category_done(out / "demo_object")
+    assert batch_runs.category_done(out / "demo_object")
     log = (out / "logs" / "demo_object.log").read_text()
     assert "completed at step 3" in log and "evaluating" in log
     assert [r[0] for r in _read_csv(out / "table1_auroc.csv")[1:]] == ["demo_object", "mean"]
 
 
 def test_child_command_carries_the_job(rc, tmp_path):
-    job = rc.Job(tmp_path / "data", tmp_path / "out", ["configs/cpu_small.yaml"],
-                 ["train.steps=5"], [rc.DetectorSpec("detector"),
-                                     rc.DetectorSpec("base", "configs/detector_base.yaml")])
+    job = batch_runs.Job(tmp_path / "data", tmp_path / "out", ["configs/cpu_small.yaml"],
+                 ["train.steps=5"], [batch_runs.DetectorSpec("detector"),
+                                     batch_runs.DetectorSpec("base", "configs/detector_base.yaml")])
     command = rc.child_command(job, "bottle")
     assert command[1] == str(REPO / "scripts" / "run_categories.py")
     joined = " ".join(command)
@@ -180,15 +182,15 @@ def test_bad_input_gives_one_line_and_status_2(rc, demo_root, tmp_path, capsys):
 def test_paper_columns_and_means(rc):
     fake = {"pixel_auroc": 0.9, "image_auroc": 0.8, "iou_pooled_best": 0.5, "aupro": 0.7,
             "pixel_f1_max": 0.6}
-    table1 = rc.build_tables(["bottle", "demo_texture"],
+    table1 = build_tables(["bottle", "demo_texture"],
                              {"bottle": fake, "demo_texture": {}})[0]
     assert table1.rows[0][:3] == ["bottle", "0.900", "0.99"]
     assert table1.rows[1][1:3] == ["-", "-"]
     assert table1.rows[2][1:3] == ["0.900", "-"]  # mean over defined values; paper: no mean
-    subset = rc.build_tables(["bottle", "capsule"], {"bottle": fake, "capsule": fake})
+    subset = build_tables(["bottle", "capsule"], {"bottle": fake, "capsule": fake})
     assert subset[0].csv_rows[-1][2] == pytest.approx((0.99 + 0.90) / 2)
     assert subset[1].rows[-1][2] == "-"  # no per-category IoU in the paper
-    full = rc.build_tables(list(MVTEC_CATEGORIES), {c: fake for c in MVTEC_CATEGORIES})
+    full = build_tables(list(MVTEC_CATEGORIES), {c: fake for c in MVTEC_CATEGORIES})
     assert full[0].rows[-1][2] == "0.97" and full[0].rows[-1][-1] == "0.96"
     assert full[1].rows[-1][2] == "0.542"
     assert len(full[0].rows) == 16

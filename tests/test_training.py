@@ -40,7 +40,7 @@ def test_one_step_changes_generator_and_discriminator():
 
 
 def test_grad_clip_scales_gradients_to_the_norm_and_reports_it():
-    from anoseg.training import optimizer_step
+    from anoseg.engine import optimizer_step
 
     weight = torch.nn.Parameter(torch.zeros(4))
     opt = torch.optim.SGD([weight], lr=1.0)
@@ -128,7 +128,7 @@ def test_ema_weights_average_the_raw_weights_and_serve_inference(demo_root, tmp_
         assert torch.equal(model.generator.state_dict()[name], expected[name]), weights
         assert model.weights == ("raw" if weights == "raw" else "ema")
     # the cached label-free threshold belongs to one set of weights, not to the file
-    from anoseg.evaluation import cached_label_free_threshold, holdout_image_paths
+    from anoseg.threshold import cached_label_free_threshold, holdout_image_paths
 
     ckpt_path = tmp_path / "run" / "checkpoints" / "last.pt"
     for weights, from_cache in (("ema", False), ("ema", True), ("raw", False), ("raw", True)):
@@ -227,7 +227,7 @@ def test_cli_trains_and_saves_resolved_config(demo_root, tmp_path):
 
 
 def test_balanced_segmentation_loss_weighs_both_classes_equally():
-    from anoseg.training import segmentation_loss
+    from anoseg.losses import segmentation_loss
 
     target = torch.ones(1, 1, 10, 10)
     target[..., :1, :1] = 0  # one pasted pixel out of 100

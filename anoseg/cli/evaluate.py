@@ -91,7 +91,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for note in report.mean_notes:
         print(f"note: {note}")
     for category, result in report.results.items():
-        for warning in result["warnings"]:
+        for warning in result.warnings:
             print(f"warning ({category}): {warning}")
     for message in report.messages:
         print(message)

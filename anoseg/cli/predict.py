@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from anoseg.evaluation import predict_run
+    from anoseg.predict import predict_run
 
     report = predict_run(args.checkpoint, args.images, args.output_dir,
                          threshold=args.threshold, batch_size=args.batch_size,

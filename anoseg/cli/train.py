@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train_detector(args: argparse.Namespace) -> int:
-    from anoseg.detector import train_detector
+    from anoseg.detector_training import train_detector
 
     if args.run is None:
         raise ConfigError("--stage detector needs --run RUN_DIR (a trained segmenter run)")

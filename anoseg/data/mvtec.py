@@ -75,7 +75,7 @@ def _is_image_file(path: Path) -> bool:
     return _is_visible(path) and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
 
 
-def _image_files(folder: Path) -> List[Path]:
+def image_files(folder: Path) -> List[Path]:
     """Image files directly inside ``folder``, sorted by name (nested folders are ignored)."""
     return sorted((p for p in folder.iterdir() if _is_image_file(p)), key=lambda p: p.name)
 
@@ -128,7 +128,7 @@ def list_train_images(root: PathLike, category: str) -> List[Path]:
     if not good.is_dir():
         raise DataError(f"training folder {good} does not exist; expected the normal training "
                         f"images there ({_FORMATS_TEXT})")
-    images = _image_files(good)
+    images = image_files(good)
     if not images:
         raise DataError(f"training folder {good} contains no images; expected {_FORMATS_TEXT}")
     return images
@@ -146,7 +146,7 @@ def _pair_masks(images: Sequence[Path], mask_dir: Path) -> Dict[Path, Path]:
     Raises:
         DataError: An image has no mask, two masks fit one image, or a mask has no image.
     """
-    masks = _image_files(mask_dir) if mask_dir.is_dir() else []
+    masks = image_files(mask_dir) if mask_dir.is_dir() else []
     by_key: Dict[str, List[Path]] = {}
     for mask in masks:
         by_key.setdefault(_mask_key(mask), []).append(mask)
@@ -202,7 +202,7 @@ def list_test_samples(root: PathLike, category: str) -> List[Sample]:
     samples: List[Sample] = []
     defect_dirs = {d.name: d for d in _subfolders(test_dir)}
     for defect, folder in sorted(defect_dirs.items()):
-        images = _image_files(folder)
+        images = image_files(folder)
         if defect == GOOD:
             samples.extend(Sample(image, None, GOOD, 0) for image in images)
             continue
@@ -213,7 +213,7 @@ def list_test_samples(root: PathLike, category: str) -> List[Sample]:
     if gt_dir.is_dir():
         for mask_dir in _subfolders(gt_dir):
             if mask_dir.name != GOOD and mask_dir.name not in defect_dirs:
-                masks = _image_files(mask_dir)
+                masks = image_files(mask_dir)
                 if masks:
                     raise DataError(f"mask {masks[0]} has no image; expected the folder "
                                     f"{test_dir / mask_dir.name} with the defect images")

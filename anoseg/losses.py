@@ -1,0 +1,91 @@
+"""Every loss of both stages, as plain functions of tensors.
+
+AnoSeg (paper 3.2-3.3): :func:`segmentation_loss` (L_Seg, eq. 2),
+:func:`masked_reconstruction_loss` (L_Re, eq. 4), :func:`discriminator_loss` and
+:func:`generator_adversarial_loss` (the two sides of L_Adv, eq. 3; the detector's L_Adv^AD,
+eq. 6, is the same pair of functions on its own pairs).
+
+The detector (paper 3.4, appendix A): :func:`reconstruction_loss` (L_rec),
+:func:`feature_matching_loss` (L_fea) and :func:`classification_loss` (L_cls).
+
+Example:
+    >>> import torch
+    >>> float(segmentation_loss(torch.ones(1, 1, 2, 2), torch.zeros(1, 1, 2, 2)))
+    1.0
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from anoseg.runtime import all_reduce_sum, world_size
+
+# --------------------------------------------------------------------------- AnoSeg
+
+
+def segmentation_loss(normality_map: torch.Tensor, normality_target: torch.Tensor,
+                      balanced: bool = False) -> torch.Tensor:
+    """L_Seg (eq. 2): mean absolute error between predicted and target normality maps.
+
+    With ``balanced`` the error is averaged separately over pasted (target 0) and normal
+    (target 1) pixels and the two means are averaged; a batch without pasted pixels falls
+    back to the plain mean.
+    """
+    error = (normality_map - normality_target).abs()
+    if not balanced:
+        return error.mean()
+    anomalous = (normality_target < 0.5).to(error.dtype)
+    n_anomalous = anomalous.sum()
+    if n_anomalous == 0:
+        return error.mean()
+    normal = 1.0 - anomalous
+    return 0.5 * ((error * anomalous).sum() / n_anomalous
+                  + (error * normal).sum() / normal.sum().clamp_min(1.0))
+
+
+def masked_reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor,
+                               normality_target: torch.Tensor) -> torch.Tensor:
+    """L_Re (eq. 4): L1 reconstruction error on normal pixels only, normalised by their count.
+
+    Under DistributedDataParallel the count is summed over all processes (and the loss scaled
+    by the world size, which DDP's gradient averaging undoes), so the loss is the same ratio
+    of sums as in a single process with the global batch.
+    """
+    weight = normality_target.expand_as(images)
+    count = weight.sum().detach()
+    world = world_size()
+    if world > 1:
+        count = all_reduce_sum(count) / world
+    return ((images - reconstruction).abs() * weight).sum() / count.clamp_min(1.0)
+
+
+def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """The discriminator side of L_Adv (eq. 3): real pairs -> 1, generated pairs -> 0."""
+    return (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
+            + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
+
+
+def generator_adversarial_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """The generator side of L_Adv, in the non-saturating form ``-log D(fake)``."""
+    return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
+
+
+# --------------------------------------------------------------------------- the detector
+
+
+def reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """L_rec: mean absolute error between ``x_hat`` and ``x`` (all pixels are normal here)."""
+    return F.l1_loss(reconstruction, images)
+
+
+def feature_matching_loss(fake_features: torch.Tensor, real_features: torch.Tensor
+                          ) -> torch.Tensor:
+    """L_fea: MSE between ``f(x_hat, A_hat)`` and the (fixed) target ``f(x, A_Nor)``."""
+    return F.mse_loss(fake_features, real_features.detach())
+
+
+def classification_loss(real_logits: torch.Tensor, anomaly_logits: torch.Tensor) -> torch.Tensor:
+    """L_cls: real pairs ``(x_Nor, A_Nor)`` -> 1, synthetic anomaly pairs ``(x_Ano, A_Ano)`` -> 0
+    (the same binary cross-entropy as :func:`discriminator_loss`, on other pairs)."""
+    return discriminator_loss(real_logits, anomaly_logits)

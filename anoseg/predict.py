@@ -1,0 +1,210 @@
+"""Predicting anomaly maps, overlays, masks and image scores for any images.
+
+Example:
+    >>> predict_run("runs/bottle", ["photos/"], "predictions")    # doctest: +SKIP
+
+The command-line tool ``anoseg-predict`` is a thin wrapper around :func:`predict_run`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from anoseg.atomic import atomic_write_text, write_json
+from anoseg.checkpoint import resolve_checkpoint
+from anoseg.errors import ConfigError, DataError
+from anoseg.inference import (LoadedDetector, LoadedModel, detector_scores, load_images,
+                              load_model, predict_anomaly_maps, run_detector)
+from anoseg.run_dir import RunDir, safe_name
+from anoseg.runtime import resolve_device
+from anoseg.threshold import cached_label_free_threshold, holdout_image_paths
+from anoseg.visualize import MAPS_README, enlarged_overlay, save_map_png, save_mask_png, save_png
+
+PathLike = Union[str, Path]
+
+
+def collect_image_paths(inputs: Sequence[PathLike]) -> List[Path]:
+    """Image files from files and folders (a folder's images directly inside it, hidden files
+    and other file types ignored), in the given order, without duplicates.
+
+    Raises:
+        DataError: A path does not exist, or a folder holds no images.
+    """
+    from anoseg.data.mvtec import IMAGE_EXTENSIONS, image_files
+
+    paths: List[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = image_files(path)
+            if not found:
+                raise DataError(f"folder {path} contains no images; expected files ending in "
+                                f"{', '.join(IMAGE_EXTENSIONS)}")
+            paths.extend(found)
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise DataError(f"input {path} does not exist; expected an image file or a folder "
+                            "of images")
+    unique: Dict[Path, None] = {}
+    for path in paths:
+        unique.setdefault(path, None)
+    return list(unique)
+
+
+def output_names(paths: Sequence[Path]) -> List[str]:
+    """A distinct file-name stem per input: the stem, or ``<folder>_<stem>`` (then a number)
+    where stems collide."""
+    stems = [safe_name(p.stem) for p in paths]
+    names = [s if stems.count(s) == 1 else f"{safe_name(p.parent.name)}_{s}"
+             for p, s in zip(paths, stems)]
+    taken: Dict[str, int] = {}
+    unique: List[str] = []
+    for name in names:
+        count = taken.get(name, 0)
+        taken[name] = count + 1
+        unique.append(name if count == 0 else f"{name}_{count}")
+    return unique
+
+
+@dataclass
+class PredictionReport:
+    """What :func:`predict_images` wrote.
+
+    Attributes:
+        output_dir: Folder with ``maps/``, ``overlays/``, ``masks/``, ``scores.csv``,
+            ``prediction.json``.
+        threshold: The pixel threshold of the masks and of ``is_anomalous``.
+        threshold_source: ``"given"``, ``"holdout"`` or ``"holdout (cached)"``.
+        rows: One dict per image (the ``scores.csv`` rows).
+    """
+
+    output_dir: Path
+    threshold: float
+    threshold_source: str
+    rows: List[Dict[str, Any]]
+
+
+def predict_images(model: LoadedModel, image_paths: Sequence[PathLike], output_dir: PathLike, *,
+                   threshold: float, batch_size: int = 16, progress: bool = True,
+                   threshold_source: str = "given",
+                   detector: Optional[LoadedDetector] = None) -> PredictionReport:
+    """Write anomaly maps, overlays, masks and scores for images.
+
+    Every image is checked (header) before anything is written. Per image ``<name>``:
+    ``maps/<name>.png`` (16-bit map at the model's resolution, score = value / 65535),
+    ``overlays/<name>.png`` (the map blended over the resized input, enlarged to >= 256 px) and
+    ``masks/<name>.png`` (0/255, pixels with score >= ``threshold``). ``scores.csv`` has one row
+    per image: ``path``, ``image_score`` (max of the map), ``is_anomalous``
+    (``image_score >= threshold``), ``anomalous_pixel_fraction`` and the three file names; with
+    a ``detector`` (:class:`anoseg.inference.LoadedDetector`), also ``detector_score`` (eq. 5,
+    higher = more anomalous; not thresholded).
+
+    Raises:
+        DataError: An image is missing or unreadable (the message names it).
+    """
+    from anoseg.data.mvtec import image_size_of
+
+    paths = [Path(p) for p in image_paths]
+    if not paths:
+        raise DataError("no images to predict")
+    for path in paths:
+        image_size_of(path)  # fails early, naming the file, before anything is written
+    output_dir = Path(output_dir)
+    names = output_names(paths)
+    size = model.config.data.image_size
+    rows: List[Dict[str, Any]] = []
+    with tqdm(total=len(paths), desc="predict", unit="img", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start:start + batch_size]
+            images = load_images(chunk, size)
+            maps = predict_anomaly_maps(model.generator, images, batch_size=batch_size)
+            scores = None
+            if detector is not None:
+                scores = detector_scores(detector, model.generator, images,
+                                         batch_size=batch_size)
+            for offset, path in enumerate(chunk):
+                name = names[start + offset]
+                anomaly_map = maps[offset]
+                mask = anomaly_map >= threshold
+                files = {"map": f"maps/{name}.png", "overlay": f"overlays/{name}.png",
+                         "mask": f"masks/{name}.png"}
+                save_map_png(output_dir / files["map"], anomaly_map)
+                save_png(output_dir / files["overlay"], enlarged_overlay(images[offset],
+                                                                         anomaly_map))
+                save_mask_png(output_dir / files["mask"], mask)
+                image_score = float(anomaly_map.max())
+                row = {"path": str(path), "image_score": image_score}
+                if scores is not None:
+                    row["detector_score"] = float(scores[offset])
+                rows.append({**row, "is_anomalous": int(image_score >= threshold),
+                             "anomalous_pixel_fraction": float(mask.float().mean()), **files})
+            bar.update(len(chunk))
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(output_dir / "scores.csv", buffer.getvalue())
+    atomic_write_text(output_dir / "maps" / "README.txt", MAPS_README)
+    write_json(output_dir / "prediction.json", {
+        "threshold": threshold, "threshold_source": threshold_source,
+        "image_size": size, "n_images": len(rows),
+        "n_anomalous": sum(r["is_anomalous"] for r in rows)})
+    return PredictionReport(output_dir, threshold, threshold_source, rows)
+
+
+def predict_run(checkpoint: PathLike, inputs: Sequence[PathLike], output_dir: PathLike, *,
+                threshold: Optional[float] = None, batch_size: Optional[int] = None,
+                device: Union[None, str, torch.device] = None, data_root: Optional[PathLike] = None,
+                progress: bool = True) -> PredictionReport:
+    """Load a run or checkpoint and :func:`predict_images` on files and folders of images.
+
+    Args:
+        checkpoint: Run folder or checkpoint file.
+        inputs: Image files and folders (see :func:`collect_image_paths`).
+        output_dir: Where to write.
+        threshold: Pixel threshold; default: the label-free threshold from the run's held-out
+            normal images (cached beside the checkpoint, see :func:`cached_label_free_threshold`).
+        batch_size: Default: the run's ``eval.batch_size``.
+        device: ``auto``/``None``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        data_root: Where the run's dataset is now, if it moved since training.
+        progress: Show progress bars.
+
+    Raises:
+        AnoSegError: Bad inputs; no threshold given and the run has no held-out images.
+    """
+    if threshold is not None and not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
+        raise ConfigError(f"threshold {threshold!r} is invalid; expected a score in [0, 1]")
+    checkpoint_path = resolve_checkpoint(checkpoint)
+    image_paths = collect_image_paths(inputs)
+    model = load_model(checkpoint_path, resolve_device(device))
+    batch_size = batch_size or model.config.eval.batch_size
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    source = "given"
+    if threshold is None:
+        run = RunDir.of_checkpoint(checkpoint_path)
+        holdout = holdout_image_paths(model, data_root, run.path if run is not None else None)
+        if not holdout:
+            raise DataError(f"run {checkpoint_path} has no held-out normal images "
+                            "(data.holdout_fraction = 0), so there is no label-free threshold; "
+                            "pass --threshold")
+        threshold, from_cache = cached_label_free_threshold(
+            model, checkpoint_path, holdout, batch_size=batch_size, progress=progress)
+        source = "holdout (cached)" if from_cache else "holdout"
+    detector, warning = run_detector(checkpoint_path, model, model.device)
+    if warning is not None:
+        print(f"warning: {warning}")
+    return predict_images(model, image_paths, output_dir, threshold=threshold,
+                          batch_size=batch_size, progress=progress, threshold_source=source,
+                          detector=detector)

@@ -1,0 +1,170 @@
+"""Where and how tensors run: the device, the autocast precision, and torchrun's processes.
+
+Shared by training and inference (nothing here trains or loads a model).
+
+Example:
+    >>> device = resolve_device("cpu")
+    >>> resolve_precision("auto", device) is None
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from anoseg.errors import ConfigError
+
+
+def resolve_device(name: Union[None, str, torch.device] = "auto") -> torch.device:
+    """``auto`` (or ``None``) picks CUDA, then MPS, then CPU; an explicit device that is absent
+    is a :class:`ConfigError`."""
+    name = "auto" if name is None else str(name)
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but CUDA is not available here; use 'auto' "
+                          "or 'cpu'")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None)
+                                     and torch.backends.mps.is_available()):
+        raise ConfigError(f"train.device={name!r} but MPS is not available here")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype, or ``None`` for plain fp32."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "fp32":
+        return None
+    if precision == "fp16" and device.type == "cpu":
+        raise ConfigError("train.precision='fp16' is for CUDA; on CPU use 'bf16' or 'fp32'")
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    """``torch.autocast`` for ``dtype``, or a no-op context for fp32 (``None``)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_scaler(precision: str, device: torch.device) -> Optional[torch.amp.GradScaler]:
+    """A gradient scaler for fp16 autocast on CUDA; ``None`` otherwise (bf16 and fp32 need none)."""
+    amp_dtype = resolve_precision(precision, device)
+    return (torch.amp.GradScaler("cuda")
+            if amp_dtype == torch.float16 and device.type == "cuda" else None)
+
+
+# --------------------------------------------------------------------------- torchrun
+
+
+@dataclass
+class DistributedContext:
+    """Where this process sits in a ``torchrun`` job (world size 1 when run alone)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_name: str) -> DistributedContext:
+    """Join the process group that ``torchrun`` set up (NCCL on CUDA, gloo on CPU).
+
+    Without torchrun's environment variables this is a no-op returning world size 1.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistributedContext()
+    import torch.distributed as dist
+
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    return DistributedContext(rank, local_rank, world_size)
+
+
+def process_device(ctx: DistributedContext, device_name: str) -> torch.device:
+    """This process's device: its own GPU under a CUDA torchrun job, else
+    :func:`resolve_device`."""
+    if ctx.enabled and torch.cuda.is_available() and device_name in ("auto", "cuda"):
+        return torch.device("cuda", ctx.local_rank)
+    return resolve_device(device_name)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of ``tensor`` over processes (a copy), or ``tensor`` itself when run alone."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def world_size() -> int:
+    """Processes in the job (1 when run alone)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce_max_flags(flags: list, device: torch.device) -> list:
+    """Each boolean flag's maximum over processes (so every process acts alike)."""
+    import torch.distributed as dist
+
+    values = torch.tensor([float(f) for f in flags],
+                          device=device if device.type == "cuda" else "cpu")
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(f) for f in values.tolist()]
+
+
+def barrier(ctx: DistributedContext) -> None:
+    """Wait for every process of a torchrun job (a no-op when run alone)."""
+    if ctx.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def wrap_ddp(module: nn.Module, device: torch.device, sync_batchnorm: bool) -> nn.Module:
+    """``module`` in DistributedDataParallel (batch norms synchronised with ``sync_batchnorm``)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if sync_batchnorm:
+        if device.type != "cuda":
+            raise ConfigError("train.sync_batchnorm=true needs CUDA (PyTorch's SyncBatchNorm "
+                              "runs on GPUs only); set it to false for CPU runs")
+        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=device_ids)
+
+
+def unwrap(module: Optional[nn.Module]) -> Optional[nn.Module]:
+    """The plain model inside DistributedDataParallel and/or ``torch.compile`` wrappers."""
+    module = getattr(module, "module", module)  # DDP
+    return getattr(module, "_orig_mod", module)  # torch.compile

@@ -1,0 +1,172 @@
+"""The label-free threshold: the run's held-out normal images, the score quantile on them,
+and its cache beside the checkpoint. Used by evaluation and by prediction.
+
+Example:
+    >>> model = anoseg.load_model("runs/demo")                                 # doctest: +SKIP
+    >>> threshold = compute_label_free_threshold(model, holdout_image_paths(model))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+from tqdm.auto import tqdm
+
+from anoseg.atomic import write_json
+from anoseg.errors import DataError
+from anoseg.inference import LoadedModel, load_images, predict_anomaly_maps
+from anoseg.metrics import NormalScoreQuantile
+from anoseg.run_dir import DataRecord, RunDir, TrainingSplit
+
+PathLike = Union[str, Path]
+
+
+def recorded_data(model: LoadedModel, run_dir: Optional[Path] = None) -> DataRecord:
+    """The run's data root and split: from the checkpoint, else the run's ``split.json``
+    (an empty record when neither has one)."""
+    if model.data is not None:
+        return model.data
+    record = RunDir(run_dir).read_split() if run_dir is not None else None
+    return record if record is not None else DataRecord(TrainingSplit())
+
+
+def resolve_eval_data_root(model: LoadedModel, data_root: Optional[PathLike] = None,
+                           run_dir: Optional[Path] = None) -> Path:
+    """The dataset to evaluate on.
+
+    ``data_root`` if given; else the root the run was trained on; else (a demo run whose cache
+    was deleted) the regenerated demo dataset.
+
+    Raises:
+        DataError: ``data_root`` or the recorded root does not exist.
+    """
+    if data_root is not None:
+        root = Path(data_root).expanduser()
+        if not root.is_dir():
+            raise DataError(f"data root {root} does not exist or is not a folder; expected a "
+                            "folder in MVTec AD layout (<root>/<category>/test/...)")
+        return root
+    recorded = recorded_data(model, run_dir).data_root or model.config.data.root
+    if recorded and Path(recorded).is_dir():
+        return Path(recorded)
+    if model.config.data.root is None:  # trained on the built-in demo dataset
+        from anoseg.data.demo import ensure_demo_dataset
+
+        return ensure_demo_dataset()
+    raise DataError(f"the run's data root {recorded} does not exist any more; pass "
+                    "--data-root with the dataset's current location")
+
+
+def holdout_image_paths(model: LoadedModel, data_root: Optional[PathLike] = None,
+                        run_dir: Optional[Path] = None) -> List[Path]:
+    """The run's held-out normal images (never trained on), moved under ``data_root`` if the
+    dataset was moved since training.
+
+    Raises:
+        DataError: A held-out image exists neither under ``data_root`` nor where it was.
+    """
+    record = recorded_data(model, run_dir)
+    recorded_root = Path(record.data_root) if record.data_root else None
+    paths: List[Path] = []
+    for text in record.split.holdout:
+        original = Path(text)
+        candidates = []
+        if data_root is not None and recorded_root is not None:
+            try:
+                candidates.append(Path(data_root) / original.relative_to(recorded_root))
+            except ValueError:
+                pass
+        candidates.append(original)
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise DataError(f"held-out normal image {original} (from the run's split) does not "
+                            "exist; pass --data-root with the dataset the run was trained on")
+        paths.append(found)
+    return paths
+
+
+def compute_label_free_threshold(model: LoadedModel, normal_image_paths: Sequence[PathLike], *,
+                                 quantile: Optional[float] = None, batch_size: int = 16,
+                                 progress: bool = False) -> float:
+    """The ``quantile`` of the anomaly scores of all pixels of ``normal_image_paths``.
+
+    Args:
+        model: The loaded model.
+        normal_image_paths: Defect-free images the model never trained on (the run's holdout).
+        quantile: Default ``model.config.eval.threshold_quantile``.
+        batch_size: Images per forward pass.
+        progress: Show a progress bar.
+
+    Raises:
+        DataError: No images, or one is unreadable.
+    """
+    paths = [Path(p) for p in normal_image_paths]
+    if not paths:
+        raise DataError("no held-out normal images to choose a label-free threshold on")
+    quantile = model.config.eval.threshold_quantile if quantile is None else quantile
+    estimator = NormalScoreQuantile(quantile)
+    size = model.config.data.image_size
+    with tqdm(total=len(paths), desc="label-free threshold", unit="img", disable=not progress,
+              leave=False) as bar:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start:start + batch_size]
+            maps = predict_anomaly_maps(model.generator, load_images(chunk, size),
+                                        batch_size=batch_size)
+            estimator.update(maps)
+            bar.update(len(chunk))
+    return estimator.threshold()
+
+
+def threshold_cache_path(checkpoint_path: PathLike) -> Path:
+    """Where a checkpoint's label-free threshold is cached: ``<stem>.threshold.json`` beside it."""
+    path = Path(checkpoint_path)
+    return path.with_name(f"{path.stem}.threshold.json")
+
+
+def _cache_key(model: LoadedModel, checkpoint_path: Path, paths: Sequence[Path],
+               quantile: float) -> Dict[str, Any]:
+    stat = checkpoint_path.stat()
+    holdout_digest = hashlib.sha256("\n".join(str(p) for p in paths).encode()).hexdigest()
+    return {"checkpoint_size": stat.st_size, "checkpoint_mtime_ns": stat.st_mtime_ns,
+            "checkpoint_step": model.step if model.step is not None else -1,
+            "weights": model.weights,
+            "image_size": model.config.data.image_size, "quantile": quantile,
+            "holdout_sha256": holdout_digest, "n_holdout_images": len(paths)}
+
+
+def cached_label_free_threshold(model: LoadedModel, checkpoint_path: PathLike,
+                                normal_image_paths: Sequence[PathLike], *,
+                                quantile: Optional[float] = None, batch_size: int = 16,
+                                progress: bool = False) -> Tuple[float, bool]:
+    """:func:`compute_label_free_threshold`, cached in :func:`threshold_cache_path`.
+
+    The cache is used only if the checkpoint file (size, modification time, step), the weights
+    (EMA or raw), the image size, the quantile and the list of held-out images are unchanged;
+    otherwise the threshold is recomputed and the cache rewritten (silently skipped if the
+    folder is read-only).
+
+    Returns:
+        ``(threshold, came_from_cache)``.
+    """
+    checkpoint_path = Path(checkpoint_path)
+    paths = [Path(p) for p in normal_image_paths]
+    quantile = model.config.eval.threshold_quantile if quantile is None else float(quantile)
+    key = _cache_key(model, checkpoint_path, paths, quantile)
+    cache = threshold_cache_path(checkpoint_path)
+    try:
+        cached = json.loads(cache.read_text())
+        if {k: cached.get(k) for k in key} == key and math.isfinite(cached["threshold"]):
+            return float(cached["threshold"]), True
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    threshold = compute_label_free_threshold(model, paths, quantile=quantile,
+                                             batch_size=batch_size, progress=progress)
+    try:
+        write_json(cache, {"threshold": threshold, **key})
+    except OSError:
+        pass
+    return threshold, False
