@@ -185,8 +185,9 @@ class TrainConfig:
     device: str = field(default="auto", metadata=RUNTIME)
     """``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
     precision: str = field(default="auto", metadata=RUNTIME)
-    """``auto`` (bf16 or fp16 mixed precision on CUDA, fp32 elsewhere), ``fp32``, ``bf16``,
-    ``fp16``. ``bf16`` also works on CPU through autocast."""
+    """``auto`` (bf16 or fp16 mixed precision on CUDA; bf16 on a CPU with native bf16, AMX or
+    AVX512-BF16; fp32 elsewhere), ``fp32``, ``bf16``, ``fp16``. ``bf16`` works on any CPU through
+    autocast, but without native support it is emulated and far slower (warned)."""
     channels_last: bool = False
     """Use the channels-last memory layout (faster convolutions on some hardware)."""
     sync_batchnorm: bool = False

@@ -74,3 +74,26 @@ def test_bad_yaml_file_names_the_file(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_auto_precision_takes_bf16_only_on_cpus_that_have_it(monkeypatch):
+    import warnings
+
+    import torch
+
+    from anoseg import runtime
+
+    amx = "processor : 0\nflags : fpu sse avx2 amx_bf16 amx_tile\n"
+    amd = "processor : 0\nflags : fpu sse avx2 fma\n"
+    arm = "processor : 0\nFeatures : fp asimd bf16 i8mm\n"
+    assert runtime.cpu_has_fast_bf16(amx) and runtime.cpu_has_fast_bf16(arm)
+    assert not runtime.cpu_has_fast_bf16(amd) and not runtime.cpu_has_fast_bf16("")
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda cpuinfo=None: True)
+    assert runtime.resolve_precision("auto", cpu) is torch.bfloat16
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda cpuinfo=None: False)
+    assert runtime.resolve_precision("auto", cpu) is None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert runtime.resolve_precision("bf16", cpu) is torch.bfloat16
+    assert any("emulates" in str(w.message) for w in caught)
