@@ -75,7 +75,7 @@ class DetectorTrainingDataset(SyntheticAnomalyDataset):
 
     def __getitem__(self, key: Tuple[int, int]) -> Dict[str, torch.Tensor]:
         index, sample_seed = key
-        image = self._image(int(index))
+        image = self.normal_image(int(index))
         sample = {"image": image, "normality": torch.ones(1, *image.shape[1:])}
         if self.with_anomalies:
             rng = torch.Generator().manual_seed(int(sample_seed))

@@ -8,7 +8,7 @@ images is :mod:`anoseg.predict`.
 
 Example:
     >>> report = evaluate_run("runs/bottle")                      # doctest: +SKIP
-    >>> report.results["bottle"]["pixel_auroc"]                   # doctest: +SKIP
+    >>> report.results["bottle"].pixel_auroc                      # doctest: +SKIP
 
 The command-line tool ``anoseg-eval`` is a thin wrapper around :func:`evaluate_run`. See
 ``docs/evaluation.md`` for the files written.

@@ -111,7 +111,8 @@ class SyntheticAnomalyDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def _image(self, index: int) -> torch.Tensor:
+    def normal_image(self, index: int) -> torch.Tensor:
+        """Training image ``index`` as float in [0, 1], shape (3, S, S), without anomaly."""
         if isinstance(self.images, torch.Tensor):
             raw = self.images[index]
         else:
@@ -123,7 +124,7 @@ class SyntheticAnomalyDataset(Dataset):
     def __getitem__(self, key: Tuple[int, int]) -> Dict[str, torch.Tensor]:
         index, sample_seed = key
         generator = torch.Generator().manual_seed(int(sample_seed))
-        return make_sample(self._image(int(index)), self.cfg, generator, self.cfg.anomaly_ratio)
+        return make_sample(self.normal_image(int(index)), self.cfg, generator, self.cfg.anomaly_ratio)
 
 
 def seed_worker(worker_id: int) -> None:
