@@ -168,7 +168,12 @@ class TrainConfig:
     seg_loss: str = "l1"
     """``l1``: the paper's L_Seg, mean over all pixels. ``balanced_l1``: the mean over pasted
     pixels and the mean over normal pixels, averaged, so tiny synthetic anomalies are not
-    drowned by the normal pixels (a departure for small real defects, docs/experiments.md)."""
+    drowned by the normal pixels (a departure for small real defects, docs/experiments.md).
+    ``focal``: the focal binary cross-entropy (gamma ``seg_focal_gamma``) of the normality map,
+    mean over all pixels: hard pixels weigh most, without shifting the decision toward
+    "anomalous" the way class balancing does (docs/experiments.md)."""
+    seg_focal_gamma: float = 2.0
+    """Focusing exponent of ``seg_loss=focal`` (0 = plain binary cross-entropy)."""
     weight_rec: float = 1.0
     weight_adv: float = 0.05
     adversarial: bool = True
@@ -368,8 +373,10 @@ def _validate_train(t: TrainConfig, m: ModelConfig) -> None:
                "a finite value >= 0")
     _check(t.schedule in ("constant", "cosine"), "train.schedule", t.schedule,
            "'constant' or 'cosine'")
-    _check(t.seg_loss in ("l1", "balanced_l1"), "train.seg_loss", t.seg_loss,
-           "'l1' or 'balanced_l1'")
+    _check(t.seg_loss in ("l1", "balanced_l1", "focal"), "train.seg_loss", t.seg_loss,
+           "'l1', 'balanced_l1' or 'focal'")
+    _check(0.0 <= t.seg_focal_gamma <= 10.0, "train.seg_focal_gamma", t.seg_focal_gamma,
+           "a value in [0, 10]")
     _check(0 <= t.warmup_steps < max(t.steps, 1) or t.warmup_steps == 0,
            "train.warmup_steps", t.warmup_steps, "in [0, train.steps)")
     _check(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", t.min_lr_ratio, "in [0, 1]")

@@ -30,7 +30,8 @@ from anoseg.engine import (Stage, TrainResult, TrainState, backward, check_finit
                            training_images)
 from anoseg.errors import CheckpointError, ConfigError
 from anoseg.losses import (discriminator_loss, generator_adversarial_loss,
-                           masked_reconstruction_loss, segmentation_loss)
+                           focal_segmentation_loss, masked_reconstruction_loss,
+                           segmentation_loss)
 from anoseg.models.factory import build_discriminator, build_generator
 from anoseg.run_dir import DataRecord, RunDir, TrainingSplit
 from anoseg.runtime import (autocast, init_distributed, make_scaler, unwrap, world_size,
@@ -96,7 +97,9 @@ def train_step(state: TrainState, batch: Dict[str, torch.Tensor], cfg: TrainConf
         out = generator(images)
     normality = out.normality_map.float()
     losses: Dict[str, torch.Tensor] = {
-        "seg": segmentation_loss(normality, target, balanced=cfg.seg_loss == "balanced_l1")}
+        "seg": (focal_segmentation_loss(normality, target, cfg.seg_focal_gamma)
+                if cfg.seg_loss == "focal" else
+                segmentation_loss(normality, target, balanced=cfg.seg_loss == "balanced_l1"))}
     recon = out.reconstruction.float() if out.reconstruction is not None else None
     if recon is not None:
         losses["rec"] = masked_reconstruction_loss(recon, images.float(), target)

@@ -271,3 +271,27 @@ def test_healthy_run_reports_no_collapse(demo_root, tmp_path):
         train(cfg, tmp_path / "run", progress=False)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["map_collapsed_at_step"] is None
+
+
+def test_focal_segmentation_loss_is_bce_at_gamma_zero_and_focuses_on_hard_pixels():
+    import torch.nn.functional as F
+
+    from anoseg.losses import focal_segmentation_loss
+
+    p = torch.tensor([0.9, 0.6, 0.2, 0.7])
+    target = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    assert torch.allclose(focal_segmentation_loss(p, target, gamma=0.0),
+                          F.binary_cross_entropy(p, target))
+    # an easy pixel (0.9 for a normal one) counts far less than a hard one (0.7 for a pasted one)
+    easy = focal_segmentation_loss(p[:1], target[:1])
+    hard = focal_segmentation_loss(p[3:], target[3:])
+    assert hard > 20 * easy
+    assert focal_segmentation_loss(target, target) < 1e-6
+
+
+def test_focal_seg_loss_trains(demo_root, tmp_path):
+    cfg = load_config("configs/cpu_small.yaml", [
+        f"data.root={demo_root}", "data.category=demo_texture", "data.image_size=64",
+        "train.steps=3", "train.seg_loss=focal", "data.num_workers=0"])
+    result = anoseg.train(cfg, tmp_path / "run", progress=False)
+    assert result.steps == 3 and result.last_losses["seg"] > 0
