@@ -189,9 +189,7 @@ def evaluate_category(model: LoadedModel, data_root: PathLike, category: str, *,
     quantile = cfg.eval.threshold_quantile
     threshold = _threshold_for(model, holdout_paths, threshold_cache_for, warnings,
                                batch_size=batch_size, progress=progress)
-    metrics = SegmentationMetrics(num_thresholds=cfg.eval.num_thresholds,
-                                  fpr_limit=cfg.eval.fpr_limit,
-                                  fixed_thresholds=[threshold] if threshold is not None else ())
+    test_pass = _TestPass(cfg, threshold, [s.defect_type for s in dataset.samples])
     picture_indices = set()
     if pictures_dir is not None and max_pictures > 0:
         picture_indices = set(_choose_picture_indices(
@@ -199,29 +197,90 @@ def evaluate_category(model: LoadedModel, data_root: PathLike, category: str, *,
     writer = _PictureWriter(save_maps_dir, pictures_dir, picture_indices)
 
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    detector_parts: List[np.ndarray] = []
-    label_parts: List[np.ndarray] = []
     with tqdm(total=len(dataset), desc=f"eval {category}", unit="img", disable=not progress,
               dynamic_ncols=True) as bar:
         for batch in loader:
             maps = predict_anomaly_maps(model.generator, batch["image"], batch_size=batch_size)
-            metrics.update(maps, batch["mask"][:, 0], labels=batch["label"])
-            if detector is not None:
-                detector_parts.append(detector_scores(detector, model.generator, batch["image"],
-                                                      batch_size=batch_size).numpy())
-                label_parts.append(np.asarray(batch["label"]).astype(bool))
+            detector_part = None if detector is None else detector_scores(
+                detector, model.generator, batch["image"], batch_size=batch_size).numpy()
+            test_pass.update(batch, maps, detector_part)
             writer.write(batch, maps)
             bar.update(len(maps))
 
-    result = CategoryResult.from_metrics(
-        metrics.compute(threshold=threshold), category=category, data_root=data_root,
-        image_size=image_size, threshold=threshold, threshold_quantile=quantile,
-        n_holdout_images=len(holdout_paths), warnings=warnings)
-    if detector is not None:
-        result.detector_scored = True
-        result.image_auroc_detector = image_auroc(np.concatenate(label_parts),
-                                                  np.concatenate(detector_parts))
-    return result
+    def result_of(part: SegmentationMetrics, name: str,
+                  own_warnings: List[str]) -> CategoryResult:
+        return CategoryResult.from_metrics(
+            part.compute(threshold=threshold), category=name, data_root=data_root,
+            image_size=image_size, threshold=threshold, threshold_quantile=quantile,
+            n_holdout_images=len(holdout_paths), warnings=own_warnings)
+
+    return test_pass.result(result_of, category, warnings)
+
+
+class _TestPass:
+    """The metrics of one streaming pass over a test set: the category's
+    :class:`SegmentationMetrics`, one per defect type (:class:`_DefectTypeMetrics`) and the
+    detector's image scores."""
+
+    def __init__(self, cfg: Any, threshold: Optional[float], defect_types: Sequence[str]) -> None:
+        def new_metrics() -> SegmentationMetrics:
+            return SegmentationMetrics(
+                num_thresholds=cfg.eval.num_thresholds, fpr_limit=cfg.eval.fpr_limit,
+                fixed_thresholds=[threshold] if threshold is not None else ())
+
+        self.metrics = new_metrics()
+        self.by_type = _DefectTypeMetrics(defect_types, new_metrics)
+        self.labels: List[np.ndarray] = []
+        self.detector_scores: List[np.ndarray] = []
+
+    def update(self, batch: Dict[str, Any], maps: torch.Tensor,
+               detector_part: Optional[np.ndarray]) -> None:
+        masks, labels = batch["mask"][:, 0], batch["label"]
+        self.metrics.update(maps, masks, labels=labels)
+        self.by_type.update(batch["defect_type"], maps, masks, labels)
+        self.labels.append(np.asarray(labels).astype(bool))
+        if detector_part is not None:
+            self.detector_scores.append(detector_part)
+
+    def result(self, result_of: Any, category: str, warnings: List[str]) -> CategoryResult:
+        """The category's result (``result_of(metrics, name, warnings)`` builds one) with its
+        defect types and detector AUROCs."""
+        result = result_of(self.metrics, category, warnings)
+        result.defect_types = {defect: result_of(part, f"{category}/{defect}", [])
+                               for defect, part in self.by_type.metrics.items()}
+        if self.detector_scores:
+            labels = np.concatenate(self.labels)
+            scores = np.concatenate(self.detector_scores)
+            for part, rows in [(result, slice(None))] + [
+                    (r, self.by_type.rows_of(d)) for d, r in result.defect_types.items()]:
+                part.detector_scored = True
+                part.image_auroc_detector = image_auroc(labels[rows], scores[rows])
+        return result
+
+
+class _DefectTypeMetrics:
+    """One :class:`SegmentationMetrics` per defect type of a test set, each fed the batch rows
+    of its type and every good row (so its image AUROC is that type against the good images),
+    in the evaluation's single pass."""
+
+    def __init__(self, defect_types: Sequence[str], new_metrics: Any) -> None:
+        self.defect_types = list(defect_types)
+        self.metrics: Dict[str, SegmentationMetrics] = {
+            defect: new_metrics() for defect in sorted(set(self.defect_types) - {"good"})}
+
+    def update(self, defects: Sequence[str], maps: torch.Tensor, masks: torch.Tensor,
+               labels: Any, image_scores: Optional[np.ndarray] = None) -> None:
+        good = np.array([d == "good" for d in defects])
+        for defect, part in self.metrics.items():
+            rows = good | np.array([d == defect for d in defects])
+            if rows.any():
+                index = torch.from_numpy(np.flatnonzero(rows))
+                part.update(maps[index], masks[index], labels=np.asarray(labels)[rows],
+                            image_scores=None if image_scores is None else image_scores[rows])
+
+    def rows_of(self, defect: str) -> np.ndarray:
+        """Test-set positions of the images of ``defect`` and of every good image."""
+        return np.array([d in ("good", defect) for d in self.defect_types])
 
 
 def mean_over_categories(results: Sequence[CategoryResult]

@@ -80,10 +80,24 @@ def format_markdown_table(results: Sequence[CategoryResult],
         cells = [result.category, *(_percent(getattr(result, k)) for k, _ in columns),
                  "—" if threshold is None else f"{threshold:.4f}"]
         lines.append("| " + " | ".join(cells) + " |")
+        for defect, part in result.defect_types.items():
+            cells = [defect_type_label(result.category, defect),
+                     *(_percent(getattr(part, k)) for k, _ in columns), ""]
+            lines.append("| " + " | ".join(cells) + " |")
     if mean is not None:
         cells = ["**mean**", *(_percent(mean.get(k)) for k, _ in columns), ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def defect_type_label(category: str, defect: str) -> str:
+    """A defect type's row name in the tables: ``"<category> / <type>"``."""
+    return f"{category} / {defect}"
+
+
+DEFECT_TYPES_CSV = "metrics_defect_types.csv"
+"""Per-defect-type rows (``category``, ``defect_type``, then :data:`CSV_KEYS`), beside
+``metrics.csv`` (whose rows stay one per category plus the mean)."""
 
 
 def _csv_value(value: Any) -> str:
@@ -127,20 +141,33 @@ def write_metrics_files(output_dir: PathLike, results: Sequence[CategoryResult],
     if mean is not None:
         writer.writerow(["mean", *(_csv_value(mean.get(k)) for k in csv_keys)])
     atomic_write_text(csv_path, buffer.getvalue())
+    written = [json_path, csv_path, md_path]
+    if any(r.defect_types for r in results):
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["category", "defect_type", *csv_keys])
+        for result in results:
+            for defect, part in result.defect_types.items():
+                writer.writerow([result.category, defect,
+                                 *(_csv_value(getattr(part, k)) for k in csv_keys)])
+        atomic_write_text(output_dir / DEFECT_TYPES_CSV, buffer.getvalue())
+        written.append(output_dir / DEFECT_TYPES_CSV)
 
     quantile = results[0].threshold_quantile if results else None
     text = format_markdown_table(results, mean)
     text += ("\nValues in %. IoU = pooled IoU at the best threshold (the paper's Table 2); IoU per "
              "image = mean per-image IoU at the best common threshold; AUPRO up to FPR "
              f"{results[0].fpr_limit if results else 0.3}; \"@ label-free\" = at the "
-             f"{quantile} quantile of held-out normal pixel scores. — = undefined.\n")
+             f"{quantile} quantile of held-out normal pixel scores. — = undefined. A row "
+             "\"category / type\" = that defect type's test images plus every good test image "
+             "(the mean row averages categories only).\n")
     for note in notes:
         text += f"\n- {note}"
     for result in results:
         for warning in result.warnings:
             text += f"\n- {result.category}: {warning}"
     atomic_write_text(md_path, text.rstrip("\n") + "\n")
-    return [json_path, csv_path, md_path]
+    return written
 
 
 # ------------------------------------------------------------------------- summary tables

@@ -41,6 +41,9 @@ class CategoryResult:
         image_auroc_detector: Image AUROC of the downstream detector's score (eq. 5); only
             reported when ``detector_scored``.
         checkpoint, ensemble, checkpoint_step: Set by :func:`anoseg.evaluation.evaluate_run`.
+        defect_types: Defect type -> the metrics on that type's test images plus every good
+            test image (a :class:`CategoryResult` whose ``category`` is
+            ``"<category>/<type>"``), from the same streaming pass; empty when not computed.
     """
 
     category: str
@@ -80,6 +83,7 @@ class CategoryResult:
     checkpoint: Optional[str] = None
     ensemble: Optional[List[str]] = None
     checkpoint_step: Optional[int] = None
+    defect_types: Dict[str, "CategoryResult"] = field(default_factory=dict)
 
     @classmethod
     def from_metrics(cls, computed: Dict[str, Any], *, category: str, data_root: Any,
@@ -118,6 +122,17 @@ class CategoryResult:
         for name in ("checkpoint", "ensemble", "checkpoint_step"):
             if getattr(self, name) is not None:
                 document[name] = getattr(self, name)
+        if self.defect_types:
+            document["defect_types"] = {name: result.defect_type_dict()
+                                        for name, result in self.defect_types.items()}
+        return document
+
+    def defect_type_dict(self) -> Dict[str, Any]:
+        """A defect type's entry under ``defect_types`` in ``metrics.json``: its metrics and
+        counts (what it shares with its category, such as the threshold, is left out)."""
+        document: Dict[str, Any] = {name: getattr(self, name) for name in _TYPE_JSON_FIELDS}
+        if self.detector_scored:
+            document["image_auroc_detector"] = self.image_auroc_detector
         return document
 
     # -- read-only mapping access, as the former dict ------------------------------------------
@@ -157,3 +172,11 @@ _JSON_FIELDS = (
     "label_free_iou_mean_per_image", "label_free_f1", "label_free_precision",
     "label_free_recall", "label_free_fpr", "warnings")
 """Fields of every ``metrics.json`` entry, in file order (optional ones follow)."""
+
+_TYPE_JSON_FIELDS = (
+    "pixel_auroc", "image_auroc", "aupro", "iou_pooled_best", "iou_pooled_best_threshold",
+    "iou_mean_per_image_best", "iou_mean_per_image_best_threshold", "pixel_f1_max",
+    "pixel_f1_max_threshold", "label_free_iou", "label_free_iou_mean_per_image",
+    "label_free_f1", "label_free_precision", "label_free_recall", "label_free_fpr", "n_images",
+    "n_defective", "n_good", "n_pixels", "n_defect_pixels", "n_regions", "warnings")
+"""Fields of a defect type's entry (``metrics.json`` ``defect_types``), in file order."""
