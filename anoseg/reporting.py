@@ -48,7 +48,9 @@ MEAN_KEYS: Tuple[str, ...] = tuple(key for key, _ in METRIC_COLUMNS) + (
 CSV_KEYS: Tuple[str, ...] = MEAN_KEYS + (
     "iou_pooled_best_threshold", "iou_mean_per_image_best_threshold", "pixel_f1_max_threshold",
     "label_free_threshold", "threshold_quantile", "n_holdout_images", "n_images",
-    "n_defective", "n_good", "n_pixels", "n_defect_pixels", "n_regions")
+    "n_defective", "n_good", "n_pixels", "n_defect_pixels", "n_regions", "image_score",
+    "image_threshold", "image_threshold_quantile", "image_threshold_fpr",
+    "image_threshold_recall")
 """Columns of ``metrics.csv`` after ``category`` (fractions, not percentages)."""
 
 DETECTOR_KEY = "image_auroc_detector"
@@ -87,6 +89,36 @@ def format_markdown_table(results: Sequence[CategoryResult],
     if mean is not None:
         cells = ["**mean**", *(_percent(mean.get(k)) for k, _ in columns), ""]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def format_image_score_table(results: Sequence[CategoryResult]) -> str:
+    """The image-level table: image AUROC of every cheap image score (and the detector's), the
+    headline score's name, the label-free image threshold and, at it, the false-positive rate
+    on the good test images and the recall on the defective ones (in %); a row per category
+    and per defect type (whose FPR is the category's: the same good images)."""
+    names: List[str] = []
+    for result in results:
+        names += [n for n in result.image_auroc_scores if n not in names]
+    detector = any(r.image_auroc_detector is not None for r in results)
+    headers = ["Category", *(f"AUROC {n}" for n in names), *(["AUROC detector"] * detector),
+               "Image score", "Image thr.", "FPR good @ thr.", "Recall @ thr."]
+    rows = []
+    for result in results:
+        parts = [(result.category, result)] + [
+            (defect_type_label(result.category, d), r) for d, r in result.defect_types.items()]
+        for label, part in parts:
+            threshold = part.image_threshold
+            rows.append([label, *(_percent(part.image_auroc_scores.get(n)) for n in names),
+                         *([_percent(part.image_auroc_detector)] * detector),
+                         part.image_score if part is result else "",
+                         ("—" if threshold is None else f"{threshold:.4g}")
+                         if part is result else "",
+                         _percent(part.image_threshold_fpr) if part is result else "",
+                         _percent(part.image_threshold_recall)])
+    lines = ["| " + " | ".join(headers) + " |",
+             "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -161,6 +193,11 @@ def write_metrics_files(output_dir: PathLike, results: Sequence[CategoryResult],
              f"{quantile} quantile of held-out normal pixel scores. — = undefined. A row "
              "\"category / type\" = that defect type's test images plus every good test image "
              "(the mean row averages categories only).\n")
+    text += ("\nImage-level decisions (image scores on the anomaly logit map; \"Image AUROC\" "
+             "above is the one named in \"Image score\"; the image threshold is the "
+             f"{results[0].image_threshold_quantile if results else None} quantile of the "
+             "held-out normal images' scores, an image above it is anomalous):\n\n")
+    text += format_image_score_table(results)
     for note in notes:
         text += f"\n- {note}"
     for result in results:
