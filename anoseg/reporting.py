@@ -66,8 +66,12 @@ def metric_columns(results: Sequence[CategoryResult]) -> List[Tuple[str, str]]:
     return columns
 
 
+UNDEFINED = "n/a"
+"""Cell of an undefined metric in the evaluation tables (the reason is listed under them)."""
+
+
 def _percent(value: Optional[float]) -> str:
-    return "—" if value is None else f"{100.0 * value:.1f}"
+    return UNDEFINED if value is None else f"{100.0 * value:.1f}"
 
 
 def format_markdown_table(results: Sequence[CategoryResult],
@@ -80,7 +84,7 @@ def format_markdown_table(results: Sequence[CategoryResult],
     for result in results:
         threshold = result.label_free_threshold
         cells = [result.category, *(_percent(getattr(result, k)) for k, _ in columns),
-                 "—" if threshold is None else f"{threshold:.4f}"]
+                 UNDEFINED if threshold is None else f"{threshold:.4f}"]
         lines.append("| " + " | ".join(cells) + " |")
         for defect, part in result.defect_types.items():
             cells = [defect_type_label(result.category, defect),
@@ -112,7 +116,7 @@ def format_image_score_table(results: Sequence[CategoryResult]) -> str:
             rows.append([label, *(_percent(part.image_auroc_scores.get(n)) for n in names),
                          *([_percent(part.image_auroc_detector)] * detector),
                          part.image_score if part is result else "",
-                         ("—" if threshold is None else f"{threshold:.4g}")
+                         (UNDEFINED if threshold is None else f"{threshold:.4g}")
                          if part is result else "",
                          _percent(part.image_threshold_fpr) if part is result else "",
                          _percent(part.image_threshold_recall)])
@@ -190,9 +194,9 @@ def write_metrics_files(output_dir: PathLike, results: Sequence[CategoryResult],
     text += ("\nValues in %. IoU = pooled IoU at the best threshold (the paper's Table 2); IoU per "
              "image = mean per-image IoU at the best common threshold; AUPRO up to FPR "
              f"{results[0].fpr_limit if results else 0.3}; \"@ label-free\" = at the "
-             f"{quantile} quantile of held-out normal pixel scores. — = undefined. A row "
-             "\"category / type\" = that defect type's test images plus every good test image "
-             "(the mean row averages categories only).\n")
+             f"{quantile} quantile of held-out normal pixel scores. n/a = undefined (the "
+             "reasons are listed below). A row \"category / type\" = that defect type's test "
+             "images plus every good test image (the mean row averages categories only).\n")
     text += ("\nImage-level decisions (image scores on the anomaly logit map; \"Image AUROC\" "
              "above is the one named in \"Image score\"; the image threshold is the "
              f"{results[0].image_threshold_quantile if results else None} quantile of the "
@@ -203,6 +207,10 @@ def write_metrics_files(output_dir: PathLike, results: Sequence[CategoryResult],
     for result in results:
         for warning in result.warnings:
             text += f"\n- {result.category}: {warning}"
+        for defect, part in result.defect_types.items():
+            for warning in part.warnings:
+                if warning not in result.warnings:
+                    text += f"\n- {defect_type_label(result.category, defect)}: {warning}"
     atomic_write_text(md_path, text.rstrip("\n") + "\n")
     return written
 
