@@ -215,6 +215,14 @@ class EvalConfig:
     """Integration limit of AUPRO."""
     threshold_quantile: float = 0.999
     """Label-free threshold: this quantile of the anomaly scores of held-out normal pixels."""
+    image_score: str = field(default="max", metadata=RUNTIME)
+    """The headline image score (``Image AUROC``, the image threshold, ``anoseg-predict``'s
+    ``is_anomalous``): one of :data:`IMAGE_SCORE_CHOICES`, computed on the anomaly *logit* map
+    (``docs/evaluation.md``); ``detector`` = the downstream detector's eq. 5 score (``max``
+    when the run has none). Every cheap score's image AUROC is reported whatever this is."""
+    image_threshold_quantile: float = field(default=0.99, metadata=RUNTIME)
+    """Label-free image threshold: this quantile of the held-out normal images' image scores;
+    an image scoring above it is anomalous (about ``1 - quantile`` of normal images are)."""
 
 
 @dataclass
@@ -395,8 +403,18 @@ def _validate_train(t: TrainConfig, m: ModelConfig) -> None:
             "judges (reconstruction, map) pairs. Switch both on or both off.")
 
 
+IMAGE_SCORE_CHOICES = ("max", "blur3_max", "blur5_max", "top10_mean", "top1pct_mean",
+                       "detector")
+"""Values of ``eval.image_score``: the names of :data:`anoseg.metrics.IMAGE_SCORES`, and
+``detector``."""
+
+
 def _validate_eval(e: EvalConfig) -> None:
     """The ``eval`` section's checks."""
+    _check(e.image_score in IMAGE_SCORE_CHOICES, "eval.image_score", e.image_score,
+           f"one of {', '.join(IMAGE_SCORE_CHOICES)}")
+    _check(0.0 < e.image_threshold_quantile <= 1.0, "eval.image_threshold_quantile",
+           e.image_threshold_quantile, "in (0, 1]")
     _check(e.batch_size >= 1, "eval.batch_size", e.batch_size, ">= 1")
     _check(e.num_thresholds >= 2, "eval.num_thresholds", e.num_thresholds, ">= 2")
     _check(0.0 < e.fpr_limit <= 1.0, "eval.fpr_limit", e.fpr_limit, "in (0, 1]")

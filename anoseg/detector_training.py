@@ -43,6 +43,7 @@ from anoseg.data.training_data import SyntheticAnomalyDataset
 from anoseg.engine import (Stage, TrainResult, TrainState, backward, check_finite,
                            checkpoint_dict, make_adam, optimizer_step, refuse_overwrite,
                            restore_progress, resumed_config, run_stage, setup_device,
+                           check_batch_fits, segmenter_floats_per_pixel, stage_lock,
                            training_images)
 from anoseg.errors import CheckpointError, ConfigError
 from anoseg.inference import (DETECTOR_KIND, anoseg_normality, load_detector_checkpoint,
@@ -317,15 +318,28 @@ def train_detector(run_dir: Union[str, Path], overrides: Sequence[str] = (), *,
     Raises:
         CheckpointError: no trained segmenter in ``run_dir``, a detector already there without
             ``resume``, or a detector trained on another segmenter checkpoint.
+        RunInUseError: another training holds the detector folder's ``train.lock``.
     """
     run = RunDir(run_dir)
     seg_ckpt = load_segmenter_checkpoint(run)
+    folder = DetectorDir(output_dir) if output_dir is not None else run.detector
+    with stage_lock(folder):  # removed at the end, on an exception and on Ctrl-C
+        return _train_detector_locked(run, seg_ckpt, folder, overrides, config_path=config_path,
+                                      resume=resume, progress=progress, stop_at=stop_at,
+                                      time_budget=time_budget)
+
+
+def _train_detector_locked(run: RunDir, seg_ckpt: Dict[str, Any], folder: DetectorDir,
+                           overrides: Sequence[str], *,
+                           config_path: Optional[Union[str, Path]], resume: bool,
+                           progress: bool, stop_at: Optional[int],
+                           time_budget: Optional[float]) -> TrainResult:
+    """:func:`train_detector` once the detector folder's lock is held."""
     cfg = _detector_config(config_from_dict(seg_ckpt["config"]), config_path, overrides)
     if time_budget is not None:
         cfg.detector.time_budget = float(time_budget)
     cfg.validate()
 
-    folder = DetectorDir(output_dir) if output_dir is not None else run.detector
     anoseg_step = int(seg_ckpt["step"])
     det_ckpt: Optional[Dict[str, Any]] = None
     if resume:
@@ -336,6 +350,8 @@ def train_detector(run_dir: Union[str, Path], overrides: Sequence[str] = (), *,
 
     det = cfg.detector
     device, amp_dtype = setup_device(cfg)
+    check_batch_fits("detector.batch_size", det.batch_size, cfg.data.image_size,
+                     segmenter_floats_per_pixel(cfg.model.width), device)
     anoseg_generator = frozen_segmenter(seg_ckpt, device)
 
     folder.path.mkdir(parents=True, exist_ok=True)

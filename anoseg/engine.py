@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -25,8 +26,8 @@ from torch import nn
 
 from anoseg.checkpoint import save_checkpoint
 from anoseg.config import AnoSegConfig, config_diff, config_from_dict, with_runtime_keys
-from anoseg.errors import CheckpointError, TrainingDivergedError
-from anoseg.run_dir import StageDir
+from anoseg.errors import CheckpointError, ConfigError, TrainingDivergedError
+from anoseg.run_dir import StageDir, StageLock
 from anoseg.runtime import (DistributedContext, all_reduce_max_flags, all_reduce_sum, barrier,
                             process_device, resolve_precision, unwrap, world_size)
 
@@ -213,6 +214,63 @@ def reset_log(path: Path, resumed_step: Optional[int]) -> None:
         except json.JSONDecodeError:
             continue  # a line cut by a crash
     path.write_text("".join(k + "\n" for k in kept))
+
+
+# --------------------------------------------------------------------------- before any work
+
+
+def stage_lock(folder: StageDir) -> StageLock:
+    """The lock of ``folder`` that a training holds while it writes there (rank 0 only under
+    torchrun: the other processes write nothing)."""
+    return StageLock(folder, enabled=int(os.environ.get("RANK", "0") or 0) == 0)
+
+
+def machine_memory(device: torch.device) -> Optional[int]:
+    """Bytes of memory of ``device``: the GPU's total memory, else the machine's RAM (``None``
+    when it cannot be read)."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return int(torch.cuda.get_device_properties(index).total_memory)
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def batch_bytes_lower_bound(batch_size: int, image_size: int, floats_per_pixel: float) -> int:
+    """A lower bound of the memory one training batch needs: ``floats_per_pixel`` float32
+    values per pixel of every image (the inputs, targets and full-resolution activations that
+    the backward pass keeps)."""
+    return int(batch_size * image_size * image_size * 4 * floats_per_pixel)
+
+
+def check_batch_fits(key: str, batch_size: int, image_size: int, floats_per_pixel: float,
+                     device: torch.device, memory: Optional[int] = None) -> None:
+    """Refuse, before any work, a batch size that cannot fit: a lower bound of what one batch
+    needs (:func:`batch_bytes_lower_bound`) above the device's memory (a mistyped number such
+    as ``train.batch_size=100000000`` would otherwise swap the machine for hours).
+
+    Raises:
+        ConfigError: naming ``key``, the memory needed and available, and the range that fits.
+    """
+    memory = machine_memory(device) if memory is None else memory
+    if memory is None:
+        return
+    needed = batch_bytes_lower_bound(batch_size, image_size, floats_per_pixel)
+    if needed <= memory:
+        return
+    largest = max(1, memory // max(batch_bytes_lower_bound(1, image_size, floats_per_pixel), 1))
+    gib = 1024 ** 3
+    raise ConfigError(
+        f"{key}={batch_size} is too large: one batch of {image_size}x{image_size} images needs "
+        f"at least {needed / gib:,.1f} GiB, but {device.type} memory is {memory / gib:,.1f} "
+        f"GiB; expected {key} between 1 and about {largest:,} (typical: 4-64)")
+
+
+def segmenter_floats_per_pixel(width: float) -> float:
+    """Per pixel of a training image: the image and its target and outputs (8 floats) and the
+    two full-resolution layers of the last decoder block (2 x 128 x ``model.width``)."""
+    return 8.0 + 256.0 * width
 
 
 # --------------------------------------------------------------------------- the run of a stage

@@ -28,3 +28,12 @@ class TrainingDivergedError(AnoSegError, RuntimeError):
 
 class MetricsInputError(AnoSegError, ValueError):
     """Anomaly maps, masks, labels or scores that the metrics cannot use (NaN, wrong shape, ...)."""
+
+
+class OutputError(AnoSegError, OSError):
+    """An output folder or file that cannot be written: the path is a file, the disk is full,
+    permission is denied. The message names the path; files already written are kept."""
+
+
+class RunInUseError(AnoSegError, RuntimeError):
+    """Another training process holds the folder's lock file (two writers on one checkpoint)."""

@@ -30,17 +30,21 @@ from anoseg.atomic import atomic_write_text
 from anoseg.checkpoint import resolve_checkpoint
 from anoseg.errors import ConfigError
 from anoseg.inference import (LoadedDetector, LoadedModel, detector_scores, load_ensemble,
-                              load_model, predict_anomaly_maps, run_detector)
-from anoseg.metrics import SegmentationMetrics, image_auroc
-from anoseg.reporting import (DETECTOR_KEY, MEAN_KEYS, format_markdown_table,
+                              load_model, predict_anomaly_scores, run_detector)
+from anoseg.metrics import IMAGE_SCORES, SegmentationMetrics, image_auroc, image_scores
+from anoseg.reporting import (DETECTOR_KEY, MEAN_KEYS, format_image_score_table,
+                              format_markdown_table,
                               write_iou_curve_csv, write_metrics_files)
 from anoseg.results import CategoryResult
 from anoseg.run_dir import RunDir, safe_name
 from anoseg.runtime import resolve_device
 from anoseg.threshold import (cached_label_free_threshold, compute_label_free_threshold,
-                              holdout_image_paths, resolve_eval_data_root)
-from anoseg.visualize import (MAPS_README, PLOT_SKIPPED_MESSAGE, enlarged_overlay,
-                              save_iou_curve_plot, save_map_png, save_png, triptych)
+                              headline_image_score, holdout_image_paths, image_threshold_for,
+                              resolve_eval_data_root)
+from anoseg.visualize import (FLOAT_MAPS_README, MAPS_README, PLOT_SKIPPED_MESSAGE,
+                              enlarged_overlay,
+                              save_float_map, save_iou_curve_plot, save_map_png, save_png,
+                              triptych)
 
 PathLike = Union[str, Path]
 
@@ -118,14 +122,17 @@ class _PictureWriter:
         self.seen = 0
         if self.maps_dir is not None:
             self.maps_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.maps_dir / "README.txt", MAPS_README)
+            atomic_write_text(self.maps_dir / "README.txt", MAPS_README + FLOAT_MAPS_README)
 
-    def write(self, batch: Dict[str, Any], maps: torch.Tensor) -> None:
+    def write(self, batch: Dict[str, Any], maps: torch.Tensor, logits: torch.Tensor) -> None:
         masks = batch["mask"][:, 0]
         for offset, (path_text, defect) in enumerate(zip(batch["path"], batch["defect_type"])):
             stem = safe_name(Path(path_text).stem)
             if self.maps_dir is not None:
-                save_map_png(self.maps_dir / safe_name(defect) / f"{stem}.png", maps[offset])
+                folder = self.maps_dir / safe_name(defect)
+                save_map_png(folder / f"{stem}.png", maps[offset])
+                save_float_map(folder / f"{stem}.npy", maps[offset])
+                save_float_map(folder / f"{stem}.logit.npy", logits[offset])
             if self.seen + offset in self.picture_indices:
                 name = f"{safe_name(defect)}_{stem}"
                 save_png(self.pictures_dir / f"{name}_triptych.png",
@@ -189,9 +196,11 @@ def evaluate_category(model: LoadedModel, data_root: PathLike, category: str, *,
     quantile = cfg.eval.threshold_quantile
     threshold = _threshold_for(model, holdout_paths, threshold_cache_for, warnings,
                                batch_size=batch_size, progress=progress)
-    metrics = SegmentationMetrics(num_thresholds=cfg.eval.num_thresholds,
-                                  fpr_limit=cfg.eval.fpr_limit,
-                                  fixed_thresholds=[threshold] if threshold is not None else ())
+    score = headline_image_score(model, detector, warnings)
+    test_pass = _TestPass(cfg, threshold, [s.defect_type for s in dataset.samples], score,
+                          image_threshold_for(model, holdout_paths, score, threshold_cache_for,
+                                              detector, batch_size=batch_size,
+                                              progress=progress))
     picture_indices = set()
     if pictures_dir is not None and max_pictures > 0:
         picture_indices = set(_choose_picture_indices(
@@ -199,29 +208,108 @@ def evaluate_category(model: LoadedModel, data_root: PathLike, category: str, *,
     writer = _PictureWriter(save_maps_dir, pictures_dir, picture_indices)
 
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    detector_parts: List[np.ndarray] = []
-    label_parts: List[np.ndarray] = []
     with tqdm(total=len(dataset), desc=f"eval {category}", unit="img", disable=not progress,
               dynamic_ncols=True) as bar:
         for batch in loader:
-            maps = predict_anomaly_maps(model.generator, batch["image"], batch_size=batch_size)
-            metrics.update(maps, batch["mask"][:, 0], labels=batch["label"])
-            if detector is not None:
-                detector_parts.append(detector_scores(detector, model.generator, batch["image"],
-                                                      batch_size=batch_size).numpy())
-                label_parts.append(np.asarray(batch["label"]).astype(bool))
-            writer.write(batch, maps)
+            maps, logits = predict_anomaly_scores(model.generator, batch["image"],
+                                                  batch_size=batch_size)
+            detector_part = None if detector is None else detector_scores(
+                detector, model.generator, batch["image"], batch_size=batch_size).numpy()
+            test_pass.update(batch, maps, image_scores(logits), detector_part)
+            writer.write(batch, maps, logits)
             bar.update(len(maps))
 
-    result = CategoryResult.from_metrics(
-        metrics.compute(threshold=threshold), category=category, data_root=data_root,
-        image_size=image_size, threshold=threshold, threshold_quantile=quantile,
-        n_holdout_images=len(holdout_paths), warnings=warnings)
-    if detector is not None:
-        result.detector_scored = True
-        result.image_auroc_detector = image_auroc(np.concatenate(label_parts),
-                                                  np.concatenate(detector_parts))
-    return result
+    def result_of(part: SegmentationMetrics, name: str,
+                  own_warnings: List[str]) -> CategoryResult:
+        return CategoryResult.from_metrics(
+            part.compute(threshold=threshold), category=name, data_root=data_root,
+            image_size=image_size, threshold=threshold, threshold_quantile=quantile,
+            n_holdout_images=len(holdout_paths), warnings=own_warnings)
+
+    return test_pass.result(result_of, category, warnings)
+
+
+class _TestPass:
+    """The metrics of one streaming pass over a test set: the category's
+    :class:`SegmentationMetrics`, one per defect type (:class:`_DefectTypeMetrics`), and the
+    image scores of every test image (each cheap score, the detector's) for their AUROCs and
+    the image threshold."""
+
+    def __init__(self, cfg: Any, threshold: Optional[float], defect_types: Sequence[str],
+                 image_score: str, image_threshold: Optional[float]) -> None:
+        def new_metrics() -> SegmentationMetrics:
+            return SegmentationMetrics(
+                num_thresholds=cfg.eval.num_thresholds, fpr_limit=cfg.eval.fpr_limit,
+                fixed_thresholds=[threshold] if threshold is not None else ())
+
+        self.metrics = new_metrics()
+        self.by_type = _DefectTypeMetrics(defect_types, new_metrics)
+        self.image_score = image_score
+        self.image_threshold = image_threshold
+        self.image_threshold_quantile = cfg.eval.image_threshold_quantile
+        self.labels: List[np.ndarray] = []
+        self.scores: Dict[str, List[np.ndarray]] = {name: [] for name in IMAGE_SCORES}
+
+    def update(self, batch: Dict[str, Any], maps: torch.Tensor, scores: Dict[str, np.ndarray],
+               detector_part: Optional[np.ndarray]) -> None:
+        masks, labels = batch["mask"][:, 0], batch["label"]
+        if detector_part is not None:
+            scores = {**scores, "detector": detector_part}
+        headline = scores[self.image_score]
+        self.metrics.update(maps, masks, labels=labels, image_scores=headline)
+        self.by_type.update(batch["defect_type"], maps, masks, labels, image_scores=headline)
+        self.labels.append(np.asarray(labels).astype(bool))
+        for name, values in scores.items():
+            self.scores.setdefault(name, []).append(np.asarray(values, dtype=np.float64))
+
+    def result(self, result_of: Any, category: str, warnings: List[str]) -> CategoryResult:
+        """The category's result (``result_of(metrics, name, warnings)`` builds one) with its
+        defect types, every image score's AUROC and the image-threshold rates."""
+        result = result_of(self.metrics, category, warnings)
+        result.defect_types = {defect: result_of(part, f"{category}/{defect}", [])
+                               for defect, part in self.by_type.metrics.items()}
+        labels = np.concatenate(self.labels)
+        scores = {name: np.concatenate(parts) for name, parts in self.scores.items()}
+        headline = scores[self.image_score]
+        flagged = None if self.image_threshold is None else headline > self.image_threshold
+        for part, rows in [(result, np.ones(len(labels), dtype=bool))] + [
+                (r, self.by_type.rows_of(d)) for d, r in result.defect_types.items()]:
+            part.image_score = self.image_score
+            part.image_auroc_scores = {name: image_auroc(labels[rows], values[rows])
+                                       for name, values in scores.items() if name != "detector"}
+            if "detector" in scores:
+                part.detector_scored = True
+                part.image_auroc_detector = image_auroc(labels[rows], scores["detector"][rows])
+            part.image_threshold = self.image_threshold
+            part.image_threshold_quantile = self.image_threshold_quantile
+            if flagged is not None:
+                part.set_image_rates(flagged[rows & ~labels], flagged[rows & labels])
+        return result
+
+
+class _DefectTypeMetrics:
+    """One :class:`SegmentationMetrics` per defect type of a test set, each fed the batch rows
+    of its type and every good row (so its image AUROC is that type against the good images),
+    in the evaluation's single pass."""
+
+    def __init__(self, defect_types: Sequence[str], new_metrics: Any) -> None:
+        self.defect_types = list(defect_types)
+        self.metrics: Dict[str, SegmentationMetrics] = {
+            defect: new_metrics() for defect in sorted(set(self.defect_types) - {"good"})}
+
+    def update(self, defects: Sequence[str], maps: torch.Tensor, masks: torch.Tensor,
+               labels: Any, image_scores: Optional[np.ndarray] = None) -> None:
+        good = np.array([d == "good" for d in defects])
+        for defect, part in self.metrics.items():
+            rows = good | np.array([d == defect for d in defects])
+            if rows.any():
+                index = torch.from_numpy(np.flatnonzero(rows))
+                part.update(maps[index], masks[index], labels=np.asarray(labels)[rows],
+                            image_scores=None if image_scores is None else image_scores[rows])
+
+    def rows_of(self, defect: str) -> np.ndarray:
+        """Test-set positions of the images of ``defect`` and of every good image."""
+        return np.array([d in ("good", defect) for d in self.defect_types])
 
 
 def mean_over_categories(results: Sequence[CategoryResult]
@@ -268,6 +356,8 @@ class EvaluationReport:
     table: str
     files: List[Path] = field(default_factory=list)
     messages: List[str] = field(default_factory=list)
+    image_table: str = ""
+    """The image-level table (:func:`anoseg.reporting.format_image_score_table`)."""
 
 
 def _as_list(value: Union[None, PathLike, Sequence[Any]]) -> List[Any]:
@@ -294,7 +384,9 @@ def evaluate_run(run_or_checkpoint: Union[PathLike, Sequence[PathLike]],
                  device: Union[None, str, torch.device] = None,
                  save_maps: bool = False, pictures: int = 0, plot: bool = False,
                  progress: bool = True, num_workers: int = 0,
-                 weights: str = "auto", ensemble: bool = False) -> EvaluationReport:
+                 weights: str = "auto", ensemble: bool = False,
+                 image_score: Optional[str] = None,
+                 image_threshold_quantile: Optional[float] = None) -> EvaluationReport:
     """Evaluate one or several runs (one category each) and write the tables.
 
     Writes into ``output_dir``: ``metrics.json`` / ``.csv`` / ``.md`` (a row per category and,
@@ -319,6 +411,8 @@ def evaluate_run(run_or_checkpoint: Union[PathLike, Sequence[PathLike]],
             :func:`anoseg.inference.load_ensemble`), evaluated as one row. The label-free
             threshold uses the held-out images no member trained on (none when the members
             used different splits: the label-free columns are then skipped).
+        image_score, image_threshold_quantile: Override the runs' ``eval.image_score`` and
+            ``eval.image_threshold_quantile``.
 
     Raises:
         AnoSegError: Bad paths, missing data, several runs of one category, ...
@@ -335,6 +429,8 @@ def evaluate_run(run_or_checkpoint: Union[PathLike, Sequence[PathLike]],
             checkpoint_path = checkpoint_path[0]  # counters, split and detector: the first's
         else:
             model = load_model(checkpoint_path, torch_device, weights=weights)
+        _override_eval(model, image_score=image_score,
+                       image_threshold_quantile=image_threshold_quantile)
         category = category or model.config.data.category
         if category in sources:
             raise ConfigError(f"runs {sources[category]} and {checkpoint_path} both evaluate "
@@ -361,7 +457,16 @@ def evaluate_run(run_or_checkpoint: Union[PathLike, Sequence[PathLike]],
     files[:0] = write_metrics_files(output_dir, results, mean, notes,
                                     extra={"anoseg_version": __version__})
     return EvaluationReport(output_dir, {r.category: r for r in results}, mean, notes,
-                            format_markdown_table(results, mean), files, messages)
+                            format_markdown_table(results, mean), files, messages,
+                            format_image_score_table(results))
+
+
+def _override_eval(model: LoadedModel, **values: Any) -> None:
+    """Set the given (not ``None``) ``eval`` keys of a loaded model's config, validated."""
+    for key, value in values.items():
+        if value is not None:
+            setattr(model.config.eval, key, value)
+    model.config.validate()
 
 
 def _plan_jobs(run_or_checkpoint: Union[PathLike, Sequence[PathLike]],

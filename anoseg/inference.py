@@ -39,6 +39,13 @@ def normality_to_anomaly(normality_map: torch.Tensor) -> torch.Tensor:
     return 1.0 - normality_map
 
 
+def normality_logit_to_anomaly_logit(map_logit: torch.Tensor) -> torch.Tensor:
+    """The same flip for the map head's pre-sigmoid output: the *anomaly logit*
+    ``-map_logit`` = ``logit(anomaly probability)``, higher = more anomalous. Unlike the
+    probability it does not saturate in float32 (image scores use it)."""
+    return -map_logit
+
+
 @dataclass
 class LoadedModel:
     """A segmenter (or an ensemble of them) in eval mode, with what its checkpoint records."""
@@ -123,6 +130,38 @@ def predict_anomaly_maps(generator: nn.Module, images: torch.Tensor, *,
     return torch.cat(maps) if maps else torch.empty(0)
 
 
+@torch.no_grad()
+def predict_anomaly_scores(generator: nn.Module, images: torch.Tensor, *,
+                           batch_size: int = 16, amp_dtype: Optional[torch.dtype] = None
+                           ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(anomaly maps, anomaly logits)``, both float32 ``(B, H, W)``, from one forward pass.
+
+    The maps are exactly :func:`predict_anomaly_maps`' (in ``[0, 1]``: the pixel metrics, the
+    pixel threshold and the PNGs use them); the logits are
+    :func:`normality_logit_to_anomaly_logit` of the map head's pre-sigmoid output (unbounded,
+    never tied by saturation: the image scores use them). A generator that returns no logit
+    gets ``logit(map)`` computed in float64 (saturated pixels stay tied there).
+    """
+    generator.eval()
+    device = next(generator.parameters()).device
+    maps, logits = [], []
+    for start in range(0, images.shape[0], batch_size):
+        chunk = images[start:start + batch_size].to(device)
+        with autocast(device, amp_dtype):
+            out = generator(chunk)
+        anomaly = normality_to_anomaly(out.normality_map.float())[:, 0].cpu()
+        map_logit = getattr(out, "map_logit", None)
+        if map_logit is None:
+            logit = torch.logit(anomaly.double(), eps=1e-12).float()
+        else:
+            logit = normality_logit_to_anomaly_logit(map_logit.float())[:, 0].cpu()
+        maps.append(anomaly)
+        logits.append(logit)
+    if not maps:
+        return torch.empty(0), torch.empty(0)
+    return torch.cat(maps), torch.cat(logits)
+
+
 def load_images(paths: Sequence[Path], image_size: int) -> torch.Tensor:
     """Float images ``(B, 3, S, S)`` in ``[0, 1]`` at ``image_size``, as the networks take them."""
     from anoseg.data.mvtec import load_image
@@ -132,8 +171,8 @@ def load_images(paths: Sequence[Path], image_size: int) -> torch.Tensor:
 
 class AnoSegEnsemble(nn.Module):
     """Several generators of one category used as one: their normality maps (and
-    reconstructions) are averaged. Independently seeded short runs disagree most where they
-    are wrong, so the mean map is steadier than any one run (``docs/experiments.md``)."""
+    reconstructions, and map logits) are averaged. Independently seeded short runs disagree
+    most where they are wrong, so the mean map is steadier than any one run (``docs/experiments.md``)."""
 
     def __init__(self, members: Sequence[nn.Module]) -> None:
         super().__init__()
@@ -149,7 +188,8 @@ class AnoSegEnsemble(nn.Module):
             return None if any(p is None for p in parts) else torch.stack(parts).mean(0)
 
         return GeneratorOutput(mean([o.normality_map for o in outs]),
-                               mean([o.reconstruction for o in outs]))
+                               mean([o.reconstruction for o in outs]),
+                               mean([o.map_logit for o in outs]))
 
 
 def load_ensemble(checkpoints: Sequence[Union[str, Path]],

@@ -46,6 +46,12 @@ __all__ = [
     "label_free_threshold",
     "connected_components",
     "max_image_score",
+    "smoothed_max_image_score",
+    "top_k_mean_image_score",
+    "top_fraction_mean_image_score",
+    "IMAGE_SCORES",
+    "image_scores",
+    "image_score_threshold",
     "image_auroc",
     "MetricsInputError",
 ]
@@ -200,6 +206,113 @@ def max_image_score(anomaly_maps: np.ndarray) -> np.ndarray:
         Array (N,) of image scores.
     """
     return anomaly_maps.reshape(anomaly_maps.shape[0], -1).max(axis=1)
+
+
+def _box_mean(maps: np.ndarray, size: int) -> np.ndarray:
+    """Mean over the ``size`` x ``size`` window centred on each pixel (float64); at the border
+    only the window's pixels inside the image count (no padding values)."""
+    n, height, width = maps.shape
+    half = size // 2
+
+    def window_sums(values: np.ndarray) -> np.ndarray:
+        integral = np.zeros((values.shape[0], height + 1, width + 1), dtype=np.float64)
+        integral[:, 1:, 1:] = values.cumsum(axis=1).cumsum(axis=2)
+        top = np.clip(np.arange(height) - half, 0, height)
+        bottom = np.clip(np.arange(height) + half + 1, 0, height)
+        left = np.clip(np.arange(width) - half, 0, width)
+        right = np.clip(np.arange(width) + half + 1, 0, width)
+        return (integral[:, bottom[:, None], right[None, :]]
+                - integral[:, top[:, None], right[None, :]]
+                - integral[:, bottom[:, None], left[None, :]]
+                + integral[:, top[:, None], left[None, :]])
+
+    counts = window_sums(np.ones((1, height, width)))
+    return window_sums(maps.astype(np.float64)) / counts
+
+
+def smoothed_max_image_score(anomaly_maps: np.ndarray, size: int = 3) -> np.ndarray:
+    """Image score: the maximum of each map after a ``size`` x ``size`` box blur (a lone hot
+    pixel counts less than a hot blob).
+
+    Args:
+        anomaly_maps: Float array (N, H, W).
+        size: Odd window side, >= 1 (1 = :func:`max_image_score`).
+
+    Returns:
+        Array (N,) of float64 image scores.
+    """
+    if size < 1 or size % 2 == 0:
+        raise MetricsInputError(f"the box size must be odd and >= 1, got {size}")
+    blurred = _box_mean(np.asarray(anomaly_maps), size)
+    return blurred.reshape(blurred.shape[0], -1).max(axis=1)
+
+
+def top_k_mean_image_score(anomaly_maps: np.ndarray, k: int = 10) -> np.ndarray:
+    """Image score: the mean of each map's ``k`` highest pixels (all of them if fewer).
+
+    Returns:
+        Array (N,) of float64 image scores.
+    """
+    if k < 1:
+        raise MetricsInputError(f"k must be >= 1, got {k}")
+    flat = np.asarray(anomaly_maps).reshape(len(anomaly_maps), -1)
+    k = min(int(k), flat.shape[1])
+    top = np.partition(flat, flat.shape[1] - k, axis=1)[:, flat.shape[1] - k:]
+    return top.astype(np.float64).mean(axis=1)
+
+
+def top_fraction_mean_image_score(anomaly_maps: np.ndarray, fraction: float = 0.01
+                                  ) -> np.ndarray:
+    """Image score: the mean of each map's highest ``fraction`` of pixels (at least one).
+
+    Returns:
+        Array (N,) of float64 image scores.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise MetricsInputError(f"fraction must be in (0, 1], got {fraction}")
+    n_pixels = int(np.prod(np.asarray(anomaly_maps).shape[1:]))
+    return top_k_mean_image_score(anomaly_maps, max(1, math.ceil(fraction * n_pixels)))
+
+
+IMAGE_SCORES: Dict[str, ImageScoreFn] = {
+    "max": max_image_score,
+    "blur3_max": lambda maps: smoothed_max_image_score(maps, 3),
+    "blur5_max": lambda maps: smoothed_max_image_score(maps, 5),
+    "top10_mean": lambda maps: top_k_mean_image_score(maps, 10),
+    "top1pct_mean": lambda maps: top_fraction_mean_image_score(maps, 0.01),
+}
+"""The cheap image scores, by name (``eval.image_score``): each maps (N, H, W) maps to (N,)."""
+
+
+def image_scores(anomaly_maps: ArrayLike, names: Optional[Sequence[str]] = None
+                 ) -> Dict[str, np.ndarray]:
+    """Every image score of :data:`IMAGE_SCORES` (or those in ``names``) of a batch of maps, as
+    float64 arrays (N,)."""
+    maps = _check_maps(anomaly_maps)
+    chosen = list(IMAGE_SCORES) if names is None else list(names)
+    unknown = [name for name in chosen if name not in IMAGE_SCORES]
+    if unknown:
+        raise MetricsInputError(f"unknown image score(s) {unknown}; choose from "
+                                f"{', '.join(IMAGE_SCORES)}")
+    return {name: np.asarray(IMAGE_SCORES[name](maps), dtype=np.float64) for name in chosen}
+
+
+def image_score_threshold(normal_scores: ArrayLike, quantile: float = 0.99) -> float:
+    """Label-free image threshold: the ``quantile`` of the image scores of normal images (the
+    inverse empirical CDF, ``numpy.quantile(..., method="inverted_cdf")``).
+
+    An image is flagged anomalous when its score is strictly *above* the threshold, so at most
+    a fraction ``1 - quantile`` of these normal images is flagged (exactly
+    ``floor((1 - quantile) * n) / n`` when their scores are distinct).
+    """
+    if not 0.0 < quantile <= 1.0:
+        raise MetricsInputError(f"quantile must be in (0, 1], got {quantile}")
+    scores = _to_array(normal_scores, "normal_scores").astype(np.float64).reshape(-1)
+    if scores.size == 0:
+        raise MetricsInputError("no normal image scores to choose an image threshold on")
+    if not np.isfinite(scores).all():
+        raise MetricsInputError("normal image scores contain NaN or infinite values")
+    return float(np.quantile(scores, quantile, method="inverted_cdf"))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,11 +22,14 @@ from anoseg.atomic import atomic_write_text, write_json
 from anoseg.checkpoint import resolve_checkpoint
 from anoseg.errors import ConfigError, DataError
 from anoseg.inference import (LoadedDetector, LoadedModel, detector_scores, load_images,
-                              load_model, predict_anomaly_maps, run_detector)
+                              load_model, predict_anomaly_scores, run_detector)
+from anoseg.metrics import image_scores
 from anoseg.run_dir import RunDir, safe_name
 from anoseg.runtime import resolve_device
-from anoseg.threshold import cached_label_free_threshold, holdout_image_paths
-from anoseg.visualize import MAPS_README, enlarged_overlay, save_map_png, save_mask_png, save_png
+from anoseg.threshold import (cached_label_free_threshold, headline_image_score,
+                              holdout_image_paths, image_threshold_for)
+from anoseg.visualize import (MAPS_README, enlarged_overlay, save_float_map, save_map_png,
+                              save_mask_png, save_png)
 
 PathLike = Union[str, Path]
 
@@ -82,31 +85,68 @@ class PredictionReport:
     Attributes:
         output_dir: Folder with ``maps/``, ``overlays/``, ``masks/``, ``scores.csv``,
             ``prediction.json``.
-        threshold: The pixel threshold of the masks and of ``is_anomalous``.
+        threshold: The pixel threshold of the masks.
         threshold_source: ``"given"``, ``"holdout"`` or ``"holdout (cached)"``.
         rows: One dict per image (the ``scores.csv`` rows).
+        image_score: The image score's name (``eval.image_score``).
+        image_threshold: The image threshold of ``is_anomalous`` (``image_score >
+            image_threshold``).
+        image_threshold_source: ``"given"`` or ``"holdout"``.
     """
 
     output_dir: Path
     threshold: float
     threshold_source: str
     rows: List[Dict[str, Any]]
+    image_score: str = "max"
+    image_threshold: Optional[float] = None
+    image_threshold_source: str = "given"
+
+    @property
+    def n_anomalous(self) -> int:
+        """Images that fail (image score above the image threshold)."""
+        return sum(row["is_anomalous"] for row in self.rows)
+
+    def summary(self) -> str:
+        """The pass/fail line ``anoseg-predict`` prints."""
+        n = len(self.rows)
+        return (f"{n} images: {n - self.n_anomalous} pass, {self.n_anomalous} fail (anomalous: "
+                f"image score {self.image_score} > image threshold {self.image_threshold:.4g}, "
+                f"{self.image_threshold_source}); masks at pixel threshold "
+                f"{self.threshold:.4f} ({self.threshold_source})")
+
+
+def _write_outputs(output_dir: Path, name: str, image: torch.Tensor, anomaly_map: torch.Tensor,
+                   logit: torch.Tensor, threshold: float) -> Dict[str, Any]:
+    """Write one image's map (PNG and float32 logit ``.npy``), overlay and mask; returns its
+    ``anomalous_pixel_fraction`` and file names (``scores.csv`` columns)."""
+    mask = anomaly_map >= threshold
+    files = {"map": f"maps/{name}.png", "overlay": f"overlays/{name}.png",
+             "mask": f"masks/{name}.png", "logit_map": f"maps/{name}.logit.npy"}
+    save_map_png(output_dir / files["map"], anomaly_map)
+    save_float_map(output_dir / files["logit_map"], logit)
+    save_png(output_dir / files["overlay"], enlarged_overlay(image, anomaly_map))
+    save_mask_png(output_dir / files["mask"], mask)
+    return {"anomalous_pixel_fraction": float(mask.float().mean()), **files}
 
 
 def predict_images(model: LoadedModel, image_paths: Sequence[PathLike], output_dir: PathLike, *,
-                   threshold: float, batch_size: int = 16, progress: bool = True,
-                   threshold_source: str = "given",
+                   threshold: float, image_threshold: float, batch_size: int = 16,
+                   progress: bool = True, threshold_source: str = "given",
+                   image_threshold_source: str = "given", image_score: Optional[str] = None,
                    detector: Optional[LoadedDetector] = None) -> PredictionReport:
     """Write anomaly maps, overlays, masks and scores for images.
 
     Every image is checked (header) before anything is written. Per image ``<name>``:
     ``maps/<name>.png`` (16-bit map at the model's resolution, score = value / 65535),
     ``overlays/<name>.png`` (the map blended over the resized input, enlarged to >= 256 px) and
-    ``masks/<name>.png`` (0/255, pixels with score >= ``threshold``). ``scores.csv`` has one row
-    per image: ``path``, ``image_score`` (max of the map), ``is_anomalous``
-    (``image_score >= threshold``), ``anomalous_pixel_fraction`` and the three file names; with
-    a ``detector`` (:class:`anoseg.inference.LoadedDetector`), also ``detector_score`` (eq. 5,
-    higher = more anomalous; not thresholded).
+    ``masks/<name>.png`` (0/255, pixels with score >= ``threshold``), and
+    ``maps/<name>.logit.npy`` (the float32 anomaly logit map, exact). ``scores.csv`` has one row
+    per image: ``path``, ``map_max`` (max of the [0, 1] map), ``image_score`` (``image_score``,
+    default ``eval.image_score``, on the anomaly logit map), ``is_anomalous``
+    (``image_score > image_threshold``), ``anomalous_pixel_fraction`` and the file names; with a
+    ``detector`` (:class:`anoseg.inference.LoadedDetector`), also ``detector_score`` (eq. 5,
+    higher = more anomalous; the image score when ``image_score == "detector"``).
 
     Raises:
         DataError: An image is missing or unreadable (the message names it).
@@ -121,33 +161,29 @@ def predict_images(model: LoadedModel, image_paths: Sequence[PathLike], output_d
     output_dir = Path(output_dir)
     names = output_names(paths)
     size = model.config.data.image_size
+    image_score = image_score or model.config.eval.image_score
     rows: List[Dict[str, Any]] = []
     with tqdm(total=len(paths), desc="predict", unit="img", disable=not progress,
               dynamic_ncols=True) as bar:
         for start in range(0, len(paths), batch_size):
             chunk = paths[start:start + batch_size]
             images = load_images(chunk, size)
-            maps = predict_anomaly_maps(model.generator, images, batch_size=batch_size)
+            maps, logits = predict_anomaly_scores(model.generator, images,
+                                                  batch_size=batch_size)
+            by_name = image_scores(logits)
             scores = None
             if detector is not None:
                 scores = detector_scores(detector, model.generator, images,
                                          batch_size=batch_size)
+                by_name["detector"] = scores.numpy()
             for offset, path in enumerate(chunk):
-                name = names[start + offset]
-                anomaly_map = maps[offset]
-                mask = anomaly_map >= threshold
-                files = {"map": f"maps/{name}.png", "overlay": f"overlays/{name}.png",
-                         "mask": f"masks/{name}.png"}
-                save_map_png(output_dir / files["map"], anomaly_map)
-                save_png(output_dir / files["overlay"], enlarged_overlay(images[offset],
-                                                                         anomaly_map))
-                save_mask_png(output_dir / files["mask"], mask)
-                image_score = float(anomaly_map.max())
-                row = {"path": str(path), "image_score": image_score}
-                if scores is not None:
-                    row["detector_score"] = float(scores[offset])
-                rows.append({**row, "is_anomalous": int(image_score >= threshold),
-                             "anomalous_pixel_fraction": float(mask.float().mean()), **files})
+                row = _write_outputs(output_dir, names[start + offset], images[offset],
+                                     maps[offset], logits[offset], threshold)
+                score = float(by_name[image_score][offset])
+                detector_row = {} if scores is None else {"detector_score": float(scores[offset])}
+                rows.append({"path": str(path), "map_max": float(maps[offset].max()),
+                             "image_score": score, **detector_row,
+                             "is_anomalous": int(score > image_threshold), **row})
             bar.update(len(chunk))
 
     buffer = io.StringIO()
@@ -155,56 +191,85 @@ def predict_images(model: LoadedModel, image_paths: Sequence[PathLike], output_d
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(output_dir / "scores.csv", buffer.getvalue())
-    atomic_write_text(output_dir / "maps" / "README.txt", MAPS_README)
+    atomic_write_text(output_dir / "maps" / "README.txt", MAPS_README + (
+        "<name>.logit.npy: the float32 anomaly logit map (numpy.load), exact and unbounded; "
+        "scores.csv's image_score is computed on it.\n"))
+    report = PredictionReport(output_dir, threshold, threshold_source, rows, image_score,
+                              image_threshold, image_threshold_source)
     write_json(output_dir / "prediction.json", {
         "threshold": threshold, "threshold_source": threshold_source,
-        "image_size": size, "n_images": len(rows),
-        "n_anomalous": sum(r["is_anomalous"] for r in rows)})
-    return PredictionReport(output_dir, threshold, threshold_source, rows)
+        "image_score": image_score, "image_threshold": image_threshold,
+        "image_threshold_source": image_threshold_source,
+        "image_threshold_quantile": model.config.eval.image_threshold_quantile
+        if image_threshold_source == "holdout" else None,
+        "image_size": size, "n_images": len(rows), "n_anomalous": report.n_anomalous,
+        "n_pass": len(rows) - report.n_anomalous})
+    return report
 
 
 def predict_run(checkpoint: PathLike, inputs: Sequence[PathLike], output_dir: PathLike, *,
                 threshold: Optional[float] = None, batch_size: Optional[int] = None,
                 device: Union[None, str, torch.device] = None, data_root: Optional[PathLike] = None,
-                progress: bool = True) -> PredictionReport:
+                progress: bool = True, image_threshold: Optional[float] = None,
+                image_score: Optional[str] = None) -> PredictionReport:
     """Load a run or checkpoint and :func:`predict_images` on files and folders of images.
 
     Args:
         checkpoint: Run folder or checkpoint file.
         inputs: Image files and folders (see :func:`collect_image_paths`).
         output_dir: Where to write.
-        threshold: Pixel threshold; default: the label-free threshold from the run's held-out
-            normal images (cached beside the checkpoint, see :func:`cached_label_free_threshold`).
+        threshold: Pixel threshold of the masks; default: the label-free threshold from the
+            run's held-out normal images (cached beside the checkpoint, see
+            :func:`cached_label_free_threshold`).
         batch_size: Default: the run's ``eval.batch_size``.
         device: ``auto``/``None``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         data_root: Where the run's dataset is now, if it moved since training.
         progress: Show progress bars.
+        image_threshold: Image threshold of ``is_anomalous`` (in the image score's units);
+            default: the ``eval.image_threshold_quantile`` of the held-out normal images' image
+            scores (cached beside the checkpoint).
+        image_score: Default the run's ``eval.image_score``.
 
     Raises:
-        AnoSegError: Bad inputs; no threshold given and the run has no held-out images.
+        AnoSegError: Bad inputs; a threshold not given and the run has no held-out images.
     """
     if threshold is not None and not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
         raise ConfigError(f"threshold {threshold!r} is invalid; expected a score in [0, 1]")
+    if image_threshold is not None and not math.isfinite(image_threshold):
+        raise ConfigError(f"image threshold {image_threshold!r} is invalid; expected a number")
     checkpoint_path = resolve_checkpoint(checkpoint)
     image_paths = collect_image_paths(inputs)
     model = load_model(checkpoint_path, resolve_device(device))
+    if image_score is not None:
+        model.config.eval.image_score = image_score
+        model.config.validate()
     batch_size = batch_size or model.config.eval.batch_size
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
-    source = "given"
-    if threshold is None:
+    detector, warning = run_detector(checkpoint_path, model, model.device)
+    notes = [] if warning is None else [warning]
+    score = headline_image_score(model, detector, notes)
+    for note in notes:
+        print(f"warning: {note}")
+    holdout: List[Path] = []
+    if threshold is None or image_threshold is None:
         run = RunDir.of_checkpoint(checkpoint_path)
         holdout = holdout_image_paths(model, data_root, run.path if run is not None else None)
         if not holdout:
             raise DataError(f"run {checkpoint_path} has no held-out normal images "
                             "(data.holdout_fraction = 0), so there is no label-free threshold; "
-                            "pass --threshold")
+                            "pass --threshold and --image-threshold")
+    source = image_source = "given"
+    if threshold is None:
         threshold, from_cache = cached_label_free_threshold(
             model, checkpoint_path, holdout, batch_size=batch_size, progress=progress)
         source = "holdout (cached)" if from_cache else "holdout"
-    detector, warning = run_detector(checkpoint_path, model, model.device)
-    if warning is not None:
-        print(f"warning: {warning}")
+    if image_threshold is None:
+        image_threshold = image_threshold_for(model, holdout, score, checkpoint_path, detector,
+                                              batch_size=batch_size, progress=progress)
+        image_source = "holdout"
     return predict_images(model, image_paths, output_dir, threshold=threshold,
-                          batch_size=batch_size, progress=progress, threshold_source=source,
+                          image_threshold=image_threshold, batch_size=batch_size,
+                          progress=progress, threshold_source=source,
+                          image_threshold_source=image_source, image_score=score,
                           detector=detector)

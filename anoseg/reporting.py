@@ -48,7 +48,9 @@ MEAN_KEYS: Tuple[str, ...] = tuple(key for key, _ in METRIC_COLUMNS) + (
 CSV_KEYS: Tuple[str, ...] = MEAN_KEYS + (
     "iou_pooled_best_threshold", "iou_mean_per_image_best_threshold", "pixel_f1_max_threshold",
     "label_free_threshold", "threshold_quantile", "n_holdout_images", "n_images",
-    "n_defective", "n_good", "n_pixels", "n_defect_pixels", "n_regions")
+    "n_defective", "n_good", "n_pixels", "n_defect_pixels", "n_regions", "image_score",
+    "image_threshold", "image_threshold_quantile", "image_threshold_fpr",
+    "image_threshold_recall")
 """Columns of ``metrics.csv`` after ``category`` (fractions, not percentages)."""
 
 DETECTOR_KEY = "image_auroc_detector"
@@ -64,8 +66,12 @@ def metric_columns(results: Sequence[CategoryResult]) -> List[Tuple[str, str]]:
     return columns
 
 
+UNDEFINED = "n/a"
+"""Cell of an undefined metric in the evaluation tables (the reason is listed under them)."""
+
+
 def _percent(value: Optional[float]) -> str:
-    return "—" if value is None else f"{100.0 * value:.1f}"
+    return UNDEFINED if value is None else f"{100.0 * value:.1f}"
 
 
 def format_markdown_table(results: Sequence[CategoryResult],
@@ -78,12 +84,56 @@ def format_markdown_table(results: Sequence[CategoryResult],
     for result in results:
         threshold = result.label_free_threshold
         cells = [result.category, *(_percent(getattr(result, k)) for k, _ in columns),
-                 "—" if threshold is None else f"{threshold:.4f}"]
+                 UNDEFINED if threshold is None else f"{threshold:.4f}"]
         lines.append("| " + " | ".join(cells) + " |")
+        for defect, part in result.defect_types.items():
+            cells = [defect_type_label(result.category, defect),
+                     *(_percent(getattr(part, k)) for k, _ in columns), ""]
+            lines.append("| " + " | ".join(cells) + " |")
     if mean is not None:
         cells = ["**mean**", *(_percent(mean.get(k)) for k, _ in columns), ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def format_image_score_table(results: Sequence[CategoryResult]) -> str:
+    """The image-level table: image AUROC of every cheap image score (and the detector's), the
+    headline score's name, the label-free image threshold and, at it, the false-positive rate
+    on the good test images and the recall on the defective ones (in %); a row per category
+    and per defect type (whose FPR is the category's: the same good images)."""
+    names: List[str] = []
+    for result in results:
+        names += [n for n in result.image_auroc_scores if n not in names]
+    detector = any(r.image_auroc_detector is not None for r in results)
+    headers = ["Category", *(f"AUROC {n}" for n in names), *(["AUROC detector"] * detector),
+               "Image score", "Image thr.", "FPR good @ thr.", "Recall @ thr."]
+    rows = []
+    for result in results:
+        parts = [(result.category, result)] + [
+            (defect_type_label(result.category, d), r) for d, r in result.defect_types.items()]
+        for label, part in parts:
+            threshold = part.image_threshold
+            rows.append([label, *(_percent(part.image_auroc_scores.get(n)) for n in names),
+                         *([_percent(part.image_auroc_detector)] * detector),
+                         part.image_score if part is result else "",
+                         (UNDEFINED if threshold is None else f"{threshold:.4g}")
+                         if part is result else "",
+                         _percent(part.image_threshold_fpr) if part is result else "",
+                         _percent(part.image_threshold_recall)])
+    lines = ["| " + " | ".join(headers) + " |",
+             "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def defect_type_label(category: str, defect: str) -> str:
+    """A defect type's row name in the tables: ``"<category> / <type>"``."""
+    return f"{category} / {defect}"
+
+
+DEFECT_TYPES_CSV = "metrics_defect_types.csv"
+"""Per-defect-type rows (``category``, ``defect_type``, then :data:`CSV_KEYS`), beside
+``metrics.csv`` (whose rows stay one per category plus the mean)."""
 
 
 def _csv_value(value: Any) -> str:
@@ -127,20 +177,42 @@ def write_metrics_files(output_dir: PathLike, results: Sequence[CategoryResult],
     if mean is not None:
         writer.writerow(["mean", *(_csv_value(mean.get(k)) for k in csv_keys)])
     atomic_write_text(csv_path, buffer.getvalue())
+    written = [json_path, csv_path, md_path]
+    if any(r.defect_types for r in results):
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["category", "defect_type", *csv_keys])
+        for result in results:
+            for defect, part in result.defect_types.items():
+                writer.writerow([result.category, defect,
+                                 *(_csv_value(getattr(part, k)) for k in csv_keys)])
+        atomic_write_text(output_dir / DEFECT_TYPES_CSV, buffer.getvalue())
+        written.append(output_dir / DEFECT_TYPES_CSV)
 
     quantile = results[0].threshold_quantile if results else None
     text = format_markdown_table(results, mean)
     text += ("\nValues in %. IoU = pooled IoU at the best threshold (the paper's Table 2); IoU per "
              "image = mean per-image IoU at the best common threshold; AUPRO up to FPR "
              f"{results[0].fpr_limit if results else 0.3}; \"@ label-free\" = at the "
-             f"{quantile} quantile of held-out normal pixel scores. — = undefined.\n")
+             f"{quantile} quantile of held-out normal pixel scores. n/a = undefined (the "
+             "reasons are listed below). A row \"category / type\" = that defect type's test "
+             "images plus every good test image (the mean row averages categories only).\n")
+    text += ("\nImage-level decisions (image scores on the anomaly logit map; \"Image AUROC\" "
+             "above is the one named in \"Image score\"; the image threshold is the "
+             f"{results[0].image_threshold_quantile if results else None} quantile of the "
+             "held-out normal images' scores, an image above it is anomalous):\n\n")
+    text += format_image_score_table(results)
     for note in notes:
         text += f"\n- {note}"
     for result in results:
         for warning in result.warnings:
             text += f"\n- {result.category}: {warning}"
+        for defect, part in result.defect_types.items():
+            for warning in part.warnings:
+                if warning not in result.warnings:
+                    text += f"\n- {defect_type_label(result.category, defect)}: {warning}"
     atomic_write_text(md_path, text.rstrip("\n") + "\n")
-    return [json_path, csv_path, md_path]
+    return written
 
 
 # ------------------------------------------------------------------------- summary tables

@@ -41,6 +41,17 @@ class CategoryResult:
         image_auroc_detector: Image AUROC of the downstream detector's score (eq. 5); only
             reported when ``detector_scored``.
         checkpoint, ensemble, checkpoint_step: Set by :func:`anoseg.evaluation.evaluate_run`.
+        image_score: The name of the score behind ``image_auroc`` and the image threshold
+            (``eval.image_score``).
+        image_auroc_scores: Image AUROC of every cheap image score, by name.
+        image_threshold, image_threshold_quantile: The label-free image threshold (that
+            quantile of the held-out normal images' image scores; ``None`` without them).
+        image_threshold_fpr, image_threshold_recall, n_good_flagged, n_defective_flagged: The
+            good test images flagged (score above the image threshold) as a fraction and a
+            count, and the same for the defective ones (``None`` when undefined).
+        defect_types: Defect type -> the metrics on that type's test images plus every good
+            test image (a :class:`CategoryResult` whose ``category`` is
+            ``"<category>/<type>"``), from the same streaming pass; empty when not computed.
     """
 
     category: str
@@ -80,6 +91,15 @@ class CategoryResult:
     checkpoint: Optional[str] = None
     ensemble: Optional[List[str]] = None
     checkpoint_step: Optional[int] = None
+    defect_types: Dict[str, "CategoryResult"] = field(default_factory=dict)
+    image_score: str = "max"
+    image_auroc_scores: Dict[str, Optional[float]] = field(default_factory=dict)
+    image_threshold: Optional[float] = None
+    image_threshold_quantile: Optional[float] = None
+    image_threshold_fpr: Optional[float] = None
+    image_threshold_recall: Optional[float] = None
+    n_good_flagged: Optional[int] = None
+    n_defective_flagged: Optional[int] = None
 
     @classmethod
     def from_metrics(cls, computed: Dict[str, Any], *, category: str, data_root: Any,
@@ -105,6 +125,16 @@ class CategoryResult:
             warnings=[*warnings, *computed["warnings"]],
             iou_curve=computed["iou_curve"])
 
+    def set_image_rates(self, good_flagged: np.ndarray, defective_flagged: np.ndarray) -> None:
+        """The image-threshold rates from the flags (score > image threshold) of the good and
+        of the defective test images."""
+        self.n_good_flagged = int(np.count_nonzero(good_flagged))
+        self.n_defective_flagged = int(np.count_nonzero(defective_flagged))
+        self.image_threshold_fpr = (self.n_good_flagged / good_flagged.size
+                                    if good_flagged.size else None)
+        self.image_threshold_recall = (self.n_defective_flagged / defective_flagged.size
+                                       if defective_flagged.size else None)
+
     @property
     def n_good(self) -> int:
         """Test images without a defect."""
@@ -118,6 +148,17 @@ class CategoryResult:
         for name in ("checkpoint", "ensemble", "checkpoint_step"):
             if getattr(self, name) is not None:
                 document[name] = getattr(self, name)
+        if self.defect_types:
+            document["defect_types"] = {name: result.defect_type_dict()
+                                        for name, result in self.defect_types.items()}
+        return document
+
+    def defect_type_dict(self) -> Dict[str, Any]:
+        """A defect type's entry under ``defect_types`` in ``metrics.json``: its metrics and
+        counts (what it shares with its category, such as the threshold, is left out)."""
+        document: Dict[str, Any] = {name: getattr(self, name) for name in _TYPE_JSON_FIELDS}
+        if self.detector_scored:
+            document["image_auroc_detector"] = self.image_auroc_detector
         return document
 
     # -- read-only mapping access, as the former dict ------------------------------------------
@@ -151,9 +192,23 @@ _METRIC_PASS_FIELDS = (
     "n_defect_pixels", "n_regions", "score_min", "score_max")
 """Fields copied from the metric pass as they are, in ``metrics.json`` order."""
 
+_IMAGE_FIELDS = (
+    "image_score", "image_auroc_scores", "image_threshold", "image_threshold_quantile",
+    "image_threshold_fpr", "image_threshold_recall", "n_good_flagged", "n_defective_flagged")
+"""The image-level decision fields (``docs/evaluation.md``)."""
+
 _JSON_FIELDS = (
     "category", "data_root", "image_size", *_METRIC_PASS_FIELDS, "score_range", "n_good",
     "label_free_threshold", "threshold_quantile", "n_holdout_images", "label_free_iou",
     "label_free_iou_mean_per_image", "label_free_f1", "label_free_precision",
-    "label_free_recall", "label_free_fpr", "warnings")
+    "label_free_recall", "label_free_fpr", *_IMAGE_FIELDS, "warnings")
 """Fields of every ``metrics.json`` entry, in file order (optional ones follow)."""
+
+_TYPE_JSON_FIELDS = (
+    "pixel_auroc", "image_auroc", "aupro", "iou_pooled_best", "iou_pooled_best_threshold",
+    "iou_mean_per_image_best", "iou_mean_per_image_best_threshold", "pixel_f1_max",
+    "pixel_f1_max_threshold", "label_free_iou", "label_free_iou_mean_per_image",
+    "label_free_f1", "label_free_precision", "label_free_recall", "label_free_fpr", "n_images",
+    "n_defective", "n_good", "n_pixels", "n_defect_pixels", "n_regions", *_IMAGE_FIELDS,
+    "warnings")
+"""Fields of a defect type's entry (``metrics.json`` ``defect_types``), in file order."""

@@ -6,6 +6,7 @@ A segmenter run folder holds::
     split.json           which train/good images were trained on and which were held out
     losses.jsonl         one JSON object per logged step
     checkpoints/last.pt  the latest checkpoint (a plain dict, :mod:`anoseg.checkpoint`)
+    train.lock           while a training runs there: its pid and host (:class:`StageLock`)
     summary.json         steps, images seen, seconds, why the run stopped
     eval/                anoseg-eval's default output (metrics.json, .csv, .md, ...)
     detector/            the image-level detector: last.pt, config.yaml, losses.jsonl,
@@ -21,12 +22,15 @@ Example:
 from __future__ import annotations
 
 import json
+import os
+import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 from anoseg.atomic import read_json, write_json
-from anoseg.errors import DataError
+from anoseg.errors import DataError, OutputError, RunInUseError
 
 PathLike = Union[str, Path]
 
@@ -36,6 +40,8 @@ LOSSES_FILE = "losses.jsonl"
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_FILE = "last.pt"
 CHECKPOINTS_DIR = "checkpoints"
+LOCK_FILE = "train.lock"
+"""Held by the training that writes a stage folder (pid and host, JSON); removed at its end."""
 LAST_CHECKPOINT = Path(CHECKPOINTS_DIR) / CHECKPOINT_FILE
 """A segmenter run's checkpoint, relative to its folder."""
 EVAL_DIR = "eval"
@@ -80,8 +86,21 @@ class StageDir:
     def checkpoint(self) -> Path:
         return self.path / self.checkpoint_name
 
+    @property
+    def lock(self) -> Path:
+        return self.path / LOCK_FILE
+
     def has_checkpoint(self) -> bool:
         return self.checkpoint.is_file()
+
+    def stale_temporaries(self) -> List[Path]:
+        """Temporary checkpoint files (``.last.pt.*.tmp``) left by a process killed while it
+        wrote the checkpoint (:func:`anoseg.atomic.atomic_write_bytes` removes its own
+        otherwise)."""
+        folder = self.checkpoint.parent
+        if not folder.is_dir():
+            return []
+        return sorted(folder.glob(f".{self.checkpoint.name}.*.tmp"))
 
     def read_summary(self) -> Optional[Dict[str, Any]]:
         """``summary.json``, or ``None`` when it is missing or unreadable."""
@@ -160,6 +179,141 @@ class RunDir(StageDir):
     def eval_metrics(self) -> Optional[Dict[str, Any]]:
         """``eval/metrics.json``, or ``None``."""
         return read_json(self.metrics)
+
+
+def ensure_folder(path: PathLike, what: str = "output folder") -> Path:
+    """Create ``path`` (and its parents) as a folder, or raise :class:`OutputError` naming it:
+    it or a parent is a file, or it cannot be created (permission, read-only disk)."""
+    path = Path(path)
+    for candidate in (path, *path.parents):
+        if candidate.exists() and not candidate.is_dir():
+            if candidate == path:
+                raise OutputError(f"{what} {path} is a file; expected a folder (or a path "
+                                  "that does not exist yet): choose another --output-dir")
+            raise OutputError(f"{what} {path} cannot be created: {candidate} is a file")
+        if candidate.is_dir():
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create {what} {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a process of another user
+        return True
+    except (OverflowError, ValueError):
+        return False
+    return True
+
+
+class StageLock:
+    """The lock file of a stage folder (``train.lock``), held while a training writes there.
+
+    ``with StageLock(folder):`` creates the folder if needed, writes ``{"pid", "host",
+    "started"}`` to ``train.lock`` with an exclusive create, removes checkpoint temporaries a
+    killed run left behind, and on exit (normal end, exception, Ctrl-C) removes the lock and,
+    if the folder was created here and stayed empty, the folder. A lock whose process is gone
+    (same host, pid not alive: a run killed with SIGKILL) is taken over.
+
+    Raises:
+        RunInUseError: a live process (or one on another host) holds the lock.
+        OutputError: the folder is a file or cannot be written.
+    """
+
+    def __init__(self, folder: "StageDir", enabled: bool = True) -> None:
+        self.folder = folder
+        self.enabled = enabled
+        self.host = socket.gethostname()
+        self._created = False
+        self._held = False
+        self.removed_temporaries: List[Path] = []
+
+    def __enter__(self) -> "StageLock":
+        if not self.enabled:
+            return self
+        path = self.folder.path
+        self._created = not path.exists()
+        ensure_folder(path)
+        for _ in range(3):
+            if self._try_create():
+                break
+            self._check_holder()  # raises unless the holder is gone; then retry
+        else:
+            raise RunInUseError(f"cannot take the lock {self.folder.lock}: it keeps "
+                                "reappearing; is another training starting there?")
+        self._held = True
+        for tmp in self.folder.stale_temporaries():
+            try:
+                tmp.unlink()
+                self.removed_temporaries.append(tmp)
+            except OSError:
+                pass
+        return self
+
+    def _try_create(self) -> bool:
+        text = json.dumps({"pid": os.getpid(), "host": self.host, "started": time.time()})
+        try:
+            fd = os.open(self.folder.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            raise OutputError(f"cannot write the lock file {self.folder.lock}: "
+                              f"{exc.strerror or exc}") from None
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text + "\n")
+        return True
+
+    def _check_holder(self) -> None:
+        """Remove a stale lock; raise :class:`RunInUseError` for a live one."""
+        lock = self.folder.lock
+        holder = read_json(lock)
+        if holder is None:  # unreadable: being written right now, or cut by a crash
+            try:
+                age = time.time() - lock.stat().st_mtime
+            except FileNotFoundError:
+                return
+            if age < 5.0:
+                time.sleep(0.5)
+                holder = read_json(lock)
+        if holder is not None:
+            pid, host = holder.get("pid"), holder.get("host")
+            if host != self.host:
+                raise RunInUseError(
+                    f"{self.folder.path} is in use by a training on host {host} (pid {pid}), "
+                    f"see {lock}; if that run is not running any more, delete the lock file "
+                    "and continue with --resume")
+            if isinstance(pid, int) and _pid_alive(pid):
+                raise RunInUseError(
+                    f"{self.folder.path} is in use: a training (pid {pid} on {host}) is "
+                    f"writing there (lock file {lock}); wait for it to end, stop it, or "
+                    "choose another --output-dir")
+            print(f"taking over the stale lock {lock} of pid {pid} (no such process)")
+        try:
+            lock.unlink()
+        except FileNotFoundError:
+            pass
+
+    def __exit__(self, *exc) -> None:
+        if not self._held:
+            return
+        self._held = False
+        holder = read_json(self.folder.lock)
+        if holder is not None and holder.get("pid") == os.getpid():
+            try:
+                self.folder.lock.unlink()
+            except OSError:
+                pass
+        if self._created:
+            try:
+                self.folder.path.rmdir()  # only when empty: a run that failed before writing
+            except OSError:
+                pass
 
 
 def safe_name(text: str) -> str:

@@ -1,5 +1,6 @@
-"""The label-free threshold: the run's held-out normal images, the score quantile on them,
-and its cache beside the checkpoint. Used by evaluation and by prediction.
+"""The label-free thresholds: the run's held-out normal images, the pixel-score quantile on
+them (the pixel threshold) and the image-score quantile (the image threshold), and their caches
+beside the checkpoint. Used by evaluation and by prediction.
 
 Example:
     >>> model = anoseg.load_model("runs/demo")                                 # doctest: +SKIP
@@ -18,8 +19,9 @@ from tqdm.auto import tqdm
 
 from anoseg.atomic import write_json
 from anoseg.errors import DataError
-from anoseg.inference import LoadedModel, load_images, predict_anomaly_maps
-from anoseg.metrics import NormalScoreQuantile
+from anoseg.inference import (LoadedDetector, LoadedModel, detector_scores, load_images,
+                              predict_anomaly_maps, predict_anomaly_scores)
+from anoseg.metrics import IMAGE_SCORES, NormalScoreQuantile, image_score_threshold, image_scores
 from anoseg.run_dir import DataRecord, RunDir, TrainingSplit
 
 PathLike = Union[str, Path]
@@ -170,3 +172,114 @@ def cached_label_free_threshold(model: LoadedModel, checkpoint_path: PathLike,
     except OSError:
         pass
     return threshold, False
+
+
+# --------------------------------------------------------------------- the image threshold
+
+
+def holdout_image_scores(model: LoadedModel, normal_image_paths: Sequence[PathLike], *,
+                         batch_size: int = 16, progress: bool = False) -> Dict[str, List[float]]:
+    """Every cheap image score (:data:`anoseg.metrics.IMAGE_SCORES`, on the anomaly logit map)
+    of each of ``normal_image_paths``: score name -> one value per image, in order.
+
+    Raises:
+        DataError: No images, or one is unreadable.
+    """
+    paths = [Path(p) for p in normal_image_paths]
+    if not paths:
+        raise DataError("no held-out normal images to choose a label-free image threshold on")
+    size = model.config.data.image_size
+    scores: Dict[str, List[float]] = {name: [] for name in IMAGE_SCORES}
+    with tqdm(total=len(paths), desc="image threshold", unit="img", disable=not progress,
+              leave=False) as bar:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start:start + batch_size]
+            _, logits = predict_anomaly_scores(model.generator, load_images(chunk, size),
+                                               batch_size=batch_size)
+            for name, values in image_scores(logits).items():
+                scores[name].extend(float(v) for v in values)
+            bar.update(len(chunk))
+    return scores
+
+
+def image_threshold_cache_path(checkpoint_path: PathLike) -> Path:
+    """Where a checkpoint's held-out image scores are cached:
+    ``<stem>.image_threshold.json`` beside it."""
+    path = Path(checkpoint_path)
+    return path.with_name(f"{path.stem}.image_threshold.json")
+
+
+def cached_holdout_image_scores(model: LoadedModel, checkpoint_path: Optional[PathLike],
+                                normal_image_paths: Sequence[PathLike], *,
+                                batch_size: int = 16, progress: bool = False
+                                ) -> Tuple[Dict[str, List[float]], bool]:
+    """:func:`holdout_image_scores`, cached in :func:`image_threshold_cache_path` (with
+    ``checkpoint_path=None``, not cached) under the same conditions as the pixel threshold's
+    cache (:func:`cached_label_free_threshold`; the quantile is not part of the key: the cache
+    holds the scores, any quantile is taken from them).
+
+    Returns:
+        ``(scores by name, came_from_cache)``.
+    """
+    paths = [Path(p) for p in normal_image_paths]
+    if checkpoint_path is None:
+        return holdout_image_scores(model, paths, batch_size=batch_size,
+                                    progress=progress), False
+    checkpoint_path = Path(checkpoint_path)
+    key = _cache_key(model, checkpoint_path, paths, 0.0)
+    del key["quantile"]
+    cache = image_threshold_cache_path(checkpoint_path)
+    try:
+        cached = json.loads(cache.read_text())
+        scores = cached["scores"]
+        if ({k: cached.get(k) for k in key} == key and set(scores) == set(IMAGE_SCORES)
+                and all(len(v) == len(paths) for v in scores.values())):
+            return {name: [float(v) for v in scores[name]] for name in IMAGE_SCORES}, True
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    scores = holdout_image_scores(model, paths, batch_size=batch_size, progress=progress)
+    try:
+        write_json(cache, {**key, "scores": scores})
+    except OSError:
+        pass
+    return scores, False
+
+
+def label_free_image_threshold(holdout_scores: Dict[str, Sequence[float]], score: str,
+                               quantile: float) -> float:
+    """The ``quantile`` of the held-out normal images' ``score`` values
+    (:func:`anoseg.metrics.image_score_threshold`): an image scoring strictly above it is
+    anomalous."""
+    if score not in holdout_scores:
+        raise DataError(f"no held-out image scores named {score!r}")
+    return image_score_threshold(holdout_scores[score], quantile)
+
+
+def headline_image_score(model: LoadedModel, detector: Optional[LoadedDetector],
+                         warnings: List[str]) -> str:
+    """``eval.image_score``, or ``max`` (with a warning) when it is ``detector`` and the run
+    has no usable detector."""
+    name = model.config.eval.image_score
+    if name == "detector" and detector is None:
+        warnings.append("eval.image_score=detector but the run has no usable detector: the "
+                        "image score is the map max")
+        return "max"
+    return name
+
+
+def image_threshold_for(model: LoadedModel, holdout_paths: Sequence[Path], score: str,
+                        cache_for: Optional[PathLike], detector: Optional[LoadedDetector], *,
+                        batch_size: int, progress: bool) -> Optional[float]:
+    """The label-free *image* threshold: the ``eval.image_threshold_quantile`` of the held-out
+    normal images' ``score`` (cached beside ``cache_for``'s checkpoint for the cheap scores);
+    ``None`` without held-out images."""
+    if not holdout_paths:
+        return None
+    quantile = model.config.eval.image_threshold_quantile
+    if score == "detector":
+        images = load_images(holdout_paths, model.config.data.image_size)
+        values = detector_scores(detector, model.generator, images, batch_size=batch_size)
+        return label_free_image_threshold({score: values.tolist()}, score, quantile)
+    scores, _ = cached_holdout_image_scores(model, cache_for, holdout_paths,
+                                            batch_size=batch_size, progress=progress)
+    return label_free_image_threshold(scores, score, quantile)

@@ -27,6 +27,7 @@ from anoseg.config import AnoSegConfig, TrainConfig, save_config
 from anoseg.engine import (Stage, TrainResult, TrainState, backward, check_finite,
                            checkpoint_dict, make_adam, optimizer_step, refuse_overwrite,
                            restore_progress, resumed_config, run_stage, setup_device,
+                           check_batch_fits, segmenter_floats_per_pixel, stage_lock,
                            training_images)
 from anoseg.errors import CheckpointError, ConfigError
 from anoseg.losses import (discriminator_loss, generator_adversarial_loss,
@@ -249,10 +250,22 @@ def train(cfg: AnoSegConfig, output_dir: Union[str, Path], *, resume: bool = Fal
 
     Returns:
         A :class:`~anoseg.engine.TrainResult`; the checkpoint holds everything needed to resume.
+
+    Raises:
+        RunInUseError: another training holds ``output_dir/train.lock``.
+        OutputError: ``output_dir`` is a file, or a checkpoint cannot be written.
+        ConfigError: e.g. a batch that cannot fit in the device's memory.
     """
+    run = RunDir(output_dir)
+    with stage_lock(run):  # removed at the end, on an exception and on Ctrl-C
+        return _train_locked(cfg, run, resume=resume, progress=progress, stop_at=stop_at)
+
+
+def _train_locked(cfg: AnoSegConfig, run: RunDir, *, resume: bool, progress: bool,
+                  stop_at: Optional[int]) -> TrainResult:
+    """:func:`train` once the run folder's lock is held."""
     from anoseg.data.training_data import SyntheticAnomalyDataset
 
-    run = RunDir(output_dir)
     ckpt: Optional[Dict[str, Any]] = None
     if resume:
         ckpt = load_checkpoint(run.checkpoint)
@@ -265,6 +278,8 @@ def train(cfg: AnoSegConfig, output_dir: Union[str, Path], *, resume: bool = Fal
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by the "
                           f"number of processes ({ctx.world_size}): it is the global batch")
     device, amp_dtype = setup_device(cfg, ctx)
+    check_batch_fits("train.batch_size", cfg.train.batch_size // ctx.world_size,
+                     cfg.data.image_size, segmenter_floats_per_pixel(cfg.model.width), device)
     root = resolve_data_root(cfg)
     split = ckpt["split"] if ckpt is not None else prepare_training_split(cfg, root)
     data = DataRecord(TrainingSplit.from_dict(split), str(root))

@@ -33,6 +33,12 @@ MAPS_README = ("Anomaly maps as 16-bit grayscale PNG at the model's resolution: 
                "score = pixel value / 65535 (1 = anomalous).\n"
                "Python: numpy.asarray(PIL.Image.open(path), dtype=float) / 65535, "
                "or anoseg.visualize.read_map_png(path).\n")
+FLOAT_MAPS_README = (
+    "\nExact float32 maps beside each PNG (numpy.load(path)):\n"
+    "  <stem>.npy        the anomaly map in [0, 1] that the pixel metrics were computed on;\n"
+    "  <stem>.logit.npy  the anomaly logit map (unbounded, does not saturate) that the image "
+    "scores were computed on.\n"
+    "Re-scoring them gives anoseg-eval's numbers exactly (docs/evaluation.md).\n")
 """The ``README.txt`` written beside saved maps."""
 
 PLOT_SKIPPED_MESSAGE = ("IoU plot skipped: matplotlib is not installed "
@@ -184,6 +190,16 @@ def save_map_png(path: PathLike, anomaly_map: ArrayLike) -> Path:
     img = Image.fromarray(values)  # mode I;16 (16-bit grayscale PNG)
     path = Path(path)
     atomic_write_bytes(path, lambda handle: img.save(handle, format="PNG"))
+    return path
+
+
+def save_float_map(path: PathLike, values: ArrayLike) -> Path:
+    """Write a map exactly, as a float32 ``.npy`` (``numpy.load(path)`` reads it back)."""
+    array = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) \
+        else np.asarray(values)
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    path = Path(path)
+    atomic_write_bytes(path, lambda handle: np.save(handle, array, allow_pickle=False))
     return path
 
 

@@ -148,7 +148,7 @@ def test_load_image_resize_is_smooth_bilinear(tmp_path):
 def test_load_mask_nearest_keeps_binary(tmp_path):
     mask = np.zeros((30, 30), dtype=np.uint8)
     mask[::2, ::3] = 255
-    mask[5:12, 7:20] = 1  # anything above 0 is defect, even faint values
+    mask[5:12, 7:20] = 1  # faint values in a 0/255 mask: below half the maximum, not defect
     path = tmp_path / "m_mask.png"
     Image.fromarray(mask).save(path)
 

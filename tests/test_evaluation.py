@@ -185,13 +185,15 @@ def test_predict_on_a_folder(runs, demo_root, tmp_path, capsys):
     assert code == 0
     rows = _read_csv(out / "scores.csv")
     assert [Path(r["path"]).name for r in rows] == [s.name for s in sources]
-    threshold = json.loads((out / "prediction.json").read_text())["threshold"]
+    prediction = json.loads((out / "prediction.json").read_text())
+    image_threshold = prediction["image_threshold"]
     for row in rows:
         anomaly_map = read_map_png(out / row["map"])
         mask = np.asarray(Image.open(out / row["mask"]))
         assert anomaly_map.shape == mask.shape == (64, 64)
-        assert float(row["image_score"]) == pytest.approx(anomaly_map.max(), abs=1.0 / 65535)
-        assert row["is_anomalous"] == str(int(float(row["image_score"]) >= threshold))
+        assert float(row["map_max"]) == pytest.approx(anomaly_map.max(), abs=1.0 / 65535)
+        # issue 12: the image score is compared with the image threshold (not the pixel one)
+        assert row["is_anomalous"] == str(int(float(row["image_score"]) > image_threshold))
         assert set(np.unique(mask)) <= {0, 255}
         assert (out / row["overlay"]).is_file()
     assert "3 images" in capsys.readouterr().out
@@ -206,7 +208,7 @@ def test_predict_with_given_threshold_and_duplicate_names(runs, demo_root, tmp_p
     code = predict_cli.main(["--checkpoint", str(runs["demo_texture"] / "checkpoints" /
                                                    "last.pt"),
                              *map(str, images), "--output-dir", str(out), "--threshold", "0",
-                             "--no-progress", "--device", "cpu"])
+                             "--image-threshold=-1e9", "--no-progress", "--device", "cpu"])
     assert code == 0
     rows = _read_csv(out / "scores.csv")
     assert [r["is_anomalous"] for r in rows] == ["1", "1"]

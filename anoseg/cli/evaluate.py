@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-workers", type=_count, default=0,
                         help="data-loader worker processes for reading test images (default 0)")
     parser.add_argument("--save-maps", action="store_true",
-                        help="write every test map as a 16-bit PNG (score = value / 65535)")
+                        help="write every test map as a 16-bit PNG (score = value / 65535, for "
+                             "viewing) and as exact float32 .npy files (map and anomaly logit)")
     parser.add_argument("--pictures", type=_count, default=0, metavar="N",
                         help="write input | map | ground-truth pictures and overlays of N test "
                              "images per category")
@@ -67,6 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ensemble", action="store_true",
                         help="the runs are members of one model (same category): average "
                              "their maps and evaluate them as one")
+    parser.add_argument("--image-score", default=None,
+                        help="headline image score (Image AUROC, image threshold): max, "
+                             "blur3_max, blur5_max, top10_mean, top1pct_mean or detector "
+                             "(default: the run's eval.image_score); every cheap score's image "
+                             "AUROC is reported anyway")
+    parser.add_argument("--image-threshold-quantile", type=float, default=None, metavar="Q",
+                        help="label-free image threshold = this quantile of the held-out normal "
+                             "images' image scores (default: the run's "
+                             "eval.image_threshold_quantile, 0.99)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -86,8 +96,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           device=args.device, save_maps=args.save_maps, pictures=args.pictures,
                           plot=args.plot, progress=not args.no_progress,
                           num_workers=args.num_workers, weights=args.weights,
-                          ensemble=args.ensemble)
+                          ensemble=args.ensemble, image_score=args.image_score,
+                          image_threshold_quantile=args.image_threshold_quantile)
     print(report.table, end="")
+    if report.image_table:
+        print()
+        print(report.image_table, end="")
     for note in report.mean_notes:
         print(f"note: {note}")
     for category, result in report.results.items():

@@ -23,18 +23,27 @@ def _score(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="anoseg-predict",
-        description="Write the anomaly map (16-bit PNG), a heat-map overlay and a binary mask "
-                    "for each image, and scores.csv with image scores (max of the map). The mask "
-                    "threshold is the run's label-free threshold (from its held-out normal "
-                    "images) unless --threshold is given.")
+        description="Write the anomaly map (16-bit PNG, and the float32 logit map), a heat-map "
+                    "overlay and a binary mask for each image, and scores.csv with image scores "
+                    "and a pass/fail decision (is_anomalous). The mask threshold and the image "
+                    "threshold are the run's label-free thresholds (from its held-out normal "
+                    "images) unless --threshold / --image-threshold are given.")
     parser.add_argument("--checkpoint", required=True, metavar="CKPT_OR_RUN",
                         help="checkpoint file (.pt) or run folder")
     parser.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER",
                         help="image files and folders of images (PNG, JPEG, BMP, TIFF)")
     parser.add_argument("--output-dir", required=True, help="where to write")
     parser.add_argument("--threshold", type=_score, default=None,
-                        help="pixel threshold in [0, 1] for masks and is_anomalous (default: "
-                             "label-free, from the run's held-out images)")
+                        help="pixel threshold in [0, 1] for the masks (default: label-free, from "
+                             "the run's held-out images)")
+    parser.add_argument("--image-threshold", type=float, default=None,
+                        help="image threshold for is_anomalous, in the image score's units "
+                             "(default: label-free, the eval.image_threshold_quantile of the "
+                             "held-out normal images' image scores)")
+    parser.add_argument("--image-score", default=None,
+                        help="image score for is_anomalous: max, blur3_max, blur5_max, "
+                             "top10_mean, top1pct_mean or detector (default: the run's "
+                             "eval.image_score)")
     parser.add_argument("--batch-size", type=_positive_int, default=None,
                         help="images per forward pass (default: the run's eval.batch_size)")
     parser.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps")
@@ -52,10 +61,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report = predict_run(args.checkpoint, args.images, args.output_dir,
                          threshold=args.threshold, batch_size=args.batch_size,
                          device=args.device, data_root=args.data_root,
-                         progress=not args.no_progress)
-    n_anomalous = sum(row["is_anomalous"] for row in report.rows)
-    print(f"{len(report.rows)} images, {n_anomalous} anomalous at threshold "
-          f"{report.threshold:.4f} ({report.threshold_source})")
+                         progress=not args.no_progress, image_threshold=args.image_threshold,
+                         image_score=args.image_score)
+    print(report.summary())
     print(f"wrote: {report.output_dir / 'scores.csv'} and maps/, overlays/, masks/ in "
           f"{report.output_dir}")
     return 0

@@ -370,20 +370,30 @@ def ensure_demo_dataset(root: Optional[Union[str, Path]] = None) -> Path:
         The root folder, holding one MVTec-layout folder per name in :data:`DEMO_CATEGORIES`.
 
     Raises:
-        DataError: ``root`` exists, is not empty and is not a complete demo dataset.
+        DataError: ``root`` exists, is not empty and is not a complete demo dataset, or its
+            folder cannot be written (the message names ``ANOSEG_DEMO_DIR``, which moves it).
     """
     root = Path(root).expanduser() if root is not None else default_demo_root()
     if _is_complete(root):
         return root
     if root.exists() and not _is_empty_dir(root):
         raise _not_a_demo_folder(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(root)
-    partial = Path(tempfile.mkdtemp(prefix=f".{root.name}{_PARTIAL_TAG}", dir=root.parent))
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_partials(root)
+        partial = Path(tempfile.mkdtemp(prefix=f".{root.name}{_PARTIAL_TAG}", dir=root.parent))
+    except OSError as exc:  # a read-only home, a path through a file, a full disk
+        raise DataError(f"cannot write the demo dataset to {root.parent}: "
+                        f"{exc.strerror or exc}; set the environment variable ANOSEG_DEMO_DIR "
+                        "to a writable folder (or pass data.root / --data-root)") from None
     try:
         os.chmod(partial, 0o755)  # mkdtemp makes it private; the cache should read like any folder
         _write_dataset(partial)
         _publish(partial, root)
+    except OSError as exc:
+        raise DataError(f"cannot write the demo dataset to {root.parent}: "
+                        f"{exc.strerror or exc}; set the environment variable ANOSEG_DEMO_DIR "
+                        "to a writable folder with some free space") from None
     finally:
         if partial.exists():
             shutil.rmtree(partial, ignore_errors=True)

@@ -11,20 +11,30 @@ files of other types and nested folders are ignored, so a dataset unpacked on a 
 ``__MACOSX``) reads the same. A mask is paired with its image by file stem: ``000.png`` takes
 ``000_mask.png`` or, failing that, ``000.png`` (any image extension) from ``ground_truth``.
 
-Every problem with the files raises :class:`~anoseg.errors.DataError` naming the file or folder.
+Every problem with the files raises :class:`~anoseg.errors.DataError` naming the file or folder:
+unreadable, truncated or mislabelled files, and images that declare more than
+:data:`MAX_IMAGE_PIXELS` pixels (a decompression bomb). The EXIF orientation of a JPEG (or
+TIFF) is applied to images and masks alike, as photo viewers do.
+
+Masks (:func:`load_mask`): a pixel is a defect when its value is above half of the mask's
+largest value (for colour masks the largest channel counts). So 0/1 masks, 0/255 masks,
+0/65535 16-bit masks and JPEG masks (compression noise of a few levels around the defects)
+all read as meant; an all-zero mask has no defect.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import numbers
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
@@ -228,15 +238,75 @@ def list_test_samples(root: PathLike, category: str) -> List[Sample]:
 # ---------------------------------------------------------------------------- reading pixels
 
 
+MAX_IMAGE_PIXELS = 89_478_485
+"""Images (and masks) declaring more pixels than this in their header (about 9459 x 9459,
+Pillow's default warning limit) are refused before decoding: a decompression bomb, a small
+file that would need gigabytes of memory. Raise it here for larger images."""
+
+_EXIF_ORIENTATION = 0x0112
+_SWAPS_SIDES = frozenset({5, 6, 7, 8})
+"""EXIF orientations that rotate by 90 degrees (the displayed width is the stored height)."""
+
+
+def _read_failure(path: Path, what: str, exc: BaseException) -> DataError:
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return DataError(f"cannot read {what} {path}: its header declares more than "
+                         f"{MAX_IMAGE_PIXELS:,} pixels (anoseg.data.mvtec.MAX_IMAGE_PIXELS; a "
+                         "decompression bomb or a mislabelled file)")
+    reason = str(exc) or type(exc).__name__
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError, PermissionError)):
+        reason = exc.strerror or reason
+    return DataError(f"cannot read {what} {path}: {reason}; expected a PNG, JPEG, BMP or TIFF "
+                     "file")
+
+
+def _check_pixels(img: Image.Image, path: Path, what: str) -> None:
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise DataError(f"cannot read {what} {path}: it declares a {width}x{height} image")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise DataError(f"cannot read {what} {path}: its header declares {width}x{height} "
+                        f"pixels, more than the limit of {MAX_IMAGE_PIXELS:,} "
+                        "(anoseg.data.mvtec.MAX_IMAGE_PIXELS; a decompression bomb or a "
+                        "mislabelled file)")
+
+
 def _open_loaded(path: Path, what: str) -> Image.Image:
-    """Open and fully decode an image, turning every failure into a DataError."""
+    """Open and fully decode an image (EXIF orientation applied), turning every failure into
+    a DataError naming the file."""
     try:
-        with Image.open(path) as img:
+        with _bomb_checks(), Image.open(path) as img:
+            _check_pixels(img, path, what)
             img.load()  # decode now: a truncated file only fails here
             # A copy outlives the closed file handle whatever the Pillow version does on close.
-            return img.copy()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise DataError(f"cannot read {what} {path}: {exc}") from None
+            return ImageOps.exif_transpose(img) if _orientation(img) > 1 else img.copy()
+    except DataError:
+        raise
+    except Exception as exc:  # any decoder failure, whatever the format plug-in raises
+        raise _read_failure(path, what, exc) from None
+
+
+@contextlib.contextmanager
+def _bomb_checks():
+    """Pillow's decompression-bomb warning as an error, at this module's limit (and its
+    warnings about a corrupt file's tags silenced: the DataError that follows names the file)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module="PIL")
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        previous = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        value = img.getexif().get(_EXIF_ORIENTATION, 1)
+        return int(value) if isinstance(value, int) else 1
+    except Exception:  # a broken EXIF block: read the pixels as stored
+        return 1
 
 
 def _as_size(size: int) -> int:
@@ -283,7 +353,12 @@ def load_image(path: PathLike, size: int) -> torch.Tensor:
     """
     size = _as_size(size)
     path = Path(path)
-    img = _to_rgb(_open_loaded(path, "image"))
+    try:
+        img = _to_rgb(_open_loaded(path, "image"))
+    except (ValueError, TypeError, OSError) as exc:  # a mode PIL cannot convert
+        if isinstance(exc, DataError):
+            raise
+        raise _read_failure(path, "image", exc) from None
     if img.size != (size, size):
         img = img.resize((size, size), Image.BILINEAR)
     array = np.asarray(img, dtype=np.uint8)
@@ -291,11 +366,17 @@ def load_image(path: PathLike, size: int) -> torch.Tensor:
 
 
 def _header_hw(path: Path, what: str) -> Tuple[int, int]:
+    """(height, width) as displayed (EXIF orientation applied), from the header only."""
     try:
-        with Image.open(path) as img:  # parses the header; pixels are decoded lazily
+        with _bomb_checks(), Image.open(path) as img:  # the header; pixels are decoded lazily
+            _check_pixels(img, path, what)
             width, height = img.size
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise DataError(f"cannot read {what} {path}: {exc}") from None
+            if _orientation(img) in _SWAPS_SIDES:
+                width, height = height, width
+    except DataError:
+        raise
+    except Exception as exc:  # any parser failure, whatever the format plug-in raises
+        raise _read_failure(path, what, exc) from None
     return height, width
 
 
@@ -309,22 +390,41 @@ def image_size_of(path: PathLike) -> Tuple[int, int]:
 
 
 def _mask_values(img: Image.Image) -> np.ndarray:
-    """A (H, W) array whose non-zero entries are the defect pixels of a mask image."""
+    """A (H, W) array of a mask image's values (colour masks: the largest channel)."""
     if img.mode in ("RGB", "RGBA", "LA", "P", "PA", "CMYK", "YCbCr", "HSV", "LAB"):
         if img.mode == "LA":
             return np.asarray(img)[..., 0]
         # Any coloured pixel is a defect; alpha says nothing about the defect.
         rgb = np.asarray(img.convert("RGBA" if img.mode in ("P", "PA") else "RGB"))[..., :3]
         return rgb.max(axis=2)
-    return np.asarray(img.convert("L") if img.mode == "1" else img)
+    values = np.asarray(img.convert("L") if img.mode == "1" else img)
+    return values[..., 0] if values.ndim == 3 else values
+
+
+def binarize_mask(values: np.ndarray) -> np.ndarray:
+    """The defect pixels of a mask's values: above half of the largest value (0/1, 0/255,
+    0/65535 and JPEG-noisy masks all read as meant); all zeros when the mask is all zero.
+
+    Returns:
+        A uint8 array of the same shape with values in {0, 1}.
+    """
+    values = np.nan_to_num(np.asarray(values, dtype=np.float64), nan=0.0, posinf=0.0,
+                           neginf=0.0)
+    peak = float(values.max(initial=0.0))
+    if peak <= 0:
+        return np.zeros(values.shape, dtype=np.uint8)
+    return (values > peak / 2.0).astype(np.uint8)
 
 
 def load_mask(path: PathLike, size: int,
               expected_hw: Optional[Tuple[int, int]] = None) -> torch.Tensor:
     """Read a ground-truth mask as a square binary tensor.
 
-    Any value above 0 counts as defect (0/255 is the norm). Resizing is nearest-neighbour so the
-    result stays binary.
+    A pixel is a defect when its value is above half of the mask's largest value
+    (:func:`binarize_mask`): 0/1, 0/255 and 16-bit masks read alike, and the compression noise
+    of a JPEG mask (a few levels) is not a defect. RGB and palette masks use their largest
+    channel; the EXIF orientation is applied. Resizing is nearest-neighbour so the result stays
+    binary.
 
     Args:
         path: Mask file.
@@ -343,7 +443,10 @@ def load_mask(path: PathLike, size: int,
     if expected_hw is not None and (img.height, img.width) != tuple(expected_hw):
         raise DataError(f"mask {path} is {img.height}x{img.width} (HxW) but its image is "
                         f"{expected_hw[0]}x{expected_hw[1]}; expected a mask of the image's size")
-    binary = (_mask_values(img) > 0).astype(np.uint8)
+    try:
+        binary = binarize_mask(_mask_values(img))
+    except (ValueError, TypeError, OSError) as exc:  # a mode PIL cannot convert
+        raise _read_failure(path, "mask", exc) from None
     if binary.shape != (size, size):
         binary = np.asarray(Image.fromarray(binary).resize(
             (size, size), Image.NEAREST))

@@ -4,6 +4,8 @@ twin decoders, one for the normality map and one for the reconstruction.
 Inputs are images in ``[0, 1]``; both outputs end in a sigmoid. The map decoder predicts a
 *normality* map (1 = normal), which is what the paper's losses are written for; the anomaly
 map handed to users is ``1 - normality`` (see :func:`anoseg.inference.predict_anomaly_maps`).
+The map head's pre-sigmoid output is returned too (``GeneratorOutput.map_logit``): the sigmoid
+saturates in float32 (every logit above ~17 gives exactly 1), the logit keeps the order.
 
 Example:
     >>> g = AnoSegGenerator(image_size=64, width=0.25)
@@ -14,7 +16,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -158,9 +160,8 @@ class Decoder(nn.Module):
             state_dict[prefix + new] = state_dict.pop(key)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, features: torch.Tensor,
-                skips: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
-        """``skips``: encoder maps for the blocks with ``skip_channels > 0``, coarsest first."""
+    def _trunk(self, features: torch.Tensor,
+               skips: Optional[List[torch.Tensor]]) -> torch.Tensor:
         x = self.stem(features)
         pending = list(skips or [])
         for up, conv, extra in zip(self.ups, self.convs, self.skip_channels):
@@ -168,7 +169,20 @@ class Decoder(nn.Module):
             if extra:
                 x = torch.cat([x, pending.pop(0)], dim=1)
             x = conv(x)
-        return self.head(x)
+        return x
+
+    def forward(self, features: torch.Tensor,
+                skips: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+        """``skips``: encoder maps for the blocks with ``skip_channels > 0``, coarsest first."""
+        return self.head(self._trunk(features, skips))
+
+    def forward_with_logit(self, features: torch.Tensor,
+                           skips: Optional[List[torch.Tensor]] = None
+                           ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(sigmoid output, pre-sigmoid logit)``: the same operations as :meth:`forward`
+        (the head's Conv, then its Sigmoid), so the output is bit-identical to it."""
+        logit = self.head[0](self._trunk(features, skips))
+        return self.head[1](logit), logit
 
 
 class GeneratorOutput(NamedTuple):
@@ -176,6 +190,10 @@ class GeneratorOutput(NamedTuple):
     """``(B, 1, H, W)`` in ``[0, 1]``, 1 = normal; ``None`` without a map decoder."""
     reconstruction: Optional[torch.Tensor]
     """``(B, 3, H, W)`` in ``[0, 1]``; ``None`` without a reconstruction decoder."""
+    map_logit: Optional[torch.Tensor] = None
+    """``(B, 1, H, W)`` the map head's pre-sigmoid output (``normality_map =
+    sigmoid(map_logit)``; high = normal); ``None`` without a map decoder. Inference only: no
+    loss uses it."""
 
 
 class AnoSegGenerator(nn.Module):
@@ -222,8 +240,9 @@ class AnoSegGenerator(nn.Module):
         levels = self.encoder.features(x)
         features = levels[-1]
         skips = levels[-2::-1][:self.map_skips]
-        normality = (self.map_decoder(features, skips)
-                     if self.map_decoder is not None else None)
+        normality = logit = None
+        if self.map_decoder is not None:
+            normality, logit = self.map_decoder.forward_with_logit(features, skips)
         recon = (self.reconstruction_decoder(features)
                  if self.reconstruction_decoder is not None else None)
-        return GeneratorOutput(normality, recon)
+        return GeneratorOutput(normality, recon, logit)
