@@ -161,7 +161,9 @@ def evaluate_category(model: LoadedModel, data_root: PathLike, category: str, *,
         category: Category folder under ``data_root``.
         batch_size: Test images per forward pass.
         progress: Show a progress bar over the test images.
-        save_maps_dir: If given, write every map there as ``<defect>/<stem>.png`` (16-bit).
+        save_maps_dir: If given, write every map there as ``<defect>/<stem>.png`` (16-bit,
+            for viewing), ``<stem>.npy`` (the float32 map) and ``<stem>.logit.npy`` (the
+            float32 anomaly logit): the two ``.npy`` re-score to the returned numbers exactly.
         pictures_dir: If given, write ``max_pictures`` triptychs and overlays there.
         max_pictures: How many test images get pictures (spread over the defect types).
         num_workers: Data-loader worker processes for reading test images.
@@ -175,8 +177,10 @@ def evaluate_category(model: LoadedModel, data_root: PathLike, category: str, *,
     Returns:
         A :class:`~anoseg.results.CategoryResult`: the label-based metrics (``pixel_auroc``,
         ``image_auroc``, ``iou_pooled_best`` = the paper's Table 2 IoU, ...), the label-free
-        threshold and the metrics there, counts, ``warnings`` and ``iou_curve``. Undefined
-        metrics are ``None``.
+        threshold and the metrics there, counts, ``warnings`` and ``iou_curve``; the image
+        scores' AUROCs (``image_auroc_scores``; ``image_auroc`` is ``eval.image_score``'s), the
+        label-free image threshold and its FPR / recall; ``defect_types``. Undefined metrics
+        are ``None``.
 
     Raises:
         DataError: Missing or broken test data, or missing held-out images.
@@ -400,7 +404,8 @@ def evaluate_run(run_or_checkpoint: Union[PathLike, Sequence[PathLike]],
         output_dir: Default ``<run>/eval`` for one run; required for several.
         batch_size: Default: the run's ``eval.batch_size``.
         device: ``auto``/``None``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
-        save_maps: Write every test map as a 16-bit PNG.
+        save_maps: Write every test map as a 16-bit PNG and as exact float32 ``.npy`` files
+            (the map and the anomaly logit).
         pictures: Triptychs and overlays of this many test images per category.
         plot: Plot IoU against the threshold (needs matplotlib; otherwise a message).
         progress: Show progress bars.
