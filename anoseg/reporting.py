@@ -555,3 +555,18 @@ def benchmark_table(ours: Dict[str, Sequence[Mapping[str, Any]]],
     for category, runs in ours.items():
         lines += _benchmark_rows(category, seeds, runs, ensembles.get(category), peers)
     return "\n".join(lines) + "\n"
+
+
+def suite_table(results: Dict[str, Dict], keys: Sequence[str]) -> str:
+    """The development suite's Markdown table: per set and defect type, the model and the
+    per-pixel Gaussian floor (:mod:`anoseg.dev_suite`)."""
+    lines = ["| set | type | method | pixel AUROC | AUPRO | best IoU | image AUROC |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for name, result in results.items():
+        for kind in result["model"]:
+            for method in ("model", "floor"):
+                row = result[method].get(kind, {})
+                label = "anoseg" if method == "model" else "Gaussian"
+                lines.append(f"| {name} | {kind} | {label} | "
+                             + " | ".join(fmt(row.get(k)) for k in keys) + " |")
+    return "\n".join(lines) + "\n"

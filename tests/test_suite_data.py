@@ -55,3 +55,29 @@ def test_gaussian_floor_finds_a_bright_square():
     inside = maps[0, 10:14, 10:14].min()
     outside = torch.cat([maps[0, :8].flatten(), maps[0, 16:].flatten()]).max()
     assert inside > outside
+
+
+def test_dev_suite_scores_a_recipe_and_the_floor_by_defect_type(demo_root, tmp_path):
+    from anoseg.dev_suite import KEYS, run_suite
+    from anoseg.reporting import suite_table
+
+    sets = {"demo": (demo_root, "demo_texture")}
+    results = run_suite(sets, "configs/cpu_small.yaml",
+                        ["train.steps=2", "data.image_size=64", "data.num_workers=0"],
+                        budget=600, seeds=[0], output_dir=tmp_path / "suite", image_size=64)
+    demo = results["demo"]
+    types = {"all", "cut", "scratch", "spot", "stain"}
+    assert set(demo["model"]) == types and set(demo["floor"]) == types
+    for method in ("model", "floor"):
+        for row in demo[method].values():
+            assert set(row) == set(KEYS)
+            assert 0.0 <= row["pixel_auroc"] <= 1.0
+    # the floor finds the demo's loud defects far better than chance
+    assert demo["floor"]["all"]["pixel_auroc"] > 0.7
+    assert (tmp_path / "suite" / "suite.json").is_file()
+    assert "| demo | stain | Gaussian |" in suite_table(results, KEYS)
+    # a finished run is reused, not retrained
+    again = run_suite(sets, "configs/cpu_small.yaml",
+                      ["train.steps=2", "data.image_size=64", "data.num_workers=0"],
+                      budget=600, seeds=[0], output_dir=tmp_path / "suite", image_size=64)
+    assert again["demo"]["model"] == demo["model"]
