@@ -326,7 +326,7 @@ def region_fill(image: torch.Tensor, augmented: torch.Tensor, source: str,
         noise = perlin_noise(height, width, 2, 2, generator)
         gain = 1.0 + _uniform(generator, 0.2, 0.6) * (1 if _chance(generator, 0.5) else -1)
         gain_map = 1.0 + (gain - 1.0) * (0.75 + 0.25 * noise / 0.7)
-        offset = (torch.rand(3, 1, 1, generator=generator) - 0.5) * 0.3
+        offset = (torch.rand(3, 1, 1, generator=generator) - 0.5) * 0.8
         return (image * gain_map[None] + offset).clamp(0.0, 1.0)
     if source == "blur":
         radius = _randint(generator, 1, 4)
