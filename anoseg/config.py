@@ -622,8 +622,8 @@ def save_config(cfg: AnoSegConfig, path: str | Path) -> None:
 # training on one core of this project's AMD machine, fp32). They are the real-data recipe
 # (configs/cpu_unseen.yaml) at 64x64: skips into the map decoder, synthetic anomalies from
 # tiny spots to large noise regions, the focal L_Seg. On demo_texture after 300 steps: pixel
-# AUROC 0.932, best IoU 0.391 (the previous balanced-L1 defaults: 0.640 / 0.019, a map that
-# lit up the whole image; docs/experiments.md, fourth round).
+# AUROC 0.986, best IoU 0.347 (the previous balanced-L1 defaults: 0.640 / 0.019, a flat map;
+# docs/experiments.md, fourth round, run d4).
 DEMO_OVERRIDES: Dict[str, Dict[str, Any]] = {
     "data": {"image_size": 64, "num_workers": 1},
     "synthesis": {"patch_area": [0.0005, 0.05], "patch_area_scale": "log", "blob_p": 0.5,
