@@ -65,22 +65,55 @@ def gaussian_floor(root: Path, category: str, image_size: int) -> Dict[str, Dict
     return score_test_set(baseline.anomaly_maps, root, category, image_size, score_range=None)
 
 
-def train_members(cfg_path: str, overrides: List[str], root: Path, category: str,
-                  budget: float, seeds: Sequence[int], run_root: Path) -> List[Path]:
+def train_once(cfg, run_dir: Union[str, Path], *, progress: bool = False) -> Dict:
+    """Train ``run_dir`` unless it already has a ``summary.json`` (any stop reason: a budgeted
+    run that spent its budget is done); a checkpoint without a summary (an interrupted run)
+    is resumed. Returns the summary."""
     from anoseg.training import train
 
+    run = RunDir(run_dir)
+    if run.read_summary() is None:
+        train(cfg, run_dir, progress=progress, resume=run.has_checkpoint())
+    return run.read_summary()
+
+
+def train_members(cfg_path: str, overrides: List[str], root: Path, category: str,
+                  budget: float, seeds: Sequence[int], run_root: Path) -> List[Path]:
+    """One run per seed under ``run_root/s<seed>``, all with the first seed's held-out split
+    and ``budget / len(seeds)`` seconds each (:func:`train_once`)."""
     runs = []
     for seed in seeds:
         run_dir = run_root / f"s{seed}"
         runs.append(run_dir)
-        run = RunDir(run_dir)
-        if run.read_summary() is not None:
-            continue
         cfg = load_config(cfg_path, overrides, values={
             "data": {"root": str(root), "category": category, "split_seed": seeds[0]},
             "train": {"time_budget": budget / len(seeds), "seed": seed}})
-        train(cfg, run_dir, progress=False, resume=run.has_checkpoint())
+        train_once(cfg, run_dir)
     return runs
+
+
+def train_and_evaluate(data_root: Path, category: str, config: str, overrides: List[str],
+                       budget: float, run_dir: Path, progress: bool, seed: int = 0,
+                       split_seed: Optional[int] = None) -> Dict:
+    """One budgeted run (:func:`train_once`) evaluated with ``anoseg-eval``'s defaults and 6
+    pictures into its ``eval/``; the result dict gains ``eval_seconds``, ``steps`` and
+    ``train_seconds`` (``scripts/real_data_benchmark.py``)."""
+    from anoseg.evaluation import evaluate_run
+
+    data = {"root": str(data_root), "category": category}
+    if split_seed is not None:
+        data["split_seed"] = split_seed
+    cfg = load_config(config, overrides, values={
+        "data": data, "train": {"time_budget": budget, "seed": seed}})
+    summary = train_once(cfg, run_dir, progress=progress)
+    start = time.perf_counter()
+    report = evaluate_run(run_dir, output_dir=RunDir(run_dir).eval_dir, progress=progress,
+                          pictures=6)
+    result = report.results[category].to_dict()
+    result["eval_seconds"] = time.perf_counter() - start
+    result["steps"] = summary["steps"]
+    result["train_seconds"] = summary["train_seconds"]
+    return result
 
 
 def model_scores(runs: List[Path], root: Path, category: str) -> Dict[str, Dict]:

@@ -18,16 +18,12 @@ seconds (so the ensemble stays within the budget), all share the held-out split
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict
 
-from anoseg.config import load_config
+from anoseg.dev_suite import train_and_evaluate
 from anoseg.evaluation import evaluate_run
 from anoseg.reporting import benchmark_table
-from anoseg.run_dir import RunDir
-from anoseg.training import train
 
 # From the issue "Real defects": DRAEM (anomalib 2.7), 128x128, batch 8, Adam 1e-4, 1200 s on
 # the 2 cores, independent evaluator; and a per-pixel Gaussian of the training images.
@@ -45,28 +41,6 @@ PEERS: Dict[str, Dict[str, Dict[str, float]]] = {
                     "iou_pooled_best": 0.001, "pixel_f1_max": 0.002},
     },
 }
-
-
-def run_one(data_root: Path, category: str, config: str, overrides: List[str], budget: float,
-            run_dir: Path, progress: bool, seed: int = 0,
-            split_seed: Optional[int] = None) -> Dict:
-    run = RunDir(run_dir)
-    if not run.summary.is_file():
-        data = {"root": str(data_root), "category": category}
-        if split_seed is not None:
-            data["split_seed"] = split_seed
-        cfg = load_config(config, overrides, values={
-            "data": data, "train": {"time_budget": budget, "seed": seed}})
-        # an interrupted run (checkpoint, no summary) continues where it stopped
-        train(cfg, run_dir, progress=progress, resume=run.has_checkpoint())
-    summary = json.loads(run.summary.read_text())
-    start = time.perf_counter()
-    report = evaluate_run(run_dir, output_dir=run.eval_dir, progress=progress, pictures=6)
-    result = report.results[category].to_dict()
-    result["eval_seconds"] = time.perf_counter() - start
-    result["steps"] = summary["steps"]
-    result["train_seconds"] = summary["train_seconds"]
-    return result
 
 
 def main() -> None:
@@ -92,9 +66,9 @@ def main() -> None:
     def run_dir(category: str, seed: int) -> Path:
         return out / category if seed == 0 else out / f"{category}_seed{seed}"
 
-    ours = {c: [run_one(Path(args.data_root), c, args.config, args.overrides, member_budget,
-                        run_dir(c, seed), not args.no_progress, seed=seed,
-                        split_seed=split_seed)
+    ours = {c: [train_and_evaluate(Path(args.data_root), c, args.config, args.overrides,
+                                   member_budget, run_dir(c, seed), not args.no_progress,
+                                   seed=seed, split_seed=split_seed)
                 for seed in args.seeds] for c in args.categories}
     ensembles = {}
     if args.ensemble:
