@@ -174,6 +174,11 @@ class TrainConfig:
     "anomalous" the way class balancing does (docs/experiments.md)."""
     seg_focal_gamma: float = 2.0
     """Focusing exponent of ``seg_loss=focal`` (0 = plain binary cross-entropy)."""
+    seg_anomaly_weight: float = 1.0
+    """Weight of the pasted (anomalous) pixels against the normal ones in ``seg_loss=focal``
+    (1 = unweighted). Between the focal loss (1) and the class balance of ``balanced_l1``
+    (about normal / anomalous pixels, ~100 for small anomalies): a weight ``w`` makes a pixel
+    best called anomalous from a probability of about ``1 / (1 + w)``."""
     weight_rec: float = 1.0
     weight_adv: float = 0.05
     adversarial: bool = True
@@ -385,6 +390,8 @@ def _validate_train(t: TrainConfig, m: ModelConfig) -> None:
            "'l1', 'balanced_l1' or 'focal'")
     _check(0.0 <= t.seg_focal_gamma <= 10.0, "train.seg_focal_gamma", t.seg_focal_gamma,
            "a value in [0, 10]")
+    _check(0.0 < t.seg_anomaly_weight <= 1000.0, "train.seg_anomaly_weight",
+           t.seg_anomaly_weight, "a weight in (0, 1000]")
     _check(0 <= t.warmup_steps < max(t.steps, 1) or t.warmup_steps == 0,
            "train.warmup_steps", t.warmup_steps, "in [0, train.steps)")
     _check(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", t.min_lr_ratio, "in [0, 1]")

@@ -45,7 +45,8 @@ def segmentation_loss(normality_map: torch.Tensor, normality_target: torch.Tenso
 
 
 def focal_segmentation_loss(normality_map: torch.Tensor, normality_target: torch.Tensor,
-                            gamma: float = 2.0, eps: float = 1e-6) -> torch.Tensor:
+                            gamma: float = 2.0, eps: float = 1e-6,
+                            anomaly_weight: float = 1.0) -> torch.Tensor:
     """Focal binary cross-entropy of the normality map against its 0/1 target, mean over pixels.
 
     ``-(1 - p_t)^gamma log p_t`` with ``p_t`` the predicted probability of the true class:
@@ -54,10 +55,17 @@ def focal_segmentation_loss(normality_map: torch.Tensor, normality_target: torch
     probability, but far less than class balancing pulls it: with anomalies at 1 % of the
     pixels, balancing weighs each anomalous pixel about 100 times a normal one, so any doubtful
     pixel is best called "anomalous" (the large blobs ``balanced_l1`` maps show).
+    ``anomaly_weight`` multiplies the pasted pixels' terms (the mean is then taken over the
+    weights, so the loss keeps its scale).
     """
     p = normality_map.clamp(eps, 1.0 - eps)
-    p_true = torch.where(normality_target >= 0.5, p, 1.0 - p)
-    return (-(1.0 - p_true).pow(gamma) * p_true.log()).mean()
+    normal = normality_target >= 0.5
+    p_true = torch.where(normal, p, 1.0 - p)
+    terms = -(1.0 - p_true).pow(gamma) * p_true.log()
+    if anomaly_weight == 1.0:
+        return terms.mean()
+    weights = torch.where(normal, torch.ones_like(terms), torch.full_like(terms, anomaly_weight))
+    return (terms * weights).sum() / weights.sum()
 
 
 def masked_reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor,

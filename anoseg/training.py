@@ -98,7 +98,8 @@ def train_step(state: TrainState, batch: Dict[str, torch.Tensor], cfg: TrainConf
         out = generator(images)
     normality = out.normality_map.float()
     losses: Dict[str, torch.Tensor] = {
-        "seg": (focal_segmentation_loss(normality, target, cfg.seg_focal_gamma)
+        "seg": (focal_segmentation_loss(normality, target, cfg.seg_focal_gamma,
+                                        anomaly_weight=cfg.seg_anomaly_weight)
                 if cfg.seg_loss == "focal" else
                 segmentation_loss(normality, target, balanced=cfg.seg_loss == "balanced_l1"))}
     recon = out.reconstruction.float() if out.reconstruction is not None else None

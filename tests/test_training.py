@@ -295,3 +295,18 @@ def test_focal_seg_loss_trains(demo_root, tmp_path):
         "train.steps=3", "train.seg_loss=focal", "data.num_workers=0"])
     result = anoseg.train(cfg, tmp_path / "run", progress=False)
     assert result.steps == 3 and result.last_losses["seg"] > 0
+
+
+def test_focal_anomaly_weight_raises_the_pasted_pixels_share():
+    from anoseg.losses import focal_segmentation_loss
+
+    p = torch.tensor([0.8, 0.8, 0.8, 0.6])
+    target = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    plain = focal_segmentation_loss(p, target)
+    assert torch.allclose(focal_segmentation_loss(p, target, anomaly_weight=1.0), plain)
+    weighted = focal_segmentation_loss(p, target, anomaly_weight=10.0)
+    # the anomalous pixel (p = 0.6 normal, a bad answer) dominates more with the weight
+    normal_term = focal_segmentation_loss(p[:1], target[:1])
+    anomalous_term = focal_segmentation_loss(p[3:], target[3:])
+    assert torch.allclose(weighted, (3 * normal_term + 10 * anomalous_term) / 13)
+    assert weighted > plain
