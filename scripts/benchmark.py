@@ -20,7 +20,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from anoseg.config import load_config
 from anoseg.data.training_data import synthetic_batch
 from anoseg.inference import predict_anomaly_maps
-from anoseg.training import create_train_state, resolve_precision, train_step
+from anoseg.runtime import resolve_precision
+from anoseg.training import create_train_state, train_step
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:

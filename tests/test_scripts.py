@@ -334,3 +334,18 @@ def test_real_data_benchmark_ensemble_shares_budget_and_split(demo_root, tmp_pat
     assert float(row[2]) == pytest.approx(ens["categories"]["demo_texture"]["pixel_auroc"],
                                           abs=6e-4)
     assert row[-2] == "6"  # steps of both members
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in
+                                          (Path(__file__).resolve().parent.parent / "scripts")
+                                          .glob("*.py")))
+def test_every_script_imports_and_shows_its_help(script):
+    """A moved name breaks a script only when it runs; --help imports everything it needs."""
+    import subprocess
+    import sys as _sys
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / script
+    proc = subprocess.run([_sys.executable, str(path), "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage" in proc.stdout.lower()
