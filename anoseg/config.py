@@ -28,6 +28,9 @@ MVTEC_CATEGORIES: Tuple[str, ...] = (
     "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
 )
 
+REGION_SOURCES: Tuple[str, ...] = ("augmented", "texture", "intensity", "blur")
+"""What can fill a noise region (``synthesis.region_sources``; :func:`anoseg.data.synthesis.region_fill`)."""
+
 RUNTIME = {"runtime": True}
 """Field metadata of a *run-time* key: it says how a run is executed (steps, budget, device,
 precision, logging, workers, ...), not what is trained, so it may change when a run is resumed,
@@ -119,7 +122,7 @@ class SynthesisConfig:
     """Perlin grid resolution per axis, ``2**k`` cells with ``k`` drawn from this range for each
     axis independently: low = one large smooth region, high = many small spots."""
     region_sources: List[str] = field(
-        default_factory=lambda: ["augmented", "texture", "intensity", "blur"])
+        default_factory=lambda: list(REGION_SOURCES))
     """What fills a noise region, drawn with equal probability: ``augmented`` (the image's own
     hard-augmented copy, as the paper's patches), ``texture`` (a procedural two-colour noise
     texture), ``intensity`` (the image with its brightness / colour smoothly shifted) and
@@ -354,7 +357,7 @@ def _validate_regions(s: SynthesisConfig) -> None:
            "a range (low, high) with 0 < low <= high <= 1")
     _check(0.0 <= s.region_min_change < 1.0, "synthesis.region_min_change",
            s.region_min_change, "a value in [0, 1)")
-    known = ("augmented", "texture", "intensity", "blur")
+    known = REGION_SOURCES
     _check(len(s.region_sources) > 0 and all(x in known for x in s.region_sources),
            "synthesis.region_sources", s.region_sources,
            f"a non-empty list of {', '.join(known)}")

@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import warnings
 from pathlib import Path
@@ -53,6 +54,15 @@ SLOW_BF16_MESSAGE = ("train.precision='bf16' on a CPU without native bf16 (no AM
                      "where the CPU has it) or fp32.")
 
 
+@functools.lru_cache(maxsize=1)
+def _read_cpuinfo() -> str:
+    """``/proc/cpuinfo`` once per process (empty where it does not exist)."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
 def cpu_has_fast_bf16(cpuinfo: Optional[str] = None) -> bool:
     """Whether this CPU does bf16 arithmetic natively (Intel AMX / AVX512-BF16, Arm BF16).
 
@@ -60,10 +70,7 @@ def cpu_has_fast_bf16(cpuinfo: Optional[str] = None) -> bool:
     does not exist (macOS, Windows): bf16 autocast is then not chosen automatically.
     """
     if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
+        cpuinfo = _read_cpuinfo()
     for line in cpuinfo.splitlines():
         name, _, value = line.partition(":")
         if name.strip().lower() in ("flags", "features"):

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from anoseg.config import SynthesisConfig
+from anoseg.config import REGION_SOURCES, SynthesisConfig
 
 
 def _uniform(generator: torch.Generator, low: float, high: float) -> float:
@@ -301,8 +301,6 @@ def region_mask(height: int, width: int, cfg: SynthesisConfig,
     return noise >= threshold
 
 
-REGION_SOURCES = ("augmented", "texture", "intensity", "blur")
-"""What can fill a noise region (:func:`region_fill`)."""
 
 
 def region_fill(image: torch.Tensor, augmented: torch.Tensor, source: str,
