@@ -150,6 +150,11 @@ class ModelConfig:
     """U-Net skip connections from the encoder into the map decoder, 0-4 (0 = the paper's
     Table 6; 2 = strides 16 and 8; 4 = down to stride 2). A departure for small defects: without
     them the map is decoded from stride-32 features (docs/experiments.md)."""
+    normal_stats: bool = False
+    """Feed the generator the input's per-pixel z-score against the normal training images'
+    mean and standard deviation (three more input channels; not in the paper): a "what is
+    normal here" cue for aligned parts that the synthetic anomalies teach the network to use or
+    to discount (docs/experiments.md)."""
 
 
 @dataclass

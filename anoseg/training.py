@@ -296,6 +296,8 @@ def _train_locked(cfg: AnoSegConfig, run: RunDir, *, resume: bool, progress: boo
     state = create_train_state(cfg, device, distributed=ctx.enabled)
     if ckpt is not None:
         restore_train_state(state, ckpt)
+    elif cfg.model.normal_stats:
+        set_normal_stats(state, dataset)
     watch = CollapseWatch(warn=ctx.is_main)
 
     def step(batch: Dict[str, torch.Tensor]) -> Dict[str, float]:
@@ -315,6 +317,18 @@ def _train_locked(cfg: AnoSegConfig, run: RunDir, *, resume: bool, progress: boo
                   summary_tail={"world_size": ctx.world_size})
     return run_stage(stage, cfg, device=device, amp_dtype=amp_dtype, stop_at=stop_at,
                      progress=progress, ctx=ctx)
+
+
+def set_normal_stats(state: TrainState, dataset) -> None:
+    """``model.normal_stats``: the training images' per-pixel statistics into the generator
+    (and its EMA copy), before the first step; a resumed run has them in its checkpoint."""
+    from anoseg.data.training_data import normal_pixel_statistics
+
+    mean, std = normal_pixel_statistics(dataset)
+    for model in (unwrap(state.generator), state.ema):
+        if model is not None:
+            model.set_normal_stats(mean.to(model.stats_mean.device),
+                                   std.to(model.stats_std.device))
 
 
 def set_learning_rates(state: TrainState, cfg: TrainConfig) -> None:

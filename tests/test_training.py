@@ -87,8 +87,9 @@ def test_short_run_lowers_segmentation_loss(demo_root, tmp_path):
     assert maps.shape == (3, 64, 64) and 0 <= maps.min() and maps.max() <= 1
 
 
-@pytest.mark.parametrize("extra", [[], ["train.ema_decay=0.9", "model.map_skips=2"]],
-                         ids=["plain", "ema+skips"])
+@pytest.mark.parametrize("extra", [[], ["train.ema_decay=0.9", "model.map_skips=2"],
+                                   ["train.ema_decay=0.9", "model.normal_stats=true"]],
+                         ids=["plain", "ema+skips", "ema+normal_stats"])
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(demo_root, tmp_path, extra):
     cfg = tiny_config(demo_root, "train.steps=8", *extra)
     train(cfg, tmp_path / "full", progress=False)

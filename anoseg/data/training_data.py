@@ -127,6 +127,23 @@ class SyntheticAnomalyDataset(Dataset):
         return make_sample(self.normal_image(int(index)), self.cfg, generator, self.cfg.anomaly_ratio)
 
 
+def normal_pixel_statistics(dataset: SyntheticAnomalyDataset
+                            ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-pixel, per-channel mean and standard deviation ``(3, S, S)`` of the dataset's
+    normal images (no anomalies), accumulated one image at a time in float64."""
+    if len(dataset) < 2:
+        raise ValueError("normal statistics need at least 2 training images")
+    total = squares = None
+    for index in range(len(dataset)):
+        image = dataset.normal_image(index).double()
+        total = image.clone() if total is None else total.add_(image)
+        squares = image.pow(2) if squares is None else squares.add_(image.pow(2))
+    n = len(dataset)
+    mean = total / n
+    var = (squares - n * mean.pow(2)).clamp_min(0.0) / (n - 1)
+    return mean.float(), var.sqrt().float()
+
+
 def seed_worker(worker_id: int) -> None:
     """Keep each worker to one thread: on a few cores, the training thread needs them."""
     torch.set_num_threads(1)

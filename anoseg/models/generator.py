@@ -23,6 +23,11 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 ENCODER_STRIDE = 32
+STATS_CLIP = 4.0
+"""Normal-statistics channels (``normal_stats``) carry ``z / STATS_CLIP`` with the per-pixel
+z-score clipped to ``[-STATS_CLIP, STATS_CLIP]``, so they lie in ``[-1, 1]`` like the image."""
+STATS_MIN_STD = 1e-2
+"""Floor of the per-pixel standard deviation (as the per-pixel Gaussian baseline's)."""
 
 
 def scaled(channels: int, width: float) -> int:
@@ -208,11 +213,17 @@ class AnoSegGenerator(nn.Module):
         map_skips: number of U-Net skip connections from the encoder into the map decoder,
             0-4 (0 = the paper; 1 = stride 16; 2 = strides 16 and 8; ... 4 = down to stride 2).
             The reconstruction decoder never has any (it would learn the identity).
+        normal_stats: three more input channels (not in the paper): the input's per-pixel,
+            per-channel z-score against the mean and standard deviation of the normal training
+            images (buffers ``stats_mean``/``stats_std``, set by :meth:`set_normal_stats`
+            before training and saved with the weights). Where normal images are aligned the
+            z-score is a strong cue (the per-pixel Gaussian baseline); where they are not, the
+            network learns from the synthetic anomalies to discount it.
     """
 
     def __init__(self, *, image_size: int, width: float = 1.0, coord_channels: bool = True,
                  map_decoder: bool = True, reconstruction: bool = True,
-                 map_skips: int = 0) -> None:
+                 map_skips: int = 0, normal_stats: bool = False) -> None:
         super().__init__()
         assert image_size % ENCODER_STRIDE == 0 and 64 <= image_size <= 512, (
             f"image_size must be a multiple of 32 from 64 to 512, got {image_size}")
@@ -221,7 +232,12 @@ class AnoSegGenerator(nn.Module):
         assert 0 <= map_skips <= 4, f"map_skips must be 0..4, got {map_skips}"
         self.coord_channels = coord_channels
         self.map_skips = map_skips if map_decoder else 0
-        in_channels = 3 + (2 if coord_channels else 0)
+        self.normal_stats = normal_stats
+        if normal_stats:
+            shape = (1, 3, image_size, image_size)
+            self.register_buffer("stats_mean", torch.full(shape, 0.5))
+            self.register_buffer("stats_std", torch.ones(shape))
+        in_channels = 3 + (2 if coord_channels else 0) + (3 if normal_stats else 0)
         self.encoder = ResNet18Encoder(in_channels=in_channels, width=width)
         enc = self.encoder.out_channels
         # encoder feature channels at strides 16, 8, 4, 2 (the decoder's block order)
@@ -237,6 +253,8 @@ class AnoSegGenerator(nn.Module):
         if self.coord_channels:
             coords = coordinate_channels(batch, height, width, device=x.device, dtype=x.dtype)
             x = torch.cat([x, coords], dim=1)
+        if self.normal_stats:
+            x = torch.cat([x, self.stats_channels(images)], dim=1)
         levels = self.encoder.features(x)
         features = levels[-1]
         skips = levels[-2::-1][:self.map_skips]
@@ -246,3 +264,21 @@ class AnoSegGenerator(nn.Module):
         recon = (self.reconstruction_decoder(features)
                  if self.reconstruction_decoder is not None else None)
         return GeneratorOutput(normality, recon, logit)
+
+    def stats_channels(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` the clipped z-score of ``images`` against the normal statistics,
+        scaled to ``[-1, 1]``."""
+        if images.shape[-2:] != self.stats_mean.shape[-2:]:
+            raise ValueError(f"normal_stats: the statistics are {tuple(self.stats_mean.shape[-2:])}"
+                             f" pixels, the input {tuple(images.shape[-2:])}")
+        z = (images - self.stats_mean) / self.stats_std
+        return z.clamp(-STATS_CLIP, STATS_CLIP) / STATS_CLIP
+
+    @torch.no_grad()
+    def set_normal_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Set the per-pixel mean and standard deviation ``(3, H, W)`` of the normal images
+        (floats in ``[0, 1]``; ``std`` is floored at :data:`STATS_MIN_STD`)."""
+        if not self.normal_stats:
+            raise ValueError("this generator was built without normal_stats")
+        self.stats_mean.copy_(mean.reshape(self.stats_mean.shape))
+        self.stats_std.copy_(std.clamp_min(STATS_MIN_STD).reshape(self.stats_std.shape))
