@@ -37,3 +37,13 @@ class OutputError(AnoSegError, OSError):
 
 class RunInUseError(AnoSegError, RuntimeError):
     """Another training process holds the folder's lock file (two writers on one checkpoint)."""
+
+
+class MissingExtraError(AnoSegError, ImportError):
+    """An optional feature whose packages are not installed (``pip install
+    'anoseg-torch[<extra>]'``); the message names the package and the command."""
+
+
+class ExportError(AnoSegError, RuntimeError):
+    """An exported model file that does not reproduce PyTorch's outputs, or that holds no
+    anoseg metadata."""

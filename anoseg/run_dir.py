@@ -12,6 +12,8 @@ A segmenter run folder holds::
     detector/            the image-level detector: last.pt, config.yaml, losses.jsonl,
                          summary.json
     detectors/<name>/    named detector variants (scripts/run_ablations.py)
+    export/              anoseg-export's default output (anoseg.onnx, anoseg.torchscript.pt)
+    tensorboard/         TensorBoard event files (train.logger=tensorboard)
 
 Example:
     >>> run = RunDir("runs/demo")
@@ -48,6 +50,10 @@ EVAL_DIR = "eval"
 """Evaluation folder inside a run (``anoseg-eval``'s default)."""
 METRICS_STEM = "metrics"
 METRICS_FILE = f"{METRICS_STEM}.json"
+EXPORT_DIR = "export"
+"""``anoseg-export``'s default folder inside a run."""
+TENSORBOARD_DIR = "tensorboard"
+"""TensorBoard event files of a run trained with ``train.logger=tensorboard``."""
 DETECTOR_DIR = "detector"
 """The detector's folder inside a run (where ``anoseg-eval`` / ``anoseg-predict`` look)."""
 DETECTOR_VARIANTS_DIR = "detectors"
