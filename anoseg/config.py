@@ -213,6 +213,15 @@ class TrainConfig:
     compile: bool = field(default=False, metadata=RUNTIME)
     """Compile generator and discriminator with ``torch.compile`` (first steps are slow)."""
     log_every: int = field(default=10, metadata=RUNTIME)
+    logger: str = field(default="none", metadata=RUNTIME)
+    """``none`` or ``tensorboard`` (``pip install 'anoseg-torch[tensorboard]'``): TensorBoard
+    event files in ``RUN_DIR/tensorboard/`` beside ``losses.jsonl`` (which stays the record):
+    every log line's values, the learning rates, and every ``logger_image_every`` steps a grid
+    of maps of fixed held-out normal images and synthetic anomalies with their statistics."""
+    logger_image_every: int = field(default=200, metadata=RUNTIME)
+    """Steps between the map grids of ``logger=tensorboard`` (and at the last step)."""
+    logger_images: int = field(default=4, metadata=RUNTIME)
+    """Held-out normal images in the grid, and as many synthetic anomalies made from them."""
     checkpoint_every: int = field(default=500, metadata=RUNTIME)
     time_budget: Optional[float] = field(default=None, metadata=RUNTIME)
     """Wall-clock seconds of training; the run stops cleanly and saves when it is spent."""
@@ -409,6 +418,12 @@ def _validate_train(t: TrainConfig, m: ModelConfig) -> None:
            or t.device.startswith("cuda:"), "train.device", t.device,
            "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
     _check(t.log_every >= 1, "train.log_every", t.log_every, ">= 1")
+    _check(t.logger in TRAIN_LOGGERS, "train.logger", t.logger,
+           f"one of {', '.join(TRAIN_LOGGERS)}")
+    _check(t.logger_image_every >= 1, "train.logger_image_every", t.logger_image_every,
+           ">= 1")
+    _check(1 <= t.logger_images <= 16, "train.logger_images", t.logger_images,
+           "an integer from 1 to 16")
     _check(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, ">= 1")
     _check(t.time_budget is None or t.time_budget > 0, "train.time_budget", t.time_budget,
            "a number of seconds > 0, or null")
@@ -417,6 +432,9 @@ def _validate_train(t: TrainConfig, m: ModelConfig) -> None:
             "train.adversarial=true needs model.reconstruction=true: the discriminator "
             "judges (reconstruction, map) pairs. Switch both on or both off.")
 
+
+TRAIN_LOGGERS = ("none", "tensorboard")
+"""Values of ``train.logger``."""
 
 IMAGE_SCORE_CHOICES = ("max", "blur3_max", "blur5_max", "top10_mean", "top1pct_mean",
                        "detector")

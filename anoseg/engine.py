@@ -340,6 +340,9 @@ class Stage:
     log_extra: Optional[Callable[[], Dict[str, Any]]] = None
     summary_extra: Callable[[], Dict[str, Any]] = dict
     summary_tail: Optional[Dict[str, Any]] = None
+    logger: Optional[Any] = None
+    """A :class:`anoseg.train_logger.TrainLogger` shown every log line and step (rank 0
+    only; ``None``: nothing, no cost); closed at the end."""
 
 
 def run_stage(stage: Stage, cfg: AnoSegConfig, *, device: torch.device,
@@ -366,12 +369,16 @@ def run_stage(stage: Stage, cfg: AnoSegConfig, *, device: torch.device,
         """Every process must stop at the same step: take the maximum of the flags."""
         return all_reduce_max_flags(flags, device) if ctx.enabled else flags
 
-    stopped, last = run_training_loop(
-        state, loader, stage.step_fn, total_steps=stage.total_steps, save=save,
-        log_path=folder.losses if ctx.is_main else None, log_every=cfg.train.log_every,
-        checkpoint_every=stage.checkpoint_every, time_budget=stage.time_budget,
-        stop_at=stop_at, progress=progress and ctx.is_main, desc=stage.desc,
-        should_stop=should_stop, log_extra=stage.log_extra)
+    try:
+        stopped, last = run_training_loop(
+            state, loader, stage.step_fn, total_steps=stage.total_steps, save=save,
+            log_path=folder.losses if ctx.is_main else None, log_every=cfg.train.log_every,
+            checkpoint_every=stage.checkpoint_every, time_budget=stage.time_budget,
+            stop_at=stop_at, progress=progress and ctx.is_main, desc=stage.desc,
+            should_stop=should_stop, log_extra=stage.log_extra, logger=stage.logger)
+    finally:
+        if stage.logger is not None:
+            stage.logger.close()
     if ctx.is_main:
         summary = training_summary(state, stopped, device, amp_dtype, last,
                                    **stage.summary_extra())
@@ -415,12 +422,12 @@ def run_training_loop(state: TrainState, batches: Iterable[Any],
                       checkpoint_every: int, time_budget: Optional[float],
                       stop_at: Optional[int], progress: bool, desc: str,
                       should_stop: Optional[Callable[[List[bool]], List[bool]]] = None,
-                      log_extra: Optional[Callable[[], Dict[str, Any]]] = None
-                      ) -> Tuple[str, Dict[str, float]]:
+                      log_extra: Optional[Callable[[], Dict[str, Any]]] = None,
+                      logger: Optional[Any] = None) -> Tuple[str, Dict[str, float]]:
     """Call ``step_fn(batch)`` until ``state.step`` reaches ``total_steps``, then ``save()``.
 
-    Longer than most functions here because the loop's bookkeeping (the log window, the
-    checkpoint cadence, the three ways to stop) reads best in one place.
+    Long: the loop's bookkeeping (the log window, the checkpoint cadence, the logger, the
+    three ways to stop) reads best in one place.
 
     Args:
         state: has ``step`` (advanced by ``step_fn``) and ``train_seconds`` (kept here).
@@ -435,6 +442,8 @@ def run_training_loop(state: TrainState, batches: Iterable[Any],
         should_stop: maps the local ``[interrupted, budget_spent]`` flags to the ones to act on
             (under DDP their maximum over processes, so all stop at the same step).
         log_extra: more fields for each log line, between the losses and ``seconds``.
+        logger: shown each log line (``log_line(step, record)``) and each step
+            (``after_step(step)``); ``None`` for none.
 
     Returns:
         ``(stopped, last_losses)``: ``completed``, ``time_budget``, ``interrupted`` or
@@ -466,13 +475,18 @@ def run_training_loop(state: TrainState, batches: Iterable[Any],
                                         or state.step == total_steps):
                     means = {k: v / window_count for k, v in window.items()}
                     bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()}, refresh=False)
-                    log.write(json.dumps({"step": state.step, **means,
-                                          **(log_extra() if log_extra is not None else {}),
-                                          "seconds": round(state.train_seconds, 3)}) + "\n")
+                    record = {"step": state.step, **means,
+                              **(log_extra() if log_extra is not None else {}),
+                              "seconds": round(state.train_seconds, 3)}
+                    log.write(json.dumps(record) + "\n")
                     log.flush()
+                    if logger is not None:
+                        logger.log_line(state.step, record)
                     window, window_count = {}, 0
                 if state.step % checkpoint_every == 0:
                     save()
+                if logger is not None:
+                    logger.after_step(state.step)
                 flags = [stop_flag.requested,
                          time_budget is not None
                          and time.perf_counter() - started >= time_budget]

@@ -273,6 +273,10 @@ def _train_locked(cfg: AnoSegConfig, run: RunDir, *, resume: bool, progress: boo
         cfg = resumed_config(ckpt["config"], cfg, "run")
     else:
         refuse_overwrite(run, "a run")
+    if cfg.train.logger == "tensorboard":
+        from anoseg.train_logger import tensorboard_writer_class
+
+        tensorboard_writer_class()  # a missing extra stops here, before any work
 
     ctx = init_distributed(cfg.train.device)
     if ctx.enabled and cfg.train.batch_size % ctx.world_size:
@@ -314,7 +318,8 @@ def _train_locked(cfg: AnoSegConfig, run: RunDir, *, resume: bool, progress: boo
                   time_budget=cfg.train.time_budget, desc=f"train {cfg.data.category}",
                   log_extra=lambda: {"lr_g": state.opt_g.param_groups[0]["lr"]},
                   summary_extra=lambda: {"map_collapsed_at_step": watch.at},
-                  summary_tail={"world_size": ctx.world_size})
+                  summary_tail={"world_size": ctx.world_size},
+                  logger=segmenter_logger(cfg, run, state, data, ckpt) if ctx.is_main else None)
     return run_stage(stage, cfg, device=device, amp_dtype=amp_dtype, stop_at=stop_at,
                      progress=progress, ctx=ctx)
 
@@ -329,6 +334,29 @@ def set_normal_stats(state: TrainState, dataset) -> None:
         if model is not None:
             model.set_normal_stats(mean.to(model.stats_mean.device),
                                    std.to(model.stats_std.device))
+
+
+def segmenter_logger(cfg: AnoSegConfig, run: RunDir, state: TrainState, data: DataRecord,
+                     ckpt: Optional[Dict[str, Any]]):
+    """The :class:`anoseg.train_logger.TensorBoardLogger` of ``train.logger=tensorboard``
+    (probe: the run's first held-out images), else ``None``."""
+    if cfg.train.logger == "none":
+        return None
+    from anoseg.run_dir import TENSORBOARD_DIR
+    from anoseg.train_logger import TensorBoardLogger, make_probe
+
+    def rates() -> Dict[str, float]:
+        optimisers = {"generator": state.opt_g, "discriminator": state.opt_d}
+        return {name: opt.param_groups[0]["lr"] for name, opt in optimisers.items()
+                if opt is not None}
+
+    probe = make_probe([Path(p) for p in data.split.holdout],
+                       [Path(p) for p in data.split.train], cfg)
+    return TensorBoardLogger(
+        run.path / TENSORBOARD_DIR, probe=probe, learning_rates=rates,
+        model=lambda: state.ema if state.ema is not None else unwrap(state.generator),
+        image_every=cfg.train.logger_image_every, total_steps=cfg.train.steps,
+        resumed_step=int(ckpt["step"]) if ckpt is not None else None)
 
 
 def set_learning_rates(state: TrainState, cfg: TrainConfig) -> None:

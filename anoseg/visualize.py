@@ -4,7 +4,8 @@
   (pixel value = ``round(score * 65535)``, so ``score = value / 65535``).
 * :func:`colorize`: a jet-like colour map (dark blue = 0, red = 1) from a small look-up table.
 * :func:`heatmap_overlay`, :func:`triptych`: input | anomaly map | ground truth strips like the
-  paper's qualitative figures, and the map blended over the input.
+  paper's qualitative figures, and the map blended over the input; :func:`map_grid`: a column
+  per image (input, map, ground truth), for TensorBoard.
 * :func:`save_iou_curve_plot`: the IoU-vs-threshold plot (paper Fig. 6b); needs matplotlib
   (``pip install 'anoseg-torch[plot]'``) and returns ``None`` without it.
 
@@ -161,6 +162,39 @@ def enlarged_overlay(image: ArrayLike, anomaly_map: ArrayLike, alpha: float = 0.
     """:func:`heatmap_overlay` enlarged like a triptych panel (bilinear)."""
     overlay = heatmap_overlay(image, anomaly_map, alpha)
     return _enlarge(overlay, enlargement_factor(min(overlay.shape[:2]), min_side), smooth=True)
+
+
+def map_grid(images: ArrayLike, anomaly_maps: ArrayLike, masks: Optional[ArrayLike] = None,
+             min_panel_side: int = 128) -> np.ndarray:
+    """A grid (H, W, 3) uint8 with a column per image: the input, its coloured anomaly map
+    and (with ``masks``) the ground truth below it; panels enlarged like :func:`triptych`'s.
+
+    Args:
+        images: ``(N, 3, S, S)`` floats in [0, 1].
+        anomaly_maps: ``(N, S, S)`` in [0, 1].
+        masks: ``(N, S, S)`` or ``(N, 1, S, S)`` binary, or ``None``.
+    """
+    columns = []
+    for index in range(len(images)):
+        rgb = image_to_uint8(images[index])
+        factor = enlargement_factor(min(rgb.shape[:2]), min_panel_side)
+        panels = [_enlarge(rgb, factor, smooth=True),
+                  _enlarge(colorize(anomaly_maps[index]), factor, smooth=False)]
+        if masks is not None:
+            mask = np.repeat(mask_to_uint8(masks[index])[:, :, None], 3, axis=2)
+            panels.append(_enlarge(mask, factor, smooth=False))
+        gap = np.full((PANEL_GAP, panels[0].shape[1], 3), 255, dtype=np.uint8)
+        column = [panels[0]]
+        for panel in panels[1:]:
+            column += [gap, panel]
+        columns.append(np.concatenate(column, axis=0))
+    if not columns:
+        raise ValueError("map_grid needs at least one image")
+    gap = np.full((columns[0].shape[0], PANEL_GAP, 3), 255, dtype=np.uint8)
+    row = [columns[0]]
+    for column in columns[1:]:
+        row += [gap, column]
+    return np.concatenate(row, axis=1)
 
 
 # ---------------------------------------------------------------------------------- files
