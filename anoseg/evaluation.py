@@ -29,6 +29,8 @@ from tqdm.auto import tqdm
 from anoseg.atomic import atomic_write_text
 from anoseg.checkpoint import resolve_checkpoint
 from anoseg.errors import ConfigError
+from anoseg.galleries import DEFAULT_GALLERY_SIZE, GalleryCollector
+from anoseg.html_report import REPORT_FILE, CategoryReport, write_report
 from anoseg.inference import (LoadedDetector, LoadedModel, detector_scores, load_ensemble,
                               load_model, predict_anomaly_scores, run_detector)
 from anoseg.metrics import IMAGE_SCORES, SegmentationMetrics, image_auroc, image_scores
@@ -149,7 +151,8 @@ def evaluate_category(model: LoadedModel, data_root: PathLike, category: str, *,
                       max_pictures: int = DEFAULT_MAX_PICTURES, num_workers: int = 0,
                       holdout_paths: Optional[Sequence[PathLike]] = None,
                       threshold_cache_for: Optional[PathLike] = None,
-                      detector: Optional[LoadedDetector] = None) -> CategoryResult:
+                      detector: Optional[LoadedDetector] = None,
+                      gallery: Optional[GalleryCollector] = None) -> CategoryResult:
     """Evaluate one model on the test set of one category.
 
     The label-free threshold is chosen first on the held-out normal images; then the test images
@@ -173,6 +176,8 @@ def evaluate_category(model: LoadedModel, data_root: PathLike, category: str, *,
             (:func:`cached_label_free_threshold`).
         detector: A :class:`anoseg.inference.LoadedDetector` trained on ``model``: adds
             ``image_auroc_detector``, the image AUROC of its scores (eq. 5).
+        gallery: A :class:`anoseg.galleries.GalleryCollector`: fed each batch, then it picks
+            and draws ``report.html``'s gallery pictures.
 
     Returns:
         A :class:`~anoseg.results.CategoryResult`: the label-based metrics (``pixel_auroc``,
@@ -219,9 +224,13 @@ def evaluate_category(model: LoadedModel, data_root: PathLike, category: str, *,
                                                   batch_size=batch_size)
             detector_part = None if detector is None else detector_scores(
                 detector, model.generator, batch["image"], batch_size=batch_size).numpy()
-            test_pass.update(batch, maps, image_scores(logits), detector_part)
+            scores = test_pass.update(batch, maps, image_scores(logits), detector_part)
             writer.write(batch, maps, logits)
+            if gallery is not None:
+                gallery.update(batch, maps, scores, threshold)
             bar.update(len(maps))
+    if gallery is not None:
+        gallery.finish(model, dataset, test_pass.image_threshold, batch_size=batch_size)
 
     def result_of(part: SegmentationMetrics, name: str,
                   own_warnings: List[str]) -> CategoryResult:
@@ -255,7 +264,8 @@ class _TestPass:
         self.scores: Dict[str, List[np.ndarray]] = {name: [] for name in IMAGE_SCORES}
 
     def update(self, batch: Dict[str, Any], maps: torch.Tensor, scores: Dict[str, np.ndarray],
-               detector_part: Optional[np.ndarray]) -> None:
+               detector_part: Optional[np.ndarray]) -> np.ndarray:
+        """Feed one batch; returns its headline image scores."""
         masks, labels = batch["mask"][:, 0], batch["label"]
         if detector_part is not None:
             scores = {**scores, "detector": detector_part}
@@ -265,6 +275,7 @@ class _TestPass:
         self.labels.append(np.asarray(labels).astype(bool))
         for name, values in scores.items():
             self.scores.setdefault(name, []).append(np.asarray(values, dtype=np.float64))
+        return np.asarray(headline, dtype=np.float64)
 
     def result(self, result_of: Any, category: str, warnings: List[str]) -> CategoryResult:
         """The category's result (``result_of(metrics, name, warnings)`` builds one) with its
@@ -390,7 +401,9 @@ def evaluate_run(run_or_checkpoint: Union[PathLike, Sequence[PathLike]],
                  progress: bool = True, num_workers: int = 0,
                  weights: str = "auto", ensemble: bool = False,
                  image_score: Optional[str] = None,
-                 image_threshold_quantile: Optional[float] = None) -> EvaluationReport:
+                 image_threshold_quantile: Optional[float] = None,
+                 report: bool = False,
+                 report_gallery: int = DEFAULT_GALLERY_SIZE) -> EvaluationReport:
     """Evaluate one or several runs (one category each) and write the tables.
 
     Writes into ``output_dir``: ``metrics.json`` / ``.csv`` / ``.md`` (a row per category and,
@@ -418,6 +431,9 @@ def evaluate_run(run_or_checkpoint: Union[PathLike, Sequence[PathLike]],
             used different splits: the label-free columns are then skipped).
         image_score, image_threshold_quantile: Override the runs' ``eval.image_score`` and
             ``eval.image_threshold_quantile``.
+        report: Also write ``report.html`` (:mod:`anoseg.html_report`): one self-contained
+            page with every table, the thresholds, the IoU curves and galleries of
+            ``report_gallery`` pictures each.
 
     Raises:
         AnoSegError: Bad paths, missing data, several runs of one category, ...
@@ -428,14 +444,11 @@ def evaluate_run(run_or_checkpoint: Union[PathLike, Sequence[PathLike]],
     files: List[Path] = []
     messages: List[str] = []
     sources: Dict[str, str] = {}
+    pages: List[CategoryReport] = []
     for checkpoint_path, category in jobs:
-        if ensemble:
-            model = load_ensemble(checkpoint_path, torch_device, weights=weights)
-            checkpoint_path = checkpoint_path[0]  # counters, split and detector: the first's
-        else:
-            model = load_model(checkpoint_path, torch_device, weights=weights)
-        _override_eval(model, image_score=image_score,
-                       image_threshold_quantile=image_threshold_quantile)
+        model, checkpoint_path = _load_for_eval(
+            checkpoint_path, ensemble, torch_device, weights, image_score=image_score,
+            image_threshold_quantile=image_threshold_quantile)
         category = category or model.config.data.category
         if category in sources:
             raise ConfigError(f"runs {sources[category]} and {checkpoint_path} both evaluate "
@@ -445,10 +458,14 @@ def evaluate_run(run_or_checkpoint: Union[PathLike, Sequence[PathLike]],
         category_dir = output_dir / safe_name(category)
         maps_dir = category_dir / "maps" if save_maps else None
         pictures_dir = category_dir / "pictures" if pictures > 0 else None
+        gallery = GalleryCollector(report_gallery) if report else None
         result = _evaluate_checkpoint(
             model, checkpoint_path, category, data_root, torch_device, ensemble=ensemble,
             batch_size=batch_size, progress=progress, save_maps_dir=maps_dir,
-            pictures_dir=pictures_dir, max_pictures=pictures, num_workers=num_workers)
+            pictures_dir=pictures_dir, max_pictures=pictures, num_workers=num_workers,
+            gallery=gallery)
+        if gallery is not None:
+            pages.append(CategoryReport(result, gallery.galleries, gallery.notes))
         files.append(write_iou_curve_csv(category_dir / "iou_curve.csv", result.iou_curve))
         files.extend(p for p in (maps_dir, pictures_dir) if p is not None)
         if plot:
@@ -461,9 +478,35 @@ def evaluate_run(run_or_checkpoint: Union[PathLike, Sequence[PathLike]],
 
     files[:0] = write_metrics_files(output_dir, results, mean, notes,
                                     extra={"anoseg_version": __version__})
+    if report:
+        files.insert(0, _write_report(output_dir, pages, mean, notes))
     return EvaluationReport(output_dir, {r.category: r for r in results}, mean, notes,
                             format_markdown_table(results, mean), files, messages,
                             format_image_score_table(results))
+
+
+def _write_report(output_dir: Path, pages: Sequence[CategoryReport],
+                  mean: Optional[Dict[str, Optional[float]]], notes: Sequence[str]) -> Path:
+    """``report.html`` of an evaluation (:func:`anoseg.html_report.write_report`)."""
+    from anoseg._version import __version__
+
+    categories = ", ".join(page.result.category for page in pages)
+    return write_report(output_dir / REPORT_FILE, pages, mean=mean, notes=notes,
+                        title=f"anoseg evaluation: {categories}",
+                        subtitle=f"anoseg {__version__}, written to {output_dir}")
+
+
+def _load_for_eval(checkpoint_path: Any, ensemble: bool, device: torch.device, weights: str,
+                   **overrides: Any) -> Tuple[LoadedModel, Path]:
+    """The model of one row of :func:`evaluate_run` with its ``eval`` overrides, and the
+    checkpoint whose counters, split and detector it uses (an ensemble's first member's)."""
+    if ensemble:
+        model = load_ensemble(checkpoint_path, device, weights=weights)
+        checkpoint_path = checkpoint_path[0]
+    else:
+        model = load_model(checkpoint_path, device, weights=weights)
+    _override_eval(model, **overrides)
+    return model, checkpoint_path
 
 
 def _override_eval(model: LoadedModel, **values: Any) -> None:

@@ -208,6 +208,31 @@ def save_png(path: PathLike, picture: np.ndarray) -> Path:
     return path
 
 
+def png_bytes(picture: np.ndarray) -> bytes:
+    """A uint8 (H, W) or (H, W, 3) array as the bytes of a PNG file."""
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(picture)).save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def report_strip(image: ArrayLike, anomaly_map: ArrayLike, mask: Optional[ArrayLike],
+                 min_panel_side: int = 128) -> np.ndarray:
+    """Input | the map blended over the input | ground truth (black without a mask), side by
+    side, enlarged like :func:`triptych`: a gallery picture of ``report.html``."""
+    rgb = image_to_uint8(image)
+    height, width = rgb.shape[:2]
+    mask_picture = (np.zeros((height, width), np.uint8) if mask is None
+                    else mask_to_uint8(mask))
+    factor = enlargement_factor(min(height, width), min_panel_side)
+    panels = [_enlarge(rgb, factor, smooth=True),
+              _enlarge(heatmap_overlay(rgb, anomaly_map), factor, smooth=False),
+              _enlarge(np.repeat(mask_picture[:, :, None], 3, axis=2), factor, smooth=False)]
+    gap = np.full((panels[0].shape[0], PANEL_GAP, 3), 255, dtype=np.uint8)
+    return np.concatenate([panels[0], gap, panels[1], gap, panels[2]], axis=1)
+
+
 def map_to_uint16(anomaly_map: ArrayLike) -> np.ndarray:
     """Scores in [0, 1] (clipped) as ``round(score * 65535)`` (H, W) uint16."""
     values = np.clip(_map_2d(anomaly_map), 0.0, 1.0)
