@@ -52,9 +52,9 @@ td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
 tr.defect td{color:#555;font-size:.95em}tr.defect td:first-child{padding-left:20px}
 .gallery{display:flex;flex-wrap:wrap;gap:12px}
-figure{margin:0;border:1px solid #ddd;padding:6px;background:#fafafa}
-figure img{display:block;max-width:100%;image-rendering:pixelated}
-figcaption{font-size:.8em;max-width:480px;margin-top:4px}
+figure{margin:0;border:1px solid #ddd;padding:6px;background:#fafafa;width:min-content}
+figure img{display:block;max-width:none}
+figcaption{font-size:.8em;margin-top:4px}
 .note{color:#666;font-size:.9em}.warn{color:#a40}
 dl{display:grid;grid-template-columns:max-content auto;gap:2px 16px;font-size:.9em}
 dt{font-weight:600}dd{margin:0}

@@ -51,7 +51,8 @@ def runs(demo_root, tmp_path_factory):
 def test_images(demo_root):
     """Four test images (defective and good) as the networks take them."""
     folder = demo_root / CATEGORY / "test"
-    paths = sorted((folder / "stain").glob("*.png"))[:2] + sorted((folder / "good").glob("*.png"))[:2]
+    paths = (sorted((folder / "stain").glob("*.png"))[:2]
+             + sorted((folder / "good").glob("*.png"))[:2])
     return load_images(paths, 64)
 
 
