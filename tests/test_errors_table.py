@@ -178,6 +178,13 @@ CASES = {
 ROWS_TESTED_ELSEWHERE = {
     "checkpoint-write-fails": "tests/test_reliability.py::"
                               "test_checkpoint_write_failure_keeps_the_previous_one",
+    "export-extra-missing": "tests/test_export.py::test_cli_refuses_without_the_export_extra",
+    "export-several-runs": "tests/test_export.py::"
+                           "test_several_runs_need_ensemble_and_a_bad_file_is_caught",
+    "export-does-not-reproduce": "tests/test_export.py::"
+                                 "test_several_runs_need_ensemble_and_a_bad_file_is_caught",
+    "tensorboard-extra-missing": "tests/test_train_logger.py::"
+                                 "test_missing_extra_stops_before_any_work",
 }
 
 

@@ -167,7 +167,7 @@ def test_cli_refuses_without_the_export_extra(runs, tmp_path, monkeypatch, capsy
 
 
 def test_several_runs_need_ensemble_and_a_bad_file_is_caught(runs, test_images, tmp_path):
-    with pytest.raises(ConfigError, match="--ensemble"):
+    with pytest.raises(ConfigError, match="2 runs given: pass --ensemble"):
         export_main(["--run", *map(str, runs), "--format", "torchscript",
                      "--output", str(tmp_path / "x.pt")])
     output = tmp_path / "one.pt"
