@@ -10,6 +10,7 @@ The public API is small::
     metrics = anoseg.SegmentationMetrics()              # streaming metrics on any method's maps
     anoseg.train_detector("runs/demo")                  # image-level detector, AnoSeg frozen
     scores = anoseg.detector_scores(anoseg.load_detector("runs/demo"), model.generator, images)
+    anoseg.export_run("runs/demo", "onnx")              # one ONNX file for ONNX Runtime
 
 Everything returned to users is an *anomaly* map (higher = more anomalous). Names are imported
 lazily, so ``import anoseg.metrics`` does not load the model or training code.
@@ -35,6 +36,7 @@ _EXPORTS = {
     "train_detector": "anoseg.detector_training", "load_detector": "anoseg.inference",
     "detector_scores": "anoseg.inference", "load_ensemble": "anoseg.inference",
     "RunDir": "anoseg.run_dir",
+    "export_run": "anoseg.export", "read_export_metadata": "anoseg.export",
 }
 
 __all__ = ["__version__", *_EXPORTS]
