@@ -16,7 +16,7 @@ from anoseg.training import learning_rate, prepare_training_split
 
 SETTINGS = ["data.image_size=64", "model.width=0.125", "train.batch_size=4",
             "data.num_workers=0", "train.steps=3", "train.log_every=1",
-            "train.adversarial=false", "train.lr_generator=1e-3"]
+            "train.adversarial=false", "train.lr_generator=1e-3", "train.precision=fp32"]
 
 
 
