@@ -447,7 +447,8 @@ def evaluate_run(run_or_checkpoint: Union[PathLike, Sequence[PathLike]],
                  progress: bool = True, num_workers: int = 0,
                  weights: str = "auto", ensemble: bool = False,
                  image_score: Optional[str] = None,
-                 image_threshold_quantile: Optional[float] = None) -> EvaluationReport:
+                 image_threshold_quantile: Optional[float] = None,
+                 resolution: Optional[str] = None) -> EvaluationReport:
     """Evaluate one or several runs (one category each) and write the tables.
 
     Writes into ``output_dir``: ``metrics.json`` / ``.csv`` / ``.md`` (a row per category and,
@@ -473,8 +474,9 @@ def evaluate_run(run_or_checkpoint: Union[PathLike, Sequence[PathLike]],
             :func:`anoseg.inference.load_ensemble`), evaluated as one row. The label-free
             threshold uses the held-out images no member trained on (none when the members
             used different splits: the label-free columns are then skipped).
-        image_score, image_threshold_quantile: Override the runs' ``eval.image_score`` and
-            ``eval.image_threshold_quantile``.
+        image_score, image_threshold_quantile, resolution: Override the runs'
+            ``eval.image_score``, ``eval.image_threshold_quantile`` and ``eval.resolution``
+            (``model`` or ``native``: maps scored at each image's own size).
 
     Raises:
         AnoSegError: Bad paths, missing data, several runs of one category, ...
@@ -492,7 +494,8 @@ def evaluate_run(run_or_checkpoint: Union[PathLike, Sequence[PathLike]],
         else:
             model = load_model(checkpoint_path, torch_device, weights=weights)
         _override_eval(model, image_score=image_score,
-                       image_threshold_quantile=image_threshold_quantile)
+                       image_threshold_quantile=image_threshold_quantile,
+                       resolution=resolution)
         category = category or model.config.data.category
         if category in sources:
             raise ConfigError(f"runs {sources[category]} and {checkpoint_path} both evaluate "

@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="label-free image threshold = this quantile of the held-out normal "
                              "images' image scores (default: the run's "
                              "eval.image_threshold_quantile, 0.99)")
+    parser.add_argument("--resolution", choices=("model", "native"), default=None,
+                        help="score maps at the model's resolution (model) or at each image's "
+                             "own size, masks read at it (native); default: the run's "
+                             "eval.resolution")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -97,7 +101,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           plot=args.plot, progress=not args.no_progress,
                           num_workers=args.num_workers, weights=args.weights,
                           ensemble=args.ensemble, image_score=args.image_score,
-                          image_threshold_quantile=args.image_threshold_quantile)
+                          image_threshold_quantile=args.image_threshold_quantile,
+                          resolution=args.resolution)
     print(report.table, end="")
     if report.image_table:
         print()

@@ -134,6 +134,11 @@ def to_resolution(values: torch.Tensor, placement: Placement, resolution: str) -
     return part
 
 
+def resize_to_source(part: torch.Tensor, placement: Placement) -> torch.Tensor:
+    """A map of the image's box (already cut from its canvas) at the image's own size."""
+    return resize_map(part, placement.source_hw)
+
+
 def valid_mask(placement: Placement) -> torch.Tensor:
     """``(H, W)`` bool on the canvas: True on the image, False on the padding."""
     mask = torch.zeros(placement.canvas_hw, dtype=torch.bool)
