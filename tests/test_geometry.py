@@ -287,3 +287,25 @@ def test_tiled_maps_of_the_test_set_match_the_sliding_window(runs, strips):
                                              geometry)
     assert torch.equal(anomaly, crop(full, placement)) and anomaly.shape == (60, 200)
     assert torch.equal(logit, crop(full_logit, placement))
+
+
+def test_detector_works_with_non_square_inputs_and_refuses_tiling(runs, strips, tmp_path):
+    from anoseg.detector_training import train_detector
+    from anoseg.errors import ConfigError
+    from anoseg.models.detector import AnoSegDetector
+
+    detector = AnoSegDetector(image_size=(64, 192), width=0.125).eval()
+    scores = detector.score(torch.rand(2, 3, 64, 192), torch.ones(2, 1, 64, 192))
+    assert scores.shape == (2,)
+    train_detector(runs["keep_aspect"], ["detector.steps=2", "detector.batch_size=4"],
+                   output_dir=tmp_path / "det", progress=False)
+    from anoseg.inference import load_detector
+
+    bundle = load_detector(tmp_path / "det")
+    model = load_model(runs["keep_aspect"], "cpu")
+    result = evaluate_category(model, strips, "strip", batch_size=4, progress=False,
+                               detector=bundle)
+    assert result.image_auroc_detector is not None
+    with pytest.raises(ConfigError, match="data.tiling"):
+        train_detector(runs["tiling"], ["detector.steps=1"], output_dir=tmp_path / "d2",
+                       progress=False)
