@@ -222,24 +222,22 @@ def _box_mean(maps: np.ndarray, size: int) -> np.ndarray:
     left = np.clip(np.arange(width) - half, 0, width)
     right = np.clip(np.arange(width) + half + 1, 0, width)
 
-    def integral_of(values: np.ndarray) -> np.ndarray:
-        integral = np.zeros((values.shape[0], height + 1, width + 1), dtype=np.float64)
-        integral[:, 1:, 1:] = values.cumsum(axis=1).cumsum(axis=2)
-        return integral
-
-    def window_sums(integral: np.ndarray, rows: slice) -> np.ndarray:
-        t, b = top[rows, None], bottom[rows, None]
-        return (integral[:, b, right[None, :]] - integral[:, t, right[None, :]]
-                - integral[:, b, left[None, :]] + integral[:, t, left[None, :]])
-
-    ones, sums = integral_of(np.ones((1, height, width))), integral_of(maps.astype(np.float64))
+    # the summed-area table, accumulated in place (the same sums as cumsum, no temporaries)
+    integral = np.zeros((n, height + 1, width + 1), dtype=np.float64)
+    integral[:, 1:, 1:] = maps
+    np.cumsum(integral[:, 1:, 1:], axis=1, out=integral[:, 1:, 1:])
+    np.cumsum(integral[:, 1:, 1:], axis=2, out=integral[:, 1:, 1:])
+    # pixels of each window inside the map: whole numbers, exact in float64
+    counts = ((bottom - top)[:, None] * (right - left)[None, :]).astype(np.float64)
     out = np.empty((n, height, width), dtype=np.float64)
     # a block of rows at a time: the same arithmetic per pixel, temporaries bounded for
     # multi-megapixel maps
     block = max(1, BOX_MEAN_PIXELS // max(n * width, 1))
     for start in range(0, height, block):
-        rows = slice(start, start + block)
-        out[:, rows] = window_sums(sums, rows) / window_sums(ones, rows)
+        t, b = top[start:start + block, None], bottom[start:start + block, None]
+        sums = (integral[:, b, right[None, :]] - integral[:, t, right[None, :]]
+                - integral[:, b, left[None, :]] + integral[:, t, left[None, :]])
+        out[:, start:start + block] = sums / counts[start:start + block]
     return out
 
 
