@@ -28,7 +28,8 @@ from anoseg.training import train
 
 HW = (300, 1000)
 TINY = ["model.width=0.125", "train.batch_size=4", "data.num_workers=0", "train.steps=2",
-        "train.device=cpu", "eval.num_thresholds=200", "train.checkpoint_every=2"]
+        "train.device=cpu", "eval.num_thresholds=200", "train.checkpoint_every=2",
+        "train.precision=fp32"]
 KEEP_ASPECT = ["data.image_size=[64, 192]", "data.resize=keep_aspect"]
 TILING = ["data.image_size=64", "data.tiling.enabled=true", "data.tiling.scale=0.2"]
 
@@ -309,3 +310,23 @@ def test_detector_works_with_non_square_inputs_and_refuses_tiling(runs, strips, 
     with pytest.raises(ConfigError, match="data.tiling"):
         train_detector(runs["tiling"], ["detector.steps=1"], output_dir=tmp_path / "d2",
                        progress=False)
+
+
+def test_dev_suite_scores_tiling_and_a_keep_aspect_floor_at_native_size(strips, tmp_path):
+    from anoseg.dev_suite import floor_file, run_suite
+
+    sets = {"strip": (strips, "strip")}
+    results = run_suite(sets, "configs/cpu_unseen.yaml",
+                        TINY + TILING + ["model.width=0.125", "train.channels_last=false",
+                                         "train.precision=fp32"],
+                        budget=600, seeds=[0], output_dir=tmp_path / "suite",
+                        image_size=(64, 192), floor_resize="keep_aspect", resolution="native")
+    for method in ("model", "floor"):
+        assert set(results["strip"][method]) == {"all", "dent"}
+        assert 0.0 <= results["strip"][method]["all"]["pixel_auroc"] <= 1.0
+    # the dark dents are far from the strips' per-pixel normal values
+    assert results["strip"]["floor"]["all"]["pixel_auroc"] > 0.9
+    name = floor_file((64, 192), "keep_aspect", "native")
+    assert name == "floor_64x192_keep_aspect_native.json"
+    assert (tmp_path / "suite" / "strip" / name).is_file()
+    assert floor_file(128, "stretch", "model") == "floor.json"
