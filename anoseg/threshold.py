@@ -130,6 +130,11 @@ def threshold_cache_path(checkpoint_path: PathLike) -> Path:
     return path.with_name(f"{path.stem}.threshold.json")
 
 
+def _json_size(size: Any) -> Any:
+    """``data.image_size`` as JSON reads it back (a pair is a list)."""
+    return list(size) if isinstance(size, (tuple, list)) else size
+
+
 def _cache_key(model: LoadedModel, checkpoint_path: Path, paths: Sequence[Path],
                quantile: float) -> Dict[str, Any]:
     stat = checkpoint_path.stat()
@@ -137,7 +142,7 @@ def _cache_key(model: LoadedModel, checkpoint_path: Path, paths: Sequence[Path],
     return {"checkpoint_size": stat.st_size, "checkpoint_mtime_ns": stat.st_mtime_ns,
             "checkpoint_step": model.step if model.step is not None else -1,
             "weights": model.weights,
-            "image_size": model.config.data.image_size, "quantile": quantile,
+            "image_size": _json_size(model.config.data.image_size), "quantile": quantile,
             **({} if model.config.eval.resolution == "model"
                else {"resolution": model.config.eval.resolution}),
             "holdout_sha256": holdout_digest, "n_holdout_images": len(paths)}

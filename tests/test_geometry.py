@@ -330,3 +330,17 @@ def test_dev_suite_scores_tiling_and_a_keep_aspect_floor_at_native_size(strips, 
     assert name == "floor_64x192_keep_aspect_native.json"
     assert (tmp_path / "suite" / "strip" / name).is_file()
     assert floor_file(128, "stretch", "model") == "floor.json"
+
+
+def test_threshold_cache_is_reused_for_a_height_width_run(runs):
+    from anoseg.threshold import cached_label_free_threshold, holdout_image_paths
+
+    model = load_model(runs["keep_aspect"], "cpu")
+    holdout = holdout_image_paths(model)
+    checkpoint = runs["keep_aspect"] / "checkpoints" / "last.pt"
+    first, _ = cached_label_free_threshold(model, checkpoint, holdout)
+    again, cached = cached_label_free_threshold(model, checkpoint, holdout)
+    assert cached and again == first
+    model.config.eval.resolution = "native"  # another resolution: its own threshold
+    _, cached = cached_label_free_threshold(model, checkpoint, holdout)
+    assert not cached
