@@ -247,13 +247,26 @@ def test_padding_is_never_scored(runs, strips):
         assert getattr(loud, key) == getattr(plain, key), key
 
 
-def test_native_resolution_scores_every_pixel_of_every_image(runs, strips):
+def test_native_resolution_scores_every_pixel_of_every_image(runs, strips, tmp_path):
     model = load_model(runs["keep_aspect"], "cpu")
     model.config.eval.resolution = "native"
-    result = evaluate_category(model, strips, "strip", batch_size=4, progress=False)
+    result = evaluate_category(model, strips, "strip", batch_size=4, progress=False,
+                               save_maps_dir=tmp_path / "maps", pictures_dir=tmp_path / "pics",
+                               max_pictures=2)
     assert result.n_pixels == 5 * HW[0] * HW[1]
     assert result.n_defect_pixels == 3 * 40 * 60
     assert result.pixel_auroc is not None and result.label_free_threshold is not None
+    assert np.load(tmp_path / "maps" / "dent" / "000.npy").shape == HW
+    with Image.open(next((tmp_path / "pics").glob("*_triptych.png"))) as picture:
+        assert picture.height == HW[0]  # input | map | mask at the image's own size
+    # at the model's resolution: the image's 58 x 192 part of the canvas
+    model.config.eval.resolution = "model"
+    evaluate_category(model, strips, "strip", batch_size=4, progress=False,
+                      save_maps_dir=tmp_path / "maps_model", pictures_dir=tmp_path / "pm",
+                      max_pictures=1)
+    assert np.load(tmp_path / "maps_model" / "dent" / "000.npy").shape == (58, 192)
+    with Image.open(next((tmp_path / "pm").glob("*_triptych.png"))) as picture:
+        assert picture.height == 58 * 5  # enlarged by a whole factor to >= 256 px
 
 
 def test_tiling_run_trains_evaluates_and_predicts(runs, strips, tmp_path):
