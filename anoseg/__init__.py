@@ -7,6 +7,8 @@ The public API is small::
     result = anoseg.train(cfg, "runs/demo")             # train (demo data when data.root unset)
     model = anoseg.load_model("runs/demo")              # rebuild from a checkpoint or run folder
     maps = anoseg.predict_anomaly_maps(model.generator, images)   # (B, H, W), 1 = anomalous
+    # images of any size, as the run's data.image_size / resize / tiling place them:
+    # anoseg.predict_placed(model.generator, canvases, placements, anoseg.Geometry.from_config(cfg.data))
     metrics = anoseg.SegmentationMetrics()              # streaming metrics on any method's maps
     anoseg.train_detector("runs/demo")                  # image-level detector, AnoSeg frozen
     scores = anoseg.detector_scores(anoseg.load_detector("runs/demo"), model.generator, images)
@@ -37,6 +39,7 @@ _EXPORTS = {
     "detector_scores": "anoseg.inference", "load_ensemble": "anoseg.inference",
     "RunDir": "anoseg.run_dir",
     "export_run": "anoseg.export", "read_export_metadata": "anoseg.export",
+    "Geometry": "anoseg.data.geometry", "predict_placed": "anoseg.inference",
 }
 
 __all__ = ["__version__", *_EXPORTS]

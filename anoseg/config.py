@@ -31,10 +31,41 @@ MVTEC_CATEGORIES: Tuple[str, ...] = (
 REGION_SOURCES: Tuple[str, ...] = ("augmented", "texture", "intensity", "blur")
 """What can fill a noise region (``synthesis.region_sources``; :func:`anoseg.data.synthesis.region_fill`)."""
 
+ImageSize = Union[int, Tuple[int, int]]
+"""Type of ``data.image_size``: one side (a square) or ``[height, width]``."""
+
+RESIZE_MODES: Tuple[str, ...] = ("stretch", "keep_aspect")
+"""Values of ``data.resize`` (:mod:`anoseg.data.geometry`)."""
+
+TILE_COORDS: Tuple[str, ...] = ("image", "tile")
+"""Values of ``data.tiling.coords``: what the coordinate channels of a tile say."""
+
+RESOLUTIONS: Tuple[str, ...] = ("model", "native")
+"""Values of ``eval.resolution``: where maps are scored."""
+
 RUNTIME = {"runtime": True}
 """Field metadata of a *run-time* key: it says how a run is executed (steps, budget, device,
 precision, logging, workers, ...), not what is trained, so it may change when a run is resumed,
 a detector is trained on a run, or a batch of runs is restarted (:func:`runtime_keys`)."""
+
+
+@dataclass
+class TilingConfig:
+    """Tiles for high-resolution images (``data.tiling``; off by default). With tiling on, the
+    network's input is a tile of ``data.image_size``: training takes random tiles of the
+    images (each image first resized by ``scale``, keeping its aspect), inference slides a
+    window over the whole image and blends the windows (``docs/design.md``, "Image geometry")."""
+
+    enabled: bool = False
+    scale: float = 1.0
+    """Every image is resized by this factor before it is tiled (1 = its own pixels)."""
+    overlap: float = 0.25
+    """At inference, the fraction of a window's side it shares with its neighbour; the windows'
+    maps are blended with a separable Hann weight, so seams do not show."""
+    coords: str = "image"
+    """What a tile's coordinate channels say: ``image`` = where the tile lies in the whole image
+    (the image spans ``[-1, 1]``), ``tile`` = each tile spans ``[-1, 1]`` as if it were the
+    image. Not measured yet which is better (``docs/experiments.md``)."""
 
 
 @dataclass
@@ -44,8 +75,15 @@ class DataConfig:
     root: Optional[str] = None
     """Folder in MVTec AD layout; ``None`` means the built-in demo dataset."""
     category: str = "bottle"
-    image_size: int = 256
-    """Images are resized to ``image_size x image_size``; a multiple of 32 from 64 to 512."""
+    image_size: ImageSize = 256
+    """The network's input: one side (a square) or ``[height, width]``, each a multiple of 32
+    from 64 to 512. With ``data.tiling`` it is the tile's size."""
+    resize: str = "stretch"
+    """How an image is brought to ``image_size``: ``stretch`` (resized to it, the aspect is
+    lost; anoseg 0.x) or ``keep_aspect`` (resized so that it fits, then padded; the padding is
+    never scored and never holds a synthetic anomaly). Ignored with ``data.tiling``, which
+    always keeps the aspect."""
+    tiling: TilingConfig = field(default_factory=TilingConfig)
     holdout_fraction: float = 0.1
     """Fraction of ``train/good`` kept out of training (seeded split). Evaluation chooses the
     label-free threshold on these normal images, which the model never saw."""
@@ -245,6 +283,10 @@ class EvalConfig:
     image_threshold_quantile: float = field(default=0.99, metadata=RUNTIME)
     """Label-free image threshold: this quantile of the held-out normal images' image scores;
     an image scoring above it is anomalous (about ``1 - quantile`` of normal images are)."""
+    resolution: str = field(default="model", metadata=RUNTIME)
+    """Where maps are scored (metrics, image scores, the label-free thresholds): ``model`` =
+    at the network's resolution (the image's part of it: padding is cut off), ``native`` = at
+    each image's own size (maps resized to it, masks read at it)."""
 
 
 @dataclass
@@ -297,10 +339,15 @@ class AnoSegConfig:
     def to_dict(self) -> Dict[str, Any]:
         out = dataclasses.asdict(self)
         # YAML has no tuples: store them as lists, read back as tuples by ``_coerce``.
-        for section in out.values():
-            for key, value in section.items():
+        def lists(values: Dict[str, Any]) -> None:
+            for key, value in values.items():
                 if isinstance(value, tuple):
-                    section[key] = list(value)
+                    values[key] = list(value)
+                elif isinstance(value, dict):
+                    lists(value)
+
+        for section in out.values():
+            lists(section)
         return out
 
     def validate(self) -> "AnoSegConfig":
@@ -311,14 +358,38 @@ class AnoSegConfig:
         _validate_train(self.train, self.model)
         _validate_eval(self.eval)
         _validate_detector(self.detector)
+        _check(not (self.model.normal_stats and self.data.tiling.enabled), "model.normal_stats",
+               self.model.normal_stats, "false with data.tiling (per-pixel statistics of whole "
+               "images mean nothing for a tile at a random place)")
         return self
+
+
+def image_hw(size: ImageSize) -> Tuple[int, int]:
+    """``(height, width)`` of a ``data.image_size`` value (an int is a square)."""
+    if isinstance(size, (tuple, list)):
+        return int(size[0]), int(size[1])
+    return int(size), int(size)
 
 
 def _validate_data(d: DataConfig) -> None:
     """The ``data`` section's checks."""
     size = d.image_size
-    _check(size % 32 == 0 and 64 <= size <= 512, "data.image_size", size,
-           "a multiple of 32 from 64 to 512 (the encoder has stride 32)")
+    if isinstance(size, (tuple, list)):
+        _check(all(s % 32 == 0 and 64 <= s <= 512 for s in size), "data.image_size",
+               list(size), "[height, width], each a multiple of 32 from 64 to 512 (the "
+               "encoder has stride 32)")
+    else:
+        _check(size % 32 == 0 and 64 <= size <= 512, "data.image_size", size,
+               "a multiple of 32 from 64 to 512 (the encoder has stride 32)")
+    _check(d.resize in RESIZE_MODES, "data.resize", d.resize,
+           " or ".join(f"'{m}'" for m in RESIZE_MODES))
+    t = d.tiling
+    _check(0.0 < t.scale <= 8.0 and math.isfinite(t.scale), "data.tiling.scale", t.scale,
+           "a resize factor in (0, 8] (1 = the image's own pixels)")
+    _check(0.0 <= t.overlap <= 0.75, "data.tiling.overlap", t.overlap,
+           "a fraction of the tile in [0, 0.75]")
+    _check(t.coords in TILE_COORDS, "data.tiling.coords", t.coords,
+           " or ".join(f"'{m}'" for m in TILE_COORDS))
     _check(0.0 <= d.holdout_fraction < 1.0, "data.holdout_fraction", d.holdout_fraction,
            "a fraction in [0, 1)")
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, ">= 0")
@@ -453,6 +524,8 @@ def _validate_eval(e: EvalConfig) -> None:
     _check(0.0 < e.fpr_limit <= 1.0, "eval.fpr_limit", e.fpr_limit, "in (0, 1]")
     _check(0.0 < e.threshold_quantile <= 1.0, "eval.threshold_quantile",
            e.threshold_quantile, "in (0, 1]")
+    _check(e.resolution in RESOLUTIONS, "eval.resolution", e.resolution,
+           " or ".join(f"'{m}'" for m in RESOLUTIONS))
 
 
 def _validate_detector(det: DetectorConfig) -> None:
@@ -492,6 +565,13 @@ def _type_name(tp: Any) -> str:
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Convert a YAML value to the field's declared type, or raise ConfigError naming the key."""
+    if tp == ImageSize:
+        if isinstance(value, (list, tuple)):
+            if len(value) != 2:
+                raise ConfigError(f"config key '{key}' has value {value!r}; expected one side "
+                                  "(an integer) or [height, width]")
+            return tuple(_coerce(key, v, int) for v in value)
+        return _coerce(key, value, int)
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin is typing.Union:  # Optional[X]
@@ -561,29 +641,43 @@ def config_from_dict(raw: Dict[str, Any], base: Optional[AnoSegConfig] = None) -
         if not isinstance(values, dict):
             raise ConfigError(f"config section '{section}' must be a mapping of keys, "
                               f"got {values!r}")
-        types = _field_types(_SECTION_TYPES[section])
-        target = getattr(cfg, section)
-        for key, value in values.items():
-            if key not in types:
-                raise _unknown_key(f"{section}.{key}", [f"{section}.{k}" for k in types])
-            setattr(target, key, _coerce(f"{section}.{key}", value, types[key]))
+        _apply(section, getattr(cfg, section), values)
     return cfg
 
 
+def _apply(prefix: str, target: Any, values: Dict[str, Any]) -> None:
+    """Set ``values`` (``{key: value}``) on the dataclass ``target`` whose keys are named
+    ``prefix.key``; a nested dataclass (``data.tiling``) takes a mapping of its own keys, which
+    are merged into it."""
+    types = _field_types(type(target))
+    for key, value in values.items():
+        if key not in types:
+            raise _unknown_key(f"{prefix}.{key}", [f"{prefix}.{k}" for k in types])
+        current = getattr(target, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{prefix}.{key}' has value {value!r}; expected a "
+                                  f"mapping of its keys ({', '.join(_field_types(type(current)))})")
+            _apply(f"{prefix}.{key}", current, value)
+        else:
+            setattr(target, key, _coerce(f"{prefix}.{key}", value, types[key]))
+
+
 def parse_override(text: str) -> Tuple[str, str, Any]:
-    """Parse ``section.key=value`` (value in YAML syntax) from ``--set``."""
+    """Parse ``section.key=value`` (value in YAML syntax) from ``--set``; a key of a nested
+    section (``data.tiling.scale=0.5``) comes back as ``("data", "tiling", {"scale": 0.5})``."""
     if "=" not in text:
         raise ConfigError(f"--set expects section.key=value, got {text!r}")
     key, value_text = text.split("=", 1)
     key = key.strip()
-    if key.count(".") != 1:
+    if key.count(".") not in (1, 2) or "" in key.split("."):
         raise ConfigError(f"--set expects section.key=value (e.g. train.steps=100), got {key!r}")
-    section, name = key.split(".")
+    section, name, *sub = key.split(".")
     try:
         value = yaml.safe_load(value_text) if value_text.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {key}: cannot parse value {value_text!r}: {exc}") from None
-    return section, name, value
+    return section, name, ({sub[0]: value} if sub else value)
 
 
 ConfigPaths = Union[None, str, Path, Sequence[Union[str, Path]]]

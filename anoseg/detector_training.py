@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -38,8 +38,8 @@ from torch import nn
 from anoseg.checkpoint import load_checkpoint
 from anoseg.config import (AnoSegConfig, DetectorConfig, SynthesisConfig, config_diff,
                            config_from_dict, load_config, runtime_keys, save_config)
-from anoseg.data.synthesis import synthesize_anomaly
-from anoseg.data.training_data import SyntheticAnomalyDataset
+from anoseg.data.geometry import Geometry, Placement
+from anoseg.data.training_data import SyntheticAnomalyDataset, synthesize_in_box
 from anoseg.engine import (Stage, TrainResult, TrainState, backward, check_finite,
                            checkpoint_dict, make_adam, optimizer_step, refuse_overwrite,
                            restore_progress, resumed_config, run_stage, setup_device,
@@ -69,19 +69,22 @@ class DetectorTrainingDataset(SyntheticAnomalyDataset):
     step and resume is exact.
     """
 
-    def __init__(self, images: Union[torch.Tensor, Sequence[Path]], image_size: int,
-                 cfg: SynthesisConfig, *, with_anomalies: bool = True) -> None:
-        super().__init__(images, image_size, dataclasses.replace(cfg, anomaly_ratio=0.0))
+    def __init__(self, images: Union[torch.Tensor, Sequence[Any]], image_size: Any,
+                 cfg: SynthesisConfig, *, with_anomalies: bool = True,
+                 geometry: Optional[Geometry] = None,
+                 placements: Optional[List[Placement]] = None) -> None:
+        super().__init__(images, image_size, dataclasses.replace(cfg, anomaly_ratio=0.0),
+                         geometry=geometry, placements=placements)
         self.with_anomalies = with_anomalies
 
     def __getitem__(self, key: Tuple[int, int]) -> Dict[str, torch.Tensor]:
         index, sample_seed = key
-        image = self.normal_image(int(index))
+        image, box, _ = self.view(int(index), None)
         sample = {"image": image, "normality": torch.ones(1, *image.shape[1:])}
         if self.with_anomalies:
             rng = torch.Generator().manual_seed(int(sample_seed))
-            sample["anomaly_image"], sample["anomaly_normality"] = synthesize_anomaly(
-                image, self.cfg, rng)
+            sample["anomaly_image"], sample["anomaly_normality"], _ = synthesize_in_box(
+                image, box, self.cfg, rng)
         return sample
 
 
@@ -339,6 +342,9 @@ def _train_detector_locked(run: RunDir, seg_ckpt: Dict[str, Any], folder: Detect
     if time_budget is not None:
         cfg.detector.time_budget = float(time_budget)
     cfg.validate()
+    if cfg.data.tiling.enabled:
+        raise ConfigError("the detector scores whole images and does not support "
+                          "data.tiling yet; train it on a run without tiling")
 
     anoseg_step = int(seg_ckpt["step"])
     det_ckpt: Optional[Dict[str, Any]] = None
@@ -356,9 +362,12 @@ def _train_detector_locked(run: RunDir, seg_ckpt: Dict[str, Any], folder: Detect
 
     folder.path.mkdir(parents=True, exist_ok=True)
     save_config(cfg, folder.config)
-    images = training_images([Path(p) for p in seg_ckpt["split"]["train"]], cfg, progress)
+    images, placements = training_images([Path(p) for p in seg_ckpt["split"]["train"]], cfg,
+                                         progress)
     dataset = DetectorTrainingDataset(images, cfg.data.image_size, cfg.synthesis,
-                                      with_anomalies=det.use_cls_loss)
+                                      with_anomalies=det.use_cls_loss,
+                                      geometry=Geometry.from_config(cfg.data),
+                                      placements=placements)
     state = create_detector_state(cfg, device)
     if det_ckpt is not None:
         load_detector_weights(state.detector, det_ckpt, folder.checkpoint)

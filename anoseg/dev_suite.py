@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -20,8 +20,10 @@ from torch.utils.data import DataLoader
 
 from anoseg.atomic import atomic_write_text, write_json
 from anoseg.baselines import PerPixelGaussian
-from anoseg.config import load_config
-from anoseg.data.mvtec import MVTecTestDataset, list_train_images, load_image
+from anoseg.config import image_hw, load_config
+from anoseg.data.geometry import Geometry, Placement, crop, group_by_shape, to_resolution
+from anoseg.data.mvtec import (MVTecTestDataset, collate_samples, list_train_images,
+                               load_placed_image, placement_of)
 from anoseg.data.suite import SUITE_CATEGORIES, write_suite
 from anoseg.metrics import SegmentationMetrics
 from anoseg.reporting import fmt, suite_table
@@ -32,26 +34,40 @@ KEYS = ("pixel_auroc", "aupro", "iou_pooled_best", "image_auroc")
 NUM_THRESHOLDS = 2000
 
 
-def score_test_set(map_fn: Callable[[torch.Tensor], torch.Tensor], root: Path, category: str,
-                   image_size: int, score_range=(0.0, 1.0)) -> Dict[str, Dict]:
-    """Overall and per-defect-type metrics of ``map_fn`` (images -> anomaly maps)."""
-    dataset = MVTecTestDataset(root, category, image_size)
+MapFn = Callable[[Any, List[Placement]], List[torch.Tensor]]
+"""(canvases, their placements) -> one anomaly map per image, at the scored resolution."""
+
+
+def score_test_set(map_fn: MapFn, root: Path, category: str, geometry: Any,
+                   score_range=(0.0, 1.0), resolution: str = "model") -> Dict[str, Dict]:
+    """Overall and per-defect-type metrics of ``map_fn`` (:data:`MapFn`) on the test images
+    placed by ``geometry`` (a :class:`~anoseg.data.geometry.Geometry` or a size to stretch
+    to), scored at ``resolution`` (``model``: the maps' box of the canvas, padding cut off;
+    ``native``: each image's own size, masks read at it)."""
+    dataset = MVTecTestDataset(root, category, Geometry.of(geometry),
+                               native_masks=resolution == "native")
     types = sorted({s.defect_type for s in dataset.samples} - {"good"})
 
     def new():
         return SegmentationMetrics(score_range=score_range, num_thresholds=NUM_THRESHOLDS)
 
     overall, per_type = new(), {t: new() for t in types}
-    for batch in DataLoader(dataset, batch_size=16, shuffle=False):
-        maps = map_fn(batch["image"]).float().cpu().numpy()
-        masks = batch["mask"][:, 0].numpy()
+    for batch in DataLoader(dataset, batch_size=16, shuffle=False, collate_fn=collate_samples):
+        placements = [placement_of(row) for row in batch["placement"]]
+        maps = [m.float().cpu() for m in map_fn(batch["image"], placements)]
+        masks = [batch["mask"][i][0] if resolution == "native" else crop(batch["mask"][i][0], p)
+                 for i, p in enumerate(placements)]
         labels = np.asarray(batch["label"])
         kinds = np.asarray(batch["defect_type"])
-        overall.update(maps, masks, labels=labels)
-        for t in types:
-            keep = (kinds == t) | (kinds == "good")
-            if keep.any():
-                per_type[t].update(maps[keep], masks[keep], labels=labels[keep])
+        for group in group_by_shape(maps):
+            part_maps = torch.stack([maps[i] for i in group]).numpy()
+            part_masks = torch.stack([masks[i] for i in group]).numpy()
+            overall.update(part_maps, part_masks, labels=labels[group])
+            for t in types:
+                keep = (kinds[group] == t) | (kinds[group] == "good")
+                if keep.any():
+                    per_type[t].update(part_maps[keep], part_masks[keep],
+                                       labels=labels[group][keep])
     out = {"all": {k: overall.compute().get(k) for k in KEYS}}
     for t in types:
         result = per_type[t].compute()
@@ -59,10 +75,31 @@ def score_test_set(map_fn: Callable[[torch.Tensor], torch.Tensor], root: Path, c
     return out
 
 
-def gaussian_floor(root: Path, category: str, image_size: int) -> Dict[str, Dict]:
-    images = torch.stack([load_image(p, image_size) for p in list_train_images(root, category)])
-    baseline = PerPixelGaussian.fit(images.float() / 255.0)
-    return score_test_set(baseline.anomaly_maps, root, category, image_size, score_range=None)
+def gaussian_floor(root: Path, category: str, image_size: Any, resize: str = "stretch",
+                   resolution: str = "model") -> Dict[str, Dict]:
+    """The per-pixel Gaussian's scores: fitted on the training images placed at
+    ``image_size`` (a side or ``(height, width)``) by ``resize`` (``stretch`` or
+    ``keep_aspect``: the padding is fitted too, and cut off before scoring), scored at
+    ``resolution``."""
+    geometry = Geometry(image_hw(image_size), resize)
+    canvases = [load_placed_image(p, geometry)[0] for p in list_train_images(root, category)]
+    baseline = PerPixelGaussian.fit(torch.stack(canvases).float() / 255.0)
+
+    def map_fn(images, placements):
+        maps = baseline.anomaly_maps(images)
+        return [to_resolution(m, p, resolution) for m, p in zip(maps, placements)]
+
+    return score_test_set(map_fn, root, category, geometry, score_range=None,
+                          resolution=resolution)
+
+
+def floor_file(image_size: Any, resize: str, resolution: str) -> str:
+    """The cached floor's file name: ``floor.json`` for the default (128, stretch, model),
+    else one naming the floor's geometry and resolution."""
+    height, width = image_hw(image_size)
+    if (height, width, resize, resolution) == (128, 128, "stretch", "model"):
+        return "floor.json"
+    return f"floor_{height}x{width}_{resize}_{resolution}.json"
 
 
 def train_once(cfg, run_dir: Union[str, Path], *, progress: bool = False) -> Dict:
@@ -116,12 +153,20 @@ def train_and_evaluate(data_root: Path, category: str, config: str, overrides: L
     return result
 
 
-def model_scores(runs: List[Path], root: Path, category: str) -> Dict[str, Dict]:
-    from anoseg.inference import load_ensemble, predict_anomaly_maps
+def model_scores(runs: List[Path], root: Path, category: str,
+                 resolution: str = "model") -> Dict[str, Dict]:
+    """The runs' (one model, or an ensemble) scores at ``resolution``, in their geometry
+    (``data.image_size``, ``data.resize``, ``data.tiling``)."""
+    from anoseg.inference import load_ensemble, predict_placed
 
     model = load_ensemble(runs, "cpu")
-    return score_test_set(lambda x: predict_anomaly_maps(model.generator, x), root, category,
-                          model.config.data.image_size)
+    geometry = Geometry.from_config(model.config.data)
+
+    def map_fn(images, placements):
+        return [m for m, _ in predict_placed(model.generator, images, placements, geometry,
+                                             resolution=resolution)]
+
+    return score_test_set(map_fn, root, category, geometry, resolution=resolution)
 
 
 def suite_sets(real_root: Union[str, Path], suite_root: Union[str, Path],
@@ -138,29 +183,35 @@ def suite_sets(real_root: Union[str, Path], suite_root: Union[str, Path],
 
 def run_suite(sets: Dict[str, Tuple[Path, str]], config: str, overrides: Sequence[str], *,
               budget: float, seeds: Sequence[int], output_dir: Union[str, Path],
-              image_size: int = 128) -> Dict[str, Dict]:
+              image_size: Any = 128, floor_resize: str = "stretch",
+              resolution: str = "model") -> Dict[str, Dict]:
     """Floor, training and scores for every set; ``suite.json`` and ``suite.md`` in
-    ``output_dir`` are rewritten after each set (a finished run is not retrained)."""
+    ``output_dir`` are rewritten after each set (a finished run is not retrained). The floor
+    is fitted at ``image_size`` with ``floor_resize``; floor and models are scored at
+    ``resolution`` (``native``: every geometry on the same pixels, comparable)."""
     output = Path(output_dir)
     results: Dict[str, Dict] = {}
     for name, (root, category) in sets.items():
-        floor_path = output / name / "floor.json"
+        floor_path = output / name / floor_file(image_size, floor_resize, resolution)
         if floor_path.is_file():
             floor = json.loads(floor_path.read_text())
         else:
-            floor = gaussian_floor(root, category, image_size)
+            floor = gaussian_floor(root, category, image_size, floor_resize, resolution)
             write_json(floor_path, floor)
         start = time.perf_counter()
         runs = train_members(config, list(overrides), root, category, budget,
                              list(seeds), output / name)
         train_seconds = sum(RunDir(r).read_summary()["train_seconds"] for r in runs)
-        scores = model_scores(runs, root, category)
+        scores = model_scores(runs, root, category, resolution)
         results[name] = {"model": scores, "floor": floor, "train_seconds": train_seconds}
         print(f"{name}: {time.perf_counter() - start:.0f} s, train {train_seconds:.0f} s; "
               + ", ".join(f"{k} {fmt(scores['all'][k])} (floor {fmt(floor['all'][k])})"
                           for k in KEYS), flush=True)
         write_json(output / "suite.json", {"config": config,
                                            "overrides": list(overrides),
+                                           "resolution": resolution,
+                                           "floor": {"image_size": list(image_hw(image_size)),
+                                                     "resize": floor_resize},
                                            "budget": budget, "seeds": list(seeds),
                                            "results": results})
         atomic_write_text(output / "suite.md", suite_table(results, KEYS))

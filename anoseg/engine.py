@@ -237,14 +237,21 @@ def machine_memory(device: torch.device) -> Optional[int]:
         return None
 
 
-def batch_bytes_lower_bound(batch_size: int, image_size: int, floats_per_pixel: float) -> int:
+def _hw(image_size: Any) -> Tuple[int, int]:
+    if isinstance(image_size, (tuple, list)):
+        return int(image_size[0]), int(image_size[1])
+    return int(image_size), int(image_size)
+
+
+def batch_bytes_lower_bound(batch_size: int, image_size: Any, floats_per_pixel: float) -> int:
     """A lower bound of the memory one training batch needs: ``floats_per_pixel`` float32
     values per pixel of every image (the inputs, targets and full-resolution activations that
-    the backward pass keeps)."""
-    return int(batch_size * image_size * image_size * 4 * floats_per_pixel)
+    the backward pass keeps); ``image_size`` is a side or ``(height, width)``."""
+    height, width = _hw(image_size)
+    return int(batch_size * height * width * 4 * floats_per_pixel)
 
 
-def check_batch_fits(key: str, batch_size: int, image_size: int, floats_per_pixel: float,
+def check_batch_fits(key: str, batch_size: int, image_size: Any, floats_per_pixel: float,
                      device: torch.device, memory: Optional[int] = None) -> None:
     """Refuse, before any work, a batch size that cannot fit: a lower bound of what one batch
     needs (:func:`batch_bytes_lower_bound`) above the device's memory (a mistyped number such
@@ -262,7 +269,8 @@ def check_batch_fits(key: str, batch_size: int, image_size: int, floats_per_pixe
     largest = max(1, memory // max(batch_bytes_lower_bound(1, image_size, floats_per_pixel), 1))
     gib = 1024 ** 3
     raise ConfigError(
-        f"{key}={batch_size} is too large: one batch of {image_size}x{image_size} images needs "
+        f"{key}={batch_size} is too large: one batch of {'x'.join(map(str, _hw(image_size)))} "
+        f"images needs "
         f"at least {needed / gib:,.1f} GiB, but {device.type} memory is {memory / gib:,.1f} "
         f"GiB; expected {key} between 1 and about {largest:,} (typical: 4-64)")
 
@@ -288,11 +296,18 @@ def setup_device(cfg: AnoSegConfig, ctx: DistributedContext = DistributedContext
 
 
 def training_images(paths: List[Path], cfg: AnoSegConfig, progress: bool):
-    """The training images: decoded once into memory with ``data.cache_images``, else paths."""
-    from anoseg.data.mvtec import load_images_cached
+    """The training images: decoded once into memory with ``data.cache_images``, else paths.
 
-    return (load_images_cached(paths, cfg.data.image_size, progress=progress)
-            if cfg.data.cache_images else paths)
+    Returns:
+        ``(images, placements)``: a uint8 tensor of canvases (a list of them under tiling)
+        and their placements (:mod:`anoseg.data.geometry`), or the paths and ``None``.
+    """
+    from anoseg.data.geometry import Geometry
+    from anoseg.data.mvtec import load_placed_cached
+
+    if not cfg.data.cache_images:
+        return paths, None
+    return load_placed_cached(paths, Geometry.from_config(cfg.data), progress=progress)
 
 
 def training_summary(state: TrainState, stopped: str, device: torch.device,

@@ -29,11 +29,12 @@ from tqdm.auto import tqdm
 from anoseg.atomic import atomic_write_text
 from anoseg.checkpoint import resolve_checkpoint
 from anoseg.errors import ConfigError
+from anoseg.data.geometry import Geometry, crop, group_by_shape
 from anoseg.galleries import DEFAULT_GALLERY_SIZE, GalleryCollector
 from anoseg.html_report import REPORT_FILE, CategoryReport, write_report
 from anoseg.inference import (LoadedDetector, LoadedModel, detector_scores, load_ensemble,
-                              load_model, predict_anomaly_scores, run_detector)
-from anoseg.metrics import IMAGE_SCORES, SegmentationMetrics, image_auroc, image_scores
+                              load_model, predict_placed, run_detector)
+from anoseg.metrics import IMAGE_SCORES, SegmentationMetrics, image_auroc
 from anoseg.reporting import (DETECTOR_KEY, MEAN_KEYS, format_image_score_table,
                               format_markdown_table,
                               write_iou_curve_csv, write_metrics_files)
@@ -42,7 +43,7 @@ from anoseg.run_dir import RunDir, safe_name
 from anoseg.runtime import resolve_device
 from anoseg.threshold import (cached_label_free_threshold, compute_label_free_threshold,
                               headline_image_score, holdout_image_paths, image_threshold_for,
-                              resolve_eval_data_root)
+                              logit_image_scores, resolve_eval_data_root)
 from anoseg.visualize import (FLOAT_MAPS_README, MAPS_README, PLOT_SKIPPED_MESSAGE,
                               enlarged_overlay,
                               save_float_map, save_iou_curve_plot, save_map_png, save_png,
@@ -61,7 +62,7 @@ def detector_image_auroc(model: LoadedModel, detector: LoadedDetector, data_root
     from anoseg.data.mvtec import MVTecTestDataset
 
     dataset = MVTecTestDataset(data_root, model.config.data.category,
-                               model.config.data.image_size)
+                               Geometry.from_config(model.config.data))
     scores: List[np.ndarray] = []
     labels: List[np.ndarray] = []
     for batch in tqdm(DataLoader(dataset, batch_size=batch_size, shuffle=False),
@@ -126,8 +127,11 @@ class _PictureWriter:
             self.maps_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.maps_dir / "README.txt", MAPS_README + FLOAT_MAPS_README)
 
-    def write(self, batch: Dict[str, Any], maps: torch.Tensor, logits: torch.Tensor) -> None:
-        masks = batch["mask"][:, 0]
+    def write(self, batch: Dict[str, Any], maps: Sequence[torch.Tensor],
+              logits: Sequence[torch.Tensor], masks: Sequence[torch.Tensor],
+              images: Sequence[Any]) -> None:
+        """``maps``, ``logits``, ``masks`` and ``images`` (callables returning the image at the
+        maps' size) per image of ``batch``."""
         for offset, (path_text, defect) in enumerate(zip(batch["path"], batch["defect_type"])):
             stem = safe_name(Path(path_text).stem)
             if self.maps_dir is not None:
@@ -137,10 +141,11 @@ class _PictureWriter:
                 save_float_map(folder / f"{stem}.logit.npy", logits[offset])
             if self.seen + offset in self.picture_indices:
                 name = f"{safe_name(defect)}_{stem}"
+                image = images[offset]()
                 save_png(self.pictures_dir / f"{name}_triptych.png",
-                         triptych(batch["image"][offset], maps[offset], masks[offset]))
+                         triptych(image, maps[offset], masks[offset]))
                 save_png(self.pictures_dir / f"{name}_overlay.png",
-                         enlarged_overlay(batch["image"][offset], maps[offset]))
+                         enlarged_overlay(image, maps[offset]))
         self.seen += len(maps)
 
 
@@ -196,7 +201,9 @@ def evaluate_category(model: LoadedModel, data_root: PathLike, category: str, *,
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
     cfg = model.config
     image_size = cfg.data.image_size
-    dataset = MVTecTestDataset(data_root, category, image_size)
+    image_size = list(image_size) if isinstance(image_size, (tuple, list)) else image_size
+    dataset = MVTecTestDataset(data_root, category, Geometry.from_config(cfg.data),
+                               native_masks=cfg.eval.resolution == "native")
     warnings: List[str] = []
 
     if holdout_paths is None:
@@ -216,21 +223,12 @@ def evaluate_category(model: LoadedModel, data_root: PathLike, category: str, *,
             [s.defect_type for s in dataset.samples], max_pictures))
     writer = _PictureWriter(save_maps_dir, pictures_dir, picture_indices)
 
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    with tqdm(total=len(dataset), desc=f"eval {category}", unit="img", disable=not progress,
-              dynamic_ncols=True) as bar:
-        for batch in loader:
-            maps, logits = predict_anomaly_scores(model.generator, batch["image"],
-                                                  batch_size=batch_size)
-            detector_part = None if detector is None else detector_scores(
-                detector, model.generator, batch["image"], batch_size=batch_size).numpy()
-            scores = test_pass.update(batch, maps, image_scores(logits), detector_part)
-            writer.write(batch, maps, logits)
-            if gallery is not None:
-                gallery.update(batch, maps, scores, threshold)
-            bar.update(len(maps))
+    _stream_test_set(model, dataset, test_pass, writer, batch_size=batch_size,
+                     num_workers=num_workers, progress=progress, detector=detector,
+                     gallery=gallery, threshold=threshold)
     if gallery is not None:
-        gallery.finish(model, dataset, test_pass.image_threshold, batch_size=batch_size)
+        gallery.finish(test_pass.image_threshold,
+                       _gallery_scorer(model, dataset, batch_size=batch_size))
 
     def result_of(part: SegmentationMetrics, name: str,
                   own_warnings: List[str]) -> CategoryResult:
@@ -240,6 +238,75 @@ def evaluate_category(model: LoadedModel, data_root: PathLike, category: str, *,
             n_holdout_images=len(holdout_paths), warnings=own_warnings)
 
     return test_pass.result(result_of, category, warnings)
+
+
+def scored_batch(model: LoadedModel, batch: Dict[str, Any], *, batch_size: int
+                 ) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]:
+    """``(maps, logits, masks)`` of a test batch (:class:`~anoseg.data.mvtec.MVTecTestDataset`
+    items, :func:`~anoseg.data.mvtec.collate_samples`): per image, at ``eval.resolution``,
+    padding cut off (``docs/evaluation.md``)."""
+    from anoseg.data.mvtec import placement_of
+
+    geometry = Geometry.from_config(model.config.data)
+    resolution = model.config.eval.resolution
+    placements = [placement_of(row) for row in batch["placement"]]
+    pairs = predict_placed(model.generator, batch["image"], placements, geometry,
+                           batch_size=batch_size, resolution=resolution)
+    masks = [batch["mask"][i][0] if resolution == "native" else crop(batch["mask"][i][0], p)
+             for i, p in enumerate(placements)]
+    return [m for m, _ in pairs], [g for _, g in pairs], masks
+
+
+def _picture_sources(batch: Dict[str, Any], resolution: str) -> List[Any]:
+    """Per image of ``batch``, a callable giving the image at the size of its scored map (the
+    canvas's box, or the file read at its own size)."""
+    from anoseg.data.mvtec import load_image, placement_of
+
+    def source(index: int):
+        if resolution == "native":
+            return lambda: load_image(batch["path"][index], None)
+        return lambda: crop(batch["image"][index], placement_of(batch["placement"][index]))
+
+    return [source(i) for i in range(len(batch["path"]))]
+
+
+def _gallery_scorer(model: LoadedModel, dataset: Any, *, batch_size: int):
+    """For :meth:`GalleryCollector.finish`: test-set indices -> their maps, masks and images,
+    as the test pass scored them."""
+    from anoseg.data.mvtec import collate_samples
+
+    def score(indices: Sequence[int]):
+        batch = collate_samples([dataset[i] for i in indices])
+        maps, _, masks = scored_batch(model, batch, batch_size=batch_size)
+        sources = _picture_sources(batch, model.config.eval.resolution)
+        return maps, masks, [source() for source in sources]
+
+    return score
+
+
+def _stream_test_set(model: LoadedModel, dataset: Any, test_pass: "_TestPass",
+                     writer: _PictureWriter, *, batch_size: int, num_workers: int,
+                     progress: bool, detector: Optional[LoadedDetector],
+                     gallery: Optional[GalleryCollector] = None,
+                     threshold: Optional[float] = None) -> None:
+    """The test images through the model, the metrics and the writer, a batch at a time."""
+    from anoseg.data.mvtec import collate_samples
+
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=collate_samples)
+    with tqdm(total=len(dataset), desc=f"eval {dataset.category}", unit="img",
+              disable=not progress, dynamic_ncols=True) as bar:
+        for batch in loader:
+            maps, logits, masks = scored_batch(model, batch, batch_size=batch_size)
+            detector_part = None if detector is None else detector_scores(
+                detector, model.generator, batch["image"], batch_size=batch_size).numpy()
+            scores = test_pass.update(batch, maps, masks, logit_image_scores(logits),
+                                      detector_part)
+            writer.write(batch, maps, logits, masks,
+                         _picture_sources(batch, model.config.eval.resolution))
+            if gallery is not None:
+                gallery.update(batch, maps, masks, scores, threshold)
+            bar.update(len(maps))
 
 
 class _TestPass:
@@ -263,16 +330,25 @@ class _TestPass:
         self.labels: List[np.ndarray] = []
         self.scores: Dict[str, List[np.ndarray]] = {name: [] for name in IMAGE_SCORES}
 
-    def update(self, batch: Dict[str, Any], maps: torch.Tensor, scores: Dict[str, np.ndarray],
+    def update(self, batch: Dict[str, Any], maps: Sequence[torch.Tensor],
+               masks: Sequence[torch.Tensor], scores: Dict[str, np.ndarray],
                detector_part: Optional[np.ndarray]) -> np.ndarray:
-        """Feed one batch; returns its headline image scores."""
-        masks, labels = batch["mask"][:, 0], batch["label"]
+        """One batch: per image its map and mask (of one size; sizes may differ between
+        images: each size is one metrics update) and its image scores; returns the batch's
+        headline image scores."""
+        labels = np.asarray(batch["label"])
+        defects = np.asarray(batch["defect_type"])
         if detector_part is not None:
             scores = {**scores, "detector": detector_part}
         headline = scores[self.image_score]
-        self.metrics.update(maps, masks, labels=labels, image_scores=headline)
-        self.by_type.update(batch["defect_type"], maps, masks, labels, image_scores=headline)
-        self.labels.append(np.asarray(labels).astype(bool))
+        for group in group_by_shape(maps):
+            part_maps = torch.stack([maps[i] for i in group])
+            part_masks = torch.stack([masks[i] for i in group])
+            self.metrics.update(part_maps, part_masks, labels=labels[group],
+                                image_scores=headline[group])
+            self.by_type.update(list(defects[group]), part_maps, part_masks, labels[group],
+                                image_scores=headline[group])
+        self.labels.append(labels.astype(bool))
         for name, values in scores.items():
             self.scores.setdefault(name, []).append(np.asarray(values, dtype=np.float64))
         return np.asarray(headline, dtype=np.float64)
@@ -402,6 +478,7 @@ def evaluate_run(run_or_checkpoint: Union[PathLike, Sequence[PathLike]],
                  weights: str = "auto", ensemble: bool = False,
                  image_score: Optional[str] = None,
                  image_threshold_quantile: Optional[float] = None,
+                 resolution: Optional[str] = None,
                  report: bool = False,
                  report_gallery: int = DEFAULT_GALLERY_SIZE) -> EvaluationReport:
     """Evaluate one or several runs (one category each) and write the tables.
@@ -429,8 +506,9 @@ def evaluate_run(run_or_checkpoint: Union[PathLike, Sequence[PathLike]],
             :func:`anoseg.inference.load_ensemble`), evaluated as one row. The label-free
             threshold uses the held-out images no member trained on (none when the members
             used different splits: the label-free columns are then skipped).
-        image_score, image_threshold_quantile: Override the runs' ``eval.image_score`` and
-            ``eval.image_threshold_quantile``.
+        image_score, image_threshold_quantile, resolution: Override the runs'
+            ``eval.image_score``, ``eval.image_threshold_quantile`` and ``eval.resolution``
+            (``model`` or ``native``: maps scored at each image's own size).
         report: Also write ``report.html`` (:mod:`anoseg.html_report`): one self-contained
             page with every table, the thresholds, the IoU curves and galleries of
             ``report_gallery`` pictures each.
@@ -448,7 +526,7 @@ def evaluate_run(run_or_checkpoint: Union[PathLike, Sequence[PathLike]],
     for checkpoint_path, category in jobs:
         model, checkpoint_path = _load_for_eval(
             checkpoint_path, ensemble, torch_device, weights, image_score=image_score,
-            image_threshold_quantile=image_threshold_quantile)
+            image_threshold_quantile=image_threshold_quantile, resolution=resolution)
         category = category or model.config.data.category
         if category in sources:
             raise ConfigError(f"runs {sources[category]} and {checkpoint_path} both evaluate "

@@ -38,6 +38,7 @@ from torch import nn
 
 from anoseg.atomic import atomic_write_bytes
 from anoseg.checkpoint import resolve_checkpoint
+from anoseg.config import image_hw
 from anoseg.errors import ConfigError, ExportError
 from anoseg.extras import require, require_extra
 from anoseg.inference import (LoadedDetector, LoadedModel, load_ensemble, load_images,
@@ -203,10 +204,16 @@ def export_metadata(model: LoadedModel, score: str, pixel_threshold: Optional[fl
 
     cfg = model.config
     size = cfg.data.image_size
+    height, width = image_hw(size)
+    fit = ("resized to the image size" if cfg.data.resize == "stretch" else
+           "resized to fit, keeping its aspect, and centred on a black canvas of the "
+           "image size (data.resize=keep_aspect)")
     return {
-        "format": METADATA_FORMAT, "anoseg_version": __version__, "image_size": size,
-        "input": f"{INPUT_NAME}: float32 (batch, 3, {size}, {size}), RGB in [0, 1] (8-bit "
-                 "values / 255), resized to the image size (anoseg resizes with PIL bilinear)",
+        "format": METADATA_FORMAT, "anoseg_version": __version__,
+        "image_size": list(size) if isinstance(size, (tuple, list)) else size,
+        "resize": cfg.data.resize,
+        "input": f"{INPUT_NAME}: float32 (batch, 3, {height}, {width}), RGB in [0, 1] (8-bit "
+                 f"values / 255), {fit} (anoseg resizes with PIL bilinear)",
         "outputs": "anomaly_map: float32 (batch, H, W) in [0, 1], 1 = anomalous; image_score: "
                    f"float32 (batch,), the {score} score, higher = more anomalous",
         "image_score": score, "image_threshold": image_threshold,
@@ -264,6 +271,10 @@ def export_run(runs: Union[PathLike, Sequence[PathLike]], fmt: str,
     if ensemble and output is None and len(checkpoints) > 1:
         raise ConfigError("an ensemble is exported to one file: pass --output FILE")
     model = _load(checkpoints, ensemble, weights)
+    if model.config.data.tiling.enabled:
+        raise ExportError(f"{checkpoints[0]}: a run with data.tiling is not exported: its "
+                          "maps come from a sliding window over the whole image, which the "
+                          "one-window file does not do; use anoseg-predict")
     if image_score is not None:
         model.config.eval.image_score = image_score
         model.config.validate()
@@ -294,13 +305,13 @@ def export_run(runs: Union[PathLike, Sequence[PathLike]], fmt: str,
     return ExportResult(path, fmt, metadata, map_diff, score_diff, notes)
 
 
-def _check_images(holdout: Sequence[Path], image_size: int) -> torch.Tensor:
+def _check_images(holdout: Sequence[Path], image_size: Any) -> torch.Tensor:
     """Three images to trace and check with: held-out ones (repeated if fewer), else seeded
     random ones."""
     if holdout:
         images = load_images(list(holdout[:3]), image_size)
         return images[torch.arange(3) % len(images)]
-    return torch.rand(3, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    return torch.rand(3, 3, *image_hw(image_size), generator=torch.Generator().manual_seed(0))
 
 
 # ----------------------------------------------------------------------------- the writers

@@ -4,7 +4,8 @@ single pass, and their pictures.
 :class:`GalleryCollector` keeps a few numbers per test image while the pass streams (no map is
 kept), then picks the worst-missed defects (lowest mean anomaly score inside the ground-truth
 mask), the strongest false alarms (good images with the highest image score) and a seeded
-random sample, runs the model once more on those few images and draws each as input | map
+random sample, has the model score those few images once more (the evaluation hands it a
+scorer, :meth:`GalleryCollector.finish`) and draws each as input | map
 over the input | ground truth (:func:`anoseg.visualize.report_strip`).
 
 Example:
@@ -16,17 +17,21 @@ Example:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from anoseg.html_report import GalleryItem
-from anoseg.inference import LoadedModel, predict_anomaly_scores
 from anoseg.visualize import report_strip
 
 DEFAULT_GALLERY_SIZE = 6
 """Pictures per gallery."""
+
+Scorer = Callable[[Sequence[int]], Tuple[Sequence[torch.Tensor], Sequence[torch.Tensor],
+                                         Sequence[torch.Tensor]]]
+"""Test-set indices -> per image its map, its mask and the image at the map's size (padding
+cut off), as the test pass scored them."""
 
 
 class GalleryCollector:
@@ -39,12 +44,13 @@ class GalleryCollector:
         self.galleries: Dict[str, List[GalleryItem]] = {}
         self.notes: Dict[str, str] = {}
 
-    def update(self, batch: Dict[str, Any], maps: torch.Tensor, scores: np.ndarray,
+    def update(self, batch: Dict[str, Any], maps: Sequence[torch.Tensor],
+               masks: Sequence[torch.Tensor], scores: np.ndarray,
                threshold: Optional[float]) -> None:
-        """Record one test batch: its maps ``(B, H, W)`` and headline image scores ``(B,)``."""
-        masks = batch["mask"][:, 0] > 0.5
+        """Record one test batch: per image its map and mask ``(H, W)`` (sizes may differ) and
+        its headline image score."""
         for offset in range(len(maps)):
-            inside = maps[offset][masks[offset]]
+            inside = maps[offset][masks[offset] > 0.5]
             self.records.append({
                 "index": len(self.records), "path": batch["path"][offset],
                 "defect": batch["defect_type"][offset], "label": int(batch["label"][offset]),
@@ -67,23 +73,22 @@ class GalleryCollector:
             self.notes["false-alarms"] = "No good test images."
         return {key: records[:self.size] for key, records in chosen.items()}
 
-    def finish(self, model: LoadedModel, dataset: Any, image_threshold: Optional[float], *,
-               batch_size: int) -> None:
-        """Pick the images and draw them (the model runs once more on those alone)."""
+    def finish(self, image_threshold: Optional[float], score: Scorer) -> None:
+        """Pick the images and draw them (``score`` runs the model once more on those alone)."""
         chosen = self.choose()
         wanted = sorted({r["index"] for records in chosen.values() for r in records})
         if not wanted:
             return
-        samples = {i: dataset[i] for i in wanted}
-        images = torch.stack([samples[i]["image"] for i in wanted])
-        maps, _ = predict_anomaly_scores(model.generator, images, batch_size=batch_size)
-        by_index = dict(zip(wanted, maps))
+        maps, masks, images = score(wanted)
+        by_index = {i: (image, m, mask) for i, image, m, mask in zip(wanted, images, maps, masks)}
         for key, records in chosen.items():
-            self.galleries[key] = [
-                GalleryItem(report_strip(samples[r["index"]]["image"], by_index[r["index"]],
-                                         samples[r["index"]]["mask"] if r["label"] else None),
-                            f"{r['defect']} / {Path(r['path']).name}",
-                            _details(r, image_threshold)) for r in records]
+            items = []
+            for r in records:
+                image, anomaly_map, mask = by_index[r["index"]]
+                items.append(GalleryItem(
+                    report_strip(image, anomaly_map, mask if r["label"] else None),
+                    f"{r['defect']} / {Path(r['path']).name}", _details(r, image_threshold)))
+            self.galleries[key] = items
 
 
 def _details(record: Dict[str, Any], image_threshold: Optional[float]) -> str:

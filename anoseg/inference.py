@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -23,9 +23,11 @@ from torch import nn
 from anoseg.checkpoint import load_checkpoint
 from anoseg.config import AnoSegConfig, config_from_dict
 from anoseg.errors import CheckpointError, ConfigError
+from anoseg.data.geometry import (Geometry, Placement, blend_window, tile_span,
+                                  to_resolution, window_starts)
 from anoseg.models.detector import AnoSegDetector
 from anoseg.models.factory import build_detector, build_generator
-from anoseg.models.generator import GeneratorOutput
+from anoseg.models.generator import AnoSegGenerator, GeneratorOutput
 from anoseg.run_dir import (CHECKPOINT_FILE, DETECTOR_DIR, DataRecord, RunDir,
                             TrainingSplit)
 from anoseg.runtime import autocast, resolve_device
@@ -113,21 +115,46 @@ def load_model(checkpoint: Union[str, Path], device: Union[str, torch.device, No
                        data=DataRecord.from_checkpoint(state))
 
 
+def _forward(generator: nn.Module, images: torch.Tensor,
+             spans: Optional[torch.Tensor] = None) -> GeneratorOutput:
+    """The generator's output for inference: ours skip the reconstruction decoder (and take
+    tile coordinate ``spans``); any other module is called on the images alone."""
+    if isinstance(generator, (AnoSegGenerator, AnoSegEnsemble)):
+        return generator(images, spans, reconstruct=False)
+    if spans is not None:
+        raise ConfigError(f"{type(generator).__name__} takes no tile coordinates; use "
+                          "data.tiling.coords=tile")
+    return generator(images)
+
+
+def _as_float_images(images: torch.Tensor) -> torch.Tensor:
+    """Float images in ``[0, 1]`` (uint8 ones divided by 255)."""
+    return images.float().div_(255.0) if images.dtype == torch.uint8 else images
+
+
+def _scores(generator: nn.Module, chunk: torch.Tensor, spans: Optional[torch.Tensor],
+            amp_dtype: Optional[torch.dtype]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(anomaly maps, anomaly logits)`` float32 ``(B, H, W)`` on the CPU of one forward
+    pass over ``chunk`` (already on the generator's device)."""
+    with autocast(chunk.device, amp_dtype):
+        out = _forward(generator, chunk, spans)
+    anomaly = normality_to_anomaly(out.normality_map.float())[:, 0].cpu()
+    map_logit = getattr(out, "map_logit", None)
+    if map_logit is None:
+        logit = torch.logit(anomaly.double(), eps=1e-12).float()
+    else:
+        logit = normality_logit_to_anomaly_logit(map_logit.float())[:, 0].cpu()
+    return anomaly, logit
+
+
 @torch.no_grad()
 def predict_anomaly_maps(generator: nn.Module, images: torch.Tensor, *,
                          batch_size: int = 16, amp_dtype: Optional[torch.dtype] = None
                          ) -> torch.Tensor:
     """Anomaly maps ``(B, H, W)`` in ``[0, 1]`` (higher = more anomalous) for float images
     ``(B, 3, H, W)`` in ``[0, 1]`` at the model's image size."""
-    generator.eval()
-    device = next(generator.parameters()).device
-    maps = []
-    for start in range(0, images.shape[0], batch_size):
-        chunk = images[start:start + batch_size].to(device)
-        with autocast(device, amp_dtype):
-            normality = generator(chunk).normality_map
-        maps.append(normality_to_anomaly(normality.float())[:, 0].cpu())
-    return torch.cat(maps) if maps else torch.empty(0)
+    return predict_anomaly_scores(generator, images, batch_size=batch_size,
+                                  amp_dtype=amp_dtype)[0]
 
 
 @torch.no_grad()
@@ -146,15 +173,8 @@ def predict_anomaly_scores(generator: nn.Module, images: torch.Tensor, *,
     device = next(generator.parameters()).device
     maps, logits = [], []
     for start in range(0, images.shape[0], batch_size):
-        chunk = images[start:start + batch_size].to(device)
-        with autocast(device, amp_dtype):
-            out = generator(chunk)
-        anomaly = normality_to_anomaly(out.normality_map.float())[:, 0].cpu()
-        map_logit = getattr(out, "map_logit", None)
-        if map_logit is None:
-            logit = torch.logit(anomaly.double(), eps=1e-12).float()
-        else:
-            logit = normality_logit_to_anomaly_logit(map_logit.float())[:, 0].cpu()
+        chunk = _as_float_images(images[start:start + batch_size].to(device))
+        anomaly, logit = _scores(generator, chunk, None, amp_dtype)
         maps.append(anomaly)
         logits.append(logit)
     if not maps:
@@ -162,11 +182,122 @@ def predict_anomaly_scores(generator: nn.Module, images: torch.Tensor, *,
     return torch.cat(maps), torch.cat(logits)
 
 
-def load_images(paths: Sequence[Path], image_size: int) -> torch.Tensor:
-    """Float images ``(B, 3, S, S)`` in ``[0, 1]`` at ``image_size``, as the networks take them."""
+@torch.no_grad()
+def sliding_window_scores(generator: nn.Module, canvas: torch.Tensor, placement: Placement,
+                          geometry: Geometry, *, batch_size: int = 16,
+                          amp_dtype: Optional[torch.dtype] = None
+                          ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(anomaly map, anomaly logit)`` float32 ``(H, W)`` of a canvas larger than the
+    network's input, by a sliding window (``data.tiling``).
+
+    Windows of ``geometry.image_hw`` cover the canvas with at least ``geometry.overlap`` of a
+    window shared by neighbours (:func:`anoseg.data.geometry.window_starts`); ``batch_size``
+    windows run at once, so memory holds a few windows' activations and two float64
+    accumulators of the canvas. Each window's map and logit are weighted by a separable Hann
+    window (:func:`anoseg.data.geometry.blend_window`) and the sums divided by the summed
+    weights: where one window covers a pixel, the pixel keeps that window's value exactly.
+    With ``geometry.coords == "image"`` each window's coordinate channels say where it lies
+    in the image.
+
+    Args:
+        canvas: the image on its canvas, uint8 or float ``(3, H, W)``.
+        placement: its placement (the image's box, for the coordinates).
+    """
+    generator.eval()
+    device = next(generator.parameters()).device
+    (tile_h, tile_w), (height, width) = geometry.image_hw, tuple(canvas.shape[1:])
+    tops, lefts = window_starts(height, tile_h, geometry.overlap), window_starts(
+        width, tile_w, geometry.overlap)
+    weight_y, weight_x = blend_window(tile_h), blend_window(tile_w)
+    weight = weight_y[:, None] * weight_x[None, :]
+    norm_y, norm_x = torch.zeros(height, dtype=torch.float64), torch.zeros(
+        width, dtype=torch.float64)
+    for top in tops:
+        norm_y[top:top + tile_h] += weight_y
+    for left in lefts:
+        norm_x[left:left + tile_w] += weight_x
+    sums = torch.zeros(2, height, width, dtype=torch.float64)
+    windows = [(top, left) for top in tops for left in lefts]
+    for start in range(0, len(windows), batch_size):
+        part = windows[start:start + batch_size]
+        tiles = torch.stack([canvas[:, t:t + tile_h, x:x + tile_w] for t, x in part])
+        spans = None
+        if geometry.coords == "image":
+            spans = torch.tensor([tile_span(placement, t, x, (tile_h, tile_w))
+                                  for t, x in part]).to(device)
+        maps, logits = _scores(generator, _as_float_images(tiles.to(device)), spans, amp_dtype)
+        for (t, x), anomaly, logit in zip(part, maps, logits):
+            sums[0, t:t + tile_h, x:x + tile_w] += weight * anomaly
+            sums[1, t:t + tile_h, x:x + tile_w] += weight * logit
+    sums /= norm_y[None, :, None]
+    sums /= norm_x[None, None, :]
+    return sums[0].float(), sums[1].float()
+
+
+@torch.no_grad()
+def predict_placed(generator: nn.Module, canvases: Union[torch.Tensor, Sequence[torch.Tensor]],
+                   placements: Sequence[Placement], geometry: Geometry, *,
+                   batch_size: int = 16, amp_dtype: Optional[torch.dtype] = None,
+                   resolution: str = "model") -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """``(anomaly map, anomaly logit)`` of each image, float32 ``(h, w)``: its box of the
+    canvas (padding cut off) at the model's resolution (the tiling's working scale), or with
+    ``resolution="native"`` resized to the image's own size.
+
+    Args:
+        canvases: the images on their canvases (:func:`load_placed_images`; uint8 or float),
+            a batch ``(B, 3, H, W)`` or a list (tiling: canvases of several sizes).
+        placements: their placements.
+        geometry: the run's (:meth:`anoseg.data.geometry.Geometry.from_config`).
+        batch_size: images (tiling: windows) per forward pass.
+
+        resolution: ``model`` or ``native`` (``eval.resolution``).
+    """
+    if geometry.tiled:
+        pairs = [sliding_window_scores(generator, canvas, placement, geometry,
+                                       batch_size=batch_size, amp_dtype=amp_dtype)
+                 for canvas, placement in zip(canvases, placements)]
+    else:
+        batch = canvases if isinstance(canvases, torch.Tensor) else torch.stack(list(canvases))
+        maps, logits = predict_anomaly_scores(generator, batch, batch_size=batch_size,
+                                              amp_dtype=amp_dtype)
+        pairs = list(zip(maps, logits))
+    return [(to_resolution(anomaly, placement, resolution),
+             to_resolution(logit, placement, resolution))
+            for (anomaly, logit), placement in zip(pairs, placements)]
+
+
+def scored_images(model: LoadedModel, paths: Sequence[Path], *, batch_size: int = 16,
+                  resolution: Optional[str] = None, amp_dtype: Optional[torch.dtype] = None
+                  ) -> Iterator[List[Tuple[torch.Tensor, torch.Tensor]]]:
+    """:func:`predict_placed` over image files, a chunk at a time: yields one list of
+    ``(anomaly map, anomaly logit)`` per chunk of ``batch_size`` images (one image under
+    tiling, whose windows are batched instead), at ``resolution`` (default the model's
+    ``eval.resolution``)."""
+    geometry = Geometry.from_config(model.config.data)
+    resolution = resolution or model.config.eval.resolution
+    step = 1 if geometry.tiled else batch_size
+    for start in range(0, len(paths), step):
+        canvases, placements = load_placed_images(paths[start:start + step], geometry)
+        yield predict_placed(model.generator, canvases, placements, geometry,
+                             batch_size=batch_size, amp_dtype=amp_dtype, resolution=resolution)
+
+
+def load_images(paths: Sequence[Path], image_size: Any) -> torch.Tensor:
+    """Float images ``(B, 3, H, W)`` in ``[0, 1]`` at ``image_size`` (a side or ``(height,
+    width)``), stretched, as the networks take them."""
     from anoseg.data.mvtec import load_image
 
     return torch.stack([load_image(p, image_size) for p in paths]).float().div_(255.0)
+
+
+def load_placed_images(paths: Sequence[Path], geometry: Geometry
+                       ) -> Tuple[List[torch.Tensor], List[Placement]]:
+    """The images on their canvases (uint8 ``(3, H, W)``,
+    :func:`anoseg.data.mvtec.load_placed_image`) and their placements."""
+    from anoseg.data.mvtec import load_placed_image
+
+    loaded = [load_placed_image(p, geometry) for p in paths]
+    return [canvas for canvas, _ in loaded], [placement for _, placement in loaded]
 
 
 class AnoSegEnsemble(nn.Module):
@@ -181,8 +312,9 @@ class AnoSegEnsemble(nn.Module):
         self.members = nn.ModuleList(members)
         self.image_size = getattr(members[0], "image_size", None)
 
-    def forward(self, images: torch.Tensor) -> GeneratorOutput:
-        outs = [member(images) for member in self.members]
+    def forward(self, images: torch.Tensor, spans: Optional[torch.Tensor] = None, *,
+                reconstruct: bool = True) -> GeneratorOutput:
+        outs = [member(images, spans, reconstruct=reconstruct) for member in self.members]
 
         def mean(parts):
             return None if any(p is None for p in parts) else torch.stack(parts).mean(0)
@@ -208,7 +340,7 @@ def load_ensemble(checkpoints: Sequence[Union[str, Path]],
     loaded = [load_model(c, device, weights=weights) for c in checkpoints]
     first = loaded[0]
     for path, model in zip(checkpoints[1:], loaded[1:]):
-        for key in ("image_size", "category"):
+        for key in ("image_size", "resize", "tiling", "category"):
             mine, theirs = getattr(first.config.data, key), getattr(model.config.data, key)
             if mine != theirs:
                 raise ConfigError(f"ensemble member {path} has data.{key}={theirs!r}, the "

@@ -62,6 +62,10 @@ MIN_DEFAULT_BINS = 2**17
 MAX_RANGE_DOUBLINGS = 64
 """Scores needing more doublings of the score range than this are rejected."""
 
+BOX_MEAN_PIXELS = 2**20
+"""Output pixels per block of :func:`smoothed_max_image_score`'s box mean (bounds its
+temporaries for large maps)."""
+
 PER_IMAGE_CHUNK = 32
 """Images whose per-image IoU curves are computed at once (bounds temporaries for big batches)."""
 
@@ -213,21 +217,28 @@ def _box_mean(maps: np.ndarray, size: int) -> np.ndarray:
     only the window's pixels inside the image count (no padding values)."""
     n, height, width = maps.shape
     half = size // 2
+    top = np.clip(np.arange(height) - half, 0, height)
+    bottom = np.clip(np.arange(height) + half + 1, 0, height)
+    left = np.clip(np.arange(width) - half, 0, width)
+    right = np.clip(np.arange(width) + half + 1, 0, width)
 
-    def window_sums(values: np.ndarray) -> np.ndarray:
-        integral = np.zeros((values.shape[0], height + 1, width + 1), dtype=np.float64)
-        integral[:, 1:, 1:] = values.cumsum(axis=1).cumsum(axis=2)
-        top = np.clip(np.arange(height) - half, 0, height)
-        bottom = np.clip(np.arange(height) + half + 1, 0, height)
-        left = np.clip(np.arange(width) - half, 0, width)
-        right = np.clip(np.arange(width) + half + 1, 0, width)
-        return (integral[:, bottom[:, None], right[None, :]]
-                - integral[:, top[:, None], right[None, :]]
-                - integral[:, bottom[:, None], left[None, :]]
-                + integral[:, top[:, None], left[None, :]])
-
-    counts = window_sums(np.ones((1, height, width)))
-    return window_sums(maps.astype(np.float64)) / counts
+    # the summed-area table, accumulated in place (the same sums as cumsum, no temporaries)
+    integral = np.zeros((n, height + 1, width + 1), dtype=np.float64)
+    integral[:, 1:, 1:] = maps
+    np.cumsum(integral[:, 1:, 1:], axis=1, out=integral[:, 1:, 1:])
+    np.cumsum(integral[:, 1:, 1:], axis=2, out=integral[:, 1:, 1:])
+    # pixels of each window inside the map: whole numbers, exact in float64
+    counts = ((bottom - top)[:, None] * (right - left)[None, :]).astype(np.float64)
+    out = np.empty((n, height, width), dtype=np.float64)
+    # a block of rows at a time: the same arithmetic per pixel, temporaries bounded for
+    # multi-megapixel maps
+    block = max(1, BOX_MEAN_PIXELS // max(n * width, 1))
+    for start in range(0, height, block):
+        t, b = top[start:start + block, None], bottom[start:start + block, None]
+        sums = (integral[:, b, right[None, :]] - integral[:, t, right[None, :]]
+                - integral[:, b, left[None, :]] + integral[:, t, left[None, :]])
+        out[:, start:start + block] = sums / counts[start:start + block]
+    return out
 
 
 def smoothed_max_image_score(anomaly_maps: np.ndarray, size: int = 3) -> np.ndarray:

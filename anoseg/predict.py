@@ -9,6 +9,7 @@ The command-line tool ``anoseg-predict`` is a thin wrapper around :func:`predict
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import math
 from dataclasses import dataclass
@@ -21,13 +22,13 @@ from tqdm.auto import tqdm
 from anoseg.atomic import atomic_write_text, write_json
 from anoseg.checkpoint import resolve_checkpoint
 from anoseg.errors import ConfigError, DataError
-from anoseg.inference import (LoadedDetector, LoadedModel, detector_scores, load_images,
-                              load_model, predict_anomaly_scores, run_detector)
-from anoseg.metrics import image_scores
+from anoseg.data.geometry import Geometry, Placement, crop, resize_to_source
+from anoseg.inference import (LoadedDetector, LoadedModel, detector_scores, load_model,
+                              load_placed_images, predict_placed, run_detector)
 from anoseg.run_dir import RunDir, safe_name
 from anoseg.runtime import resolve_device
 from anoseg.threshold import (cached_label_free_threshold, headline_image_score,
-                              holdout_image_paths, image_threshold_for)
+                              holdout_image_paths, image_threshold_for, logit_image_scores)
 from anoseg.visualize import (MAPS_README, enlarged_overlay, save_float_map, save_map_png,
                               save_mask_png, save_png)
 
@@ -116,10 +117,11 @@ class PredictionReport:
                 f"{self.threshold:.4f} ({self.threshold_source})")
 
 
-def _write_outputs(output_dir: Path, name: str, image: torch.Tensor, anomaly_map: torch.Tensor,
+def _write_outputs(output_dir: Path, name: str, image: Any, anomaly_map: torch.Tensor,
                    logit: torch.Tensor, threshold: float) -> Dict[str, Any]:
     """Write one image's map (PNG and float32 logit ``.npy``), overlay and mask; returns its
-    ``anomalous_pixel_fraction`` and file names (``scores.csv`` columns)."""
+    ``anomalous_pixel_fraction`` and file names (``scores.csv`` columns). ``image``: the image
+    at the map's size (float ``(3, H, W)`` in [0, 1], or uint8 ``(H, W, 3)``)."""
     mask = anomaly_map >= threshold
     files = {"map": f"maps/{name}.png", "overlay": f"overlays/{name}.png",
              "mask": f"masks/{name}.png", "logit_map": f"maps/{name}.logit.npy"}
@@ -130,29 +132,84 @@ def _write_outputs(output_dir: Path, name: str, image: torch.Tensor, anomaly_map
     return {"anomalous_pixel_fraction": float(mask.float().mean()), **files}
 
 
+MAP_RESOLUTIONS = ("native", "model")
+"""Sizes ``anoseg-predict`` writes maps at: each input's own size, or the model's."""
+
+
+def _image_at(path: Path, canvas: torch.Tensor, placement: Placement, resolution: str) -> Any:
+    """The image at the size of its written map: the file at its own size (uint8
+    ``(H, W, 3)``), or the image's part of its canvas."""
+    if resolution == "native":
+        from anoseg.data.mvtec import load_image
+
+        return load_image(path, None).permute(1, 2, 0).numpy()
+    return crop(canvas, placement).permute(1, 2, 0).numpy()
+
+
+def _predict_chunk(model: LoadedModel, chunk: Sequence[Path], *, batch_size: int,
+                   detector: Optional[LoadedDetector], map_resolution: str, write: Any
+                   ) -> List[Dict[str, Any]]:
+    """One chunk of images through the model: image scores at ``eval.resolution``, then each
+    image's files at ``map_resolution`` (``write(index, path, image, map, logit, scores)``
+    returns its ``scores.csv`` row). Maps are resized to an image's own size one image at a
+    time, so a chunk of large images never holds more than one native-size map."""
+    geometry = Geometry.from_config(model.config.data)
+    canvases, placements = load_placed_images(chunk, geometry)
+    pairs = predict_placed(model.generator, canvases, placements, geometry,
+                           batch_size=batch_size)
+    score_res = model.config.eval.resolution
+    logits = [resize_to_source(g, p) if score_res == "native" else g
+              for (_, g), p in zip(pairs, placements)]
+    by_name = logit_image_scores(logits)
+    del logits
+    if detector is not None:
+        images = torch.stack(canvases).float().div_(255.0)
+        by_name["detector"] = detector_scores(detector, model.generator, images,
+                                              batch_size=batch_size).numpy()
+    rows = []
+    for index, (path, canvas, placement) in enumerate(zip(chunk, canvases, placements)):
+        anomaly, logit = pairs[index]
+        if map_resolution == "native":
+            anomaly, logit = resize_to_source(anomaly, placement), resize_to_source(
+                logit, placement)
+        image = _image_at(path, canvas, placement, map_resolution)
+        rows.append(write(index, path, image, anomaly, logit,
+                          {k: float(v[index]) for k, v in by_name.items()}))
+        pairs[index] = None  # free this image's maps before the next one's
+    return rows
+
+
 def predict_images(model: LoadedModel, image_paths: Sequence[PathLike], output_dir: PathLike, *,
                    threshold: float, image_threshold: float, batch_size: int = 16,
                    progress: bool = True, threshold_source: str = "given",
                    image_threshold_source: str = "given", image_score: Optional[str] = None,
-                   detector: Optional[LoadedDetector] = None) -> PredictionReport:
+                   detector: Optional[LoadedDetector] = None,
+                   map_resolution: str = "native") -> PredictionReport:
     """Write anomaly maps, overlays, masks and scores for images.
 
     Every image is checked (header) before anything is written. Per image ``<name>``:
-    ``maps/<name>.png`` (16-bit map at the model's resolution, score = value / 65535),
-    ``overlays/<name>.png`` (the map blended over the resized input, enlarged to >= 256 px) and
-    ``masks/<name>.png`` (0/255, pixels with score >= ``threshold``), and
+    ``maps/<name>.png`` (16-bit map at the input's own size, or with
+    ``map_resolution="model"`` at the model's resolution without padding; score = value /
+    65535), ``overlays/<name>.png`` (the map blended over the input, enlarged to >= 256 px)
+    and ``masks/<name>.png`` (0/255, pixels with score >= ``threshold``), and
     ``maps/<name>.logit.npy`` (the float32 anomaly logit map, exact). ``scores.csv`` has one row
-    per image: ``path``, ``map_max`` (max of the [0, 1] map), ``image_score`` (``image_score``,
-    default ``eval.image_score``, on the anomaly logit map), ``is_anomalous``
-    (``image_score > image_threshold``), ``anomalous_pixel_fraction`` and the file names; with a
-    ``detector`` (:class:`anoseg.inference.LoadedDetector`), also ``detector_score`` (eq. 5,
-    higher = more anomalous; the image score when ``image_score == "detector"``).
+    per image: ``path``, ``map_max`` (max of the written [0, 1] map), ``image_score``
+    (``image_score``, default ``eval.image_score``, on the anomaly logit map at
+    ``eval.resolution``, as the image threshold was chosen), ``is_anomalous``
+    (``image_score > image_threshold``), ``anomalous_pixel_fraction`` (of the written mask) and
+    the file names; with a ``detector`` (:class:`anoseg.inference.LoadedDetector`), also
+    ``detector_score`` (eq. 5, higher = more anomalous; the image score when ``image_score ==
+    "detector"``). Under ``data.tiling`` images go through one at a time (their windows in
+    batches of ``batch_size``).
 
     Raises:
         DataError: An image is missing or unreadable (the message names it).
     """
     from anoseg.data.mvtec import image_size_of
 
+    if map_resolution not in MAP_RESOLUTIONS:
+        raise ConfigError(f"map resolution {map_resolution!r} is not one of "
+                          f"{', '.join(MAP_RESOLUTIONS)}")
     paths = [Path(p) for p in image_paths]
     if not paths:
         raise DataError("no images to predict")
@@ -160,49 +217,61 @@ def predict_images(model: LoadedModel, image_paths: Sequence[PathLike], output_d
         image_size_of(path)  # fails early, naming the file, before anything is written
     output_dir = Path(output_dir)
     names = output_names(paths)
-    size = model.config.data.image_size
     image_score = image_score or model.config.eval.image_score
+    step = 1 if model.config.data.tiling.enabled else batch_size
     rows: List[Dict[str, Any]] = []
+
+    def write(start: int):
+        def one(index, path, image, anomaly, logit, scores):
+            row = _write_outputs(output_dir, names[start + index], image, anomaly, logit,
+                                 threshold)
+            detector_row = {} if "detector" not in scores else {
+                "detector_score": scores["detector"]}
+            score = scores[image_score]
+            return {"path": str(path), "map_max": float(anomaly.max()), "image_score": score,
+                    **detector_row, "is_anomalous": int(score > image_threshold), **row}
+        return one
+
     with tqdm(total=len(paths), desc="predict", unit="img", disable=not progress,
               dynamic_ncols=True) as bar:
-        for start in range(0, len(paths), batch_size):
-            chunk = paths[start:start + batch_size]
-            images = load_images(chunk, size)
-            maps, logits = predict_anomaly_scores(model.generator, images,
-                                                  batch_size=batch_size)
-            by_name = image_scores(logits)
-            scores = None
-            if detector is not None:
-                scores = detector_scores(detector, model.generator, images,
-                                         batch_size=batch_size)
-                by_name["detector"] = scores.numpy()
-            for offset, path in enumerate(chunk):
-                row = _write_outputs(output_dir, names[start + offset], images[offset],
-                                     maps[offset], logits[offset], threshold)
-                score = float(by_name[image_score][offset])
-                detector_row = {} if scores is None else {"detector_score": float(scores[offset])}
-                rows.append({"path": str(path), "map_max": float(maps[offset].max()),
-                             "image_score": score, **detector_row,
-                             "is_anomalous": int(score > image_threshold), **row})
+        for start in range(0, len(paths), step):
+            chunk = paths[start:start + step]
+            rows.extend(_predict_chunk(model, chunk, batch_size=batch_size, detector=detector,
+                                       map_resolution=map_resolution, write=write(start)))
             bar.update(len(chunk))
+    return _write_report(model, output_dir, rows, threshold, threshold_source, image_score,
+                         image_threshold, image_threshold_source, map_resolution)
 
+
+def _write_report(model: LoadedModel, output_dir: Path, rows: List[Dict[str, Any]],
+                  threshold: float, threshold_source: str, image_score: str,
+                  image_threshold: float, image_threshold_source: str,
+                  map_resolution: str) -> PredictionReport:
+    """``scores.csv``, ``maps/README.txt`` and ``prediction.json`` of :func:`predict_images`."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(output_dir / "scores.csv", buffer.getvalue())
     atomic_write_text(output_dir / "maps" / "README.txt", MAPS_README + (
-        "<name>.logit.npy: the float32 anomaly logit map (numpy.load), exact and unbounded; "
-        "scores.csv's image_score is computed on it.\n"))
+        "<name>.logit.npy: the float32 anomaly logit map (numpy.load), exact and unbounded, at "
+        "the map's size (prediction.json map_resolution). scores.csv's image_score is computed "
+        "on the logit map at eval.resolution (prediction.json score_resolution), where the "
+        "label-free thresholds were chosen: this file when the two are the same.\n"))
     report = PredictionReport(output_dir, threshold, threshold_source, rows, image_score,
                               image_threshold, image_threshold_source)
+    data = model.config.data
+    size = data.image_size
     write_json(output_dir / "prediction.json", {
         "threshold": threshold, "threshold_source": threshold_source,
         "image_score": image_score, "image_threshold": image_threshold,
         "image_threshold_source": image_threshold_source,
         "image_threshold_quantile": model.config.eval.image_threshold_quantile
         if image_threshold_source == "holdout" else None,
-        "image_size": size, "n_images": len(rows), "n_anomalous": report.n_anomalous,
+        "image_size": list(size) if isinstance(size, (tuple, list)) else size,
+        "resize": data.resize, "tiling": dataclasses.asdict(data.tiling),
+        "map_resolution": map_resolution, "score_resolution": model.config.eval.resolution,
+        "n_images": len(rows), "n_anomalous": report.n_anomalous,
         "n_pass": len(rows) - report.n_anomalous})
     return report
 
@@ -211,7 +280,8 @@ def predict_run(checkpoint: PathLike, inputs: Sequence[PathLike], output_dir: Pa
                 threshold: Optional[float] = None, batch_size: Optional[int] = None,
                 device: Union[None, str, torch.device] = None, data_root: Optional[PathLike] = None,
                 progress: bool = True, image_threshold: Optional[float] = None,
-                image_score: Optional[str] = None) -> PredictionReport:
+                image_score: Optional[str] = None, map_resolution: str = "native",
+                resolution: Optional[str] = None) -> PredictionReport:
     """Load a run or checkpoint and :func:`predict_images` on files and folders of images.
 
     Args:
@@ -229,6 +299,10 @@ def predict_run(checkpoint: PathLike, inputs: Sequence[PathLike], output_dir: Pa
             default: the ``eval.image_threshold_quantile`` of the held-out normal images' image
             scores (cached beside the checkpoint).
         image_score: Default the run's ``eval.image_score``.
+        map_resolution: ``native`` (each input's own size, the default) or ``model``: the
+            size the maps, masks and overlays are written at.
+        resolution: Override the run's ``eval.resolution``, where the image scores and the
+            label-free thresholds are computed.
 
     Raises:
         AnoSegError: Bad inputs; a threshold not given and the run has no held-out images.
@@ -242,7 +316,9 @@ def predict_run(checkpoint: PathLike, inputs: Sequence[PathLike], output_dir: Pa
     model = load_model(checkpoint_path, resolve_device(device))
     if image_score is not None:
         model.config.eval.image_score = image_score
-        model.config.validate()
+    if resolution is not None:
+        model.config.eval.resolution = resolution
+    model.config.validate()
     batch_size = batch_size or model.config.eval.batch_size
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
@@ -272,4 +348,4 @@ def predict_run(checkpoint: PathLike, inputs: Sequence[PathLike], output_dir: Pa
                           image_threshold=image_threshold, batch_size=batch_size,
                           progress=progress, threshold_source=source,
                           image_threshold_source=image_source, image_score=score,
-                          detector=detector)
+                          detector=detector, map_resolution=map_resolution)

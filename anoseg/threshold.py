@@ -15,12 +15,15 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from anoseg.atomic import write_json
 from anoseg.errors import DataError
-from anoseg.inference import (LoadedDetector, LoadedModel, detector_scores, load_images,
-                              predict_anomaly_maps, predict_anomaly_scores)
+from anoseg.data.geometry import Geometry, group_by_shape
+from anoseg.inference import (LoadedDetector, LoadedModel, detector_scores,
+                              load_placed_images, scored_images)
 from anoseg.metrics import IMAGE_SCORES, NormalScoreQuantile, image_score_threshold, image_scores
 from anoseg.run_dir import DataRecord, RunDir, TrainingSplit
 
@@ -111,15 +114,13 @@ def compute_label_free_threshold(model: LoadedModel, normal_image_paths: Sequenc
         raise DataError("no held-out normal images to choose a label-free threshold on")
     quantile = model.config.eval.threshold_quantile if quantile is None else quantile
     estimator = NormalScoreQuantile(quantile)
-    size = model.config.data.image_size
     with tqdm(total=len(paths), desc="label-free threshold", unit="img", disable=not progress,
               leave=False) as bar:
-        for start in range(0, len(paths), batch_size):
-            chunk = paths[start:start + batch_size]
-            maps = predict_anomaly_maps(model.generator, load_images(chunk, size),
-                                        batch_size=batch_size)
-            estimator.update(maps)
-            bar.update(len(chunk))
+        for pairs in scored_images(model, paths, batch_size=batch_size):
+            maps = [anomaly for anomaly, _ in pairs]
+            for group in group_by_shape(maps):  # padding is cut off: sizes may differ
+                estimator.update(torch.stack([maps[i] for i in group]))
+            bar.update(len(pairs))
     return estimator.threshold()
 
 
@@ -129,6 +130,11 @@ def threshold_cache_path(checkpoint_path: PathLike) -> Path:
     return path.with_name(f"{path.stem}.threshold.json")
 
 
+def _json_size(size: Any) -> Any:
+    """``data.image_size`` as JSON reads it back (a pair is a list)."""
+    return list(size) if isinstance(size, (tuple, list)) else size
+
+
 def _cache_key(model: LoadedModel, checkpoint_path: Path, paths: Sequence[Path],
                quantile: float) -> Dict[str, Any]:
     stat = checkpoint_path.stat()
@@ -136,7 +142,9 @@ def _cache_key(model: LoadedModel, checkpoint_path: Path, paths: Sequence[Path],
     return {"checkpoint_size": stat.st_size, "checkpoint_mtime_ns": stat.st_mtime_ns,
             "checkpoint_step": model.step if model.step is not None else -1,
             "weights": model.weights,
-            "image_size": model.config.data.image_size, "quantile": quantile,
+            "image_size": _json_size(model.config.data.image_size), "quantile": quantile,
+            **({} if model.config.eval.resolution == "model"
+               else {"resolution": model.config.eval.resolution}),
             "holdout_sha256": holdout_digest, "n_holdout_images": len(paths)}
 
 
@@ -188,18 +196,24 @@ def holdout_image_scores(model: LoadedModel, normal_image_paths: Sequence[PathLi
     paths = [Path(p) for p in normal_image_paths]
     if not paths:
         raise DataError("no held-out normal images to choose a label-free image threshold on")
-    size = model.config.data.image_size
     scores: Dict[str, List[float]] = {name: [] for name in IMAGE_SCORES}
     with tqdm(total=len(paths), desc="image threshold", unit="img", disable=not progress,
               leave=False) as bar:
-        for start in range(0, len(paths), batch_size):
-            chunk = paths[start:start + batch_size]
-            _, logits = predict_anomaly_scores(model.generator, load_images(chunk, size),
-                                               batch_size=batch_size)
-            for name, values in image_scores(logits).items():
+        for pairs in scored_images(model, paths, batch_size=batch_size):
+            for name, values in logit_image_scores([logit for _, logit in pairs]).items():
                 scores[name].extend(float(v) for v in values)
-            bar.update(len(chunk))
+            bar.update(len(pairs))
     return scores
+
+
+def logit_image_scores(logits: Sequence[torch.Tensor]) -> Dict[str, np.ndarray]:
+    """Every cheap image score (:func:`anoseg.metrics.image_scores`) of each anomaly logit map
+    in ``logits`` (any sizes; maps of one size are scored as one batch), in order."""
+    out: Dict[str, np.ndarray] = {name: np.zeros(len(logits)) for name in IMAGE_SCORES}
+    for group in group_by_shape(logits):
+        for name, values in image_scores(torch.stack([logits[i] for i in group])).items():
+            out[name][group] = values
+    return out
 
 
 def image_threshold_cache_path(checkpoint_path: PathLike) -> Path:
@@ -277,7 +291,8 @@ def image_threshold_for(model: LoadedModel, holdout_paths: Sequence[Path], score
         return None
     quantile = model.config.eval.image_threshold_quantile
     if score == "detector":
-        images = load_images(holdout_paths, model.config.data.image_size)
+        canvases, _ = load_placed_images(holdout_paths, Geometry.from_config(model.config.data))
+        images = torch.stack(canvases).float().div_(255.0)
         values = detector_scores(detector, model.generator, images, batch_size=batch_size)
         return label_free_image_threshold({score: values.tolist()}, score, quantile)
     scores, _ = cached_holdout_image_scores(model, cache_for, holdout_paths,

@@ -76,7 +76,8 @@ def train_step(state: TrainState, batch: Dict[str, torch.Tensor], cfg: TrainConf
 
     Args:
         state: models and optimisers (updated in place).
-        batch: ``{"image": (B,3,S,S), "normality": (B,1,S,S)}``, ``x_Seg`` and ``A_Seg``.
+        batch: ``{"image": (B,3,H,W), "normality": (B,1,H,W)}``, ``x_Seg`` and ``A_Seg``;
+            under tiling also ``span`` (B, 4), the tiles' coordinates in their images.
         cfg: loss weights and switches.
 
     Returns:
@@ -94,8 +95,9 @@ def train_step(state: TrainState, batch: Dict[str, torch.Tensor], cfg: TrainConf
     scaler = state.scaler
     generator.train()
 
+    spans = batch.get("span")  # tiles' coordinates in their images (data.tiling)
     with autocast(device, amp_dtype):
-        out = generator(images)
+        out = generator(images) if spans is None else generator(images, spans.to(device))
     normality = out.normality_map.float()
     losses: Dict[str, torch.Tensor] = {
         "seg": (focal_segmentation_loss(normality, target, cfg.seg_focal_gamma,
@@ -265,8 +267,6 @@ def train(cfg: AnoSegConfig, output_dir: Union[str, Path], *, resume: bool = Fal
 def _train_locked(cfg: AnoSegConfig, run: RunDir, *, resume: bool, progress: bool,
                   stop_at: Optional[int]) -> TrainResult:
     """:func:`train` once the run folder's lock is held."""
-    from anoseg.data.training_data import SyntheticAnomalyDataset
-
     ckpt: Optional[Dict[str, Any]] = None
     if resume:
         ckpt = load_checkpoint(run.checkpoint)
@@ -295,13 +295,7 @@ def _train_locked(cfg: AnoSegConfig, run: RunDir, *, resume: bool, progress: boo
         save_config(cfg, run.config)
         run.write_split(data)
 
-    images = training_images([Path(p) for p in data.split.train], cfg, progress)
-    dataset = SyntheticAnomalyDataset(images, cfg.data.image_size, cfg.synthesis)
-    state = create_train_state(cfg, device, distributed=ctx.enabled)
-    if ckpt is not None:
-        restore_train_state(state, ckpt)
-    elif cfg.model.normal_stats:
-        set_normal_stats(state, dataset)
+    dataset, state = _dataset_and_state(cfg, data, device, ctx.enabled, ckpt, progress)
     watch = CollapseWatch(warn=ctx.is_main)
 
     def step(batch: Dict[str, torch.Tensor]) -> Dict[str, float]:
@@ -322,6 +316,25 @@ def _train_locked(cfg: AnoSegConfig, run: RunDir, *, resume: bool, progress: boo
                   logger=segmenter_logger(cfg, run, state, data, ckpt) if ctx.is_main else None)
     return run_stage(stage, cfg, device=device, amp_dtype=amp_dtype, stop_at=stop_at,
                      progress=progress, ctx=ctx)
+
+
+def _dataset_and_state(cfg: AnoSegConfig, data: DataRecord, device: torch.device,
+                       distributed: bool, ckpt: Optional[Dict[str, Any]], progress: bool):
+    """The training images as a synthetic-anomaly dataset, and the models and optimisers:
+    restored from ``ckpt``, or new (with the normal statistics of ``model.normal_stats``)."""
+    from anoseg.data.geometry import Geometry
+    from anoseg.data.training_data import SyntheticAnomalyDataset
+
+    images, placements = training_images([Path(p) for p in data.split.train], cfg, progress)
+    dataset = SyntheticAnomalyDataset(images, cfg.data.image_size, cfg.synthesis,
+                                      geometry=Geometry.from_config(cfg.data),
+                                      placements=placements)
+    state = create_train_state(cfg, device, distributed=distributed)
+    if ckpt is not None:
+        restore_train_state(state, ckpt)
+    elif cfg.model.normal_stats:
+        set_normal_stats(state, dataset)
+    return dataset, state
 
 
 def set_normal_stats(state: TrainState, dataset) -> None:

@@ -30,7 +30,9 @@ ArrayLike = Union[np.ndarray, torch.Tensor]
 MAP_PNG_SCALE = 65535
 """Full scale of the 16-bit map PNGs: ``score = pixel / MAP_PNG_SCALE``."""
 
-MAPS_README = ("Anomaly maps as 16-bit grayscale PNG at the model's resolution: "
+MAPS_README = ("Anomaly maps as 16-bit grayscale PNG (anoseg-eval: at eval.resolution, the "
+               "model's without its padding or each image's own size; anoseg-predict: at "
+               "each input's own size unless --map-resolution model): "
                "score = pixel value / 65535 (1 = anomalous).\n"
                "Python: numpy.asarray(PIL.Image.open(path), dtype=float) / 65535, "
                "or anoseg.visualize.read_map_png(path).\n")
@@ -111,13 +113,25 @@ def colorize(anomaly_map: ArrayLike) -> np.ndarray:
     return COLORMAP_LUT[np.rint(values * 255.0).astype(np.int64)]
 
 
+OVERLAY_ROWS = 256
+"""Rows blended at once by :func:`heatmap_overlay` (bounds its float64 temporaries for
+multi-megapixel images)."""
+
+
 def heatmap_overlay(image: ArrayLike, anomaly_map: ArrayLike, alpha: float = 0.5) -> np.ndarray:
     """Blend the coloured map over the image: ``(1 - alpha) * image + alpha * colour``."""
-    rgb = image_to_uint8(image).astype(np.float64)
-    heat = colorize(anomaly_map).astype(np.float64)
-    if heat.shape != rgb.shape:
-        raise ValueError(f"image {rgb.shape[:2]} and map {heat.shape[:2]} differ in size")
-    return np.rint((1.0 - alpha) * rgb + alpha * heat).astype(np.uint8)
+    rgb = image_to_uint8(image)
+    values = _to_numpy(anomaly_map)
+    values = values[0] if values.ndim == 3 and values.shape[0] == 1 else values
+    if values.shape[:2] != rgb.shape[:2]:
+        raise ValueError(f"image {rgb.shape[:2]} and map {values.shape[:2]} differ in size")
+    out = np.empty_like(rgb)
+    for top in range(0, rgb.shape[0], OVERLAY_ROWS):
+        rows = slice(top, top + OVERLAY_ROWS)
+        heat = colorize(values[rows]).astype(np.float64)
+        out[rows] = np.rint((1.0 - alpha) * rgb[rows].astype(np.float64)
+                            + alpha * heat).astype(np.uint8)
+    return out
 
 
 def mask_to_uint8(mask: ArrayLike) -> np.ndarray:

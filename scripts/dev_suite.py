@@ -18,6 +18,18 @@ from __future__ import annotations
 import argparse
 
 from anoseg.dev_suite import KEYS, run_suite, suite_sets
+
+
+def _size(text: str):
+    """``128`` (a square) or ``320x128`` / ``320,128`` (height x width)."""
+    parts = text.replace(",", "x").split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a side or HxW, got {text!r}") from None
+    if len(values) not in (1, 2) or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected a side or HxW, got {text!r}")
+    return values[0] if len(values) == 1 else tuple(values)
 from anoseg.reporting import suite_table
 
 
@@ -33,13 +45,21 @@ def main() -> None:
     parser.add_argument("--sets", nargs="+", default=None,
                         help="only these sets (names as in the table)")
     parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--image-size", type=int, default=128,
-                        help="resolution of the Gaussian floor (the model uses its config's)")
+    parser.add_argument("--image-size", type=_size, default=128,
+                        help="size of the Gaussian floor, a side or HxW such as 320x128 (the "
+                             "model uses its config's)")
+    parser.add_argument("--floor-resize", choices=("stretch", "keep_aspect"), default="stretch",
+                        help="how the Gaussian floor's images are brought to --image-size")
+    parser.add_argument("--resolution", choices=("model", "native"), default="model",
+                        help="score floor and models at the model's resolution (padding cut "
+                             "off) or at each image's own size (native: every geometry on the "
+                             "same pixels)")
     args = parser.parse_args()
 
     sets = suite_sets(args.real_root, args.suite_root, args.sets)
     results = run_suite(sets, args.config, args.overrides, budget=args.budget, seeds=args.seeds,
-                        output_dir=args.output_dir, image_size=args.image_size)
+                        output_dir=args.output_dir, image_size=args.image_size,
+                        floor_resize=args.floor_resize, resolution=args.resolution)
     print(suite_table(results, KEYS))
 
 if __name__ == "__main__":

@@ -190,13 +190,22 @@ def test_predict_on_a_folder(runs, demo_root, tmp_path, capsys):
     for row in rows:
         anomaly_map = read_map_png(out / row["map"])
         mask = np.asarray(Image.open(out / row["mask"]))
-        assert anomaly_map.shape == mask.shape == (64, 64)
+        # issue 14: maps at each input's own size (the demo's 128x128; the model's is 64)
+        assert anomaly_map.shape == mask.shape == (128, 128)
         assert float(row["map_max"]) == pytest.approx(anomaly_map.max(), abs=1.0 / 65535)
         # issue 12: the image score is compared with the image threshold (not the pixel one)
         assert row["is_anomalous"] == str(int(float(row["image_score"]) > image_threshold))
         assert set(np.unique(mask)) <= {0, 255}
         assert (out / row["overlay"]).is_file()
     assert "3 images" in capsys.readouterr().out
+    # --map-resolution model: the maps of before, at the model's 64x64
+    out_model = tmp_path / "pred_model"
+    assert predict_cli.main(["--checkpoint", str(runs["demo_texture"]), str(folder),
+                             "--output-dir", str(out_model), "--map-resolution", "model",
+                             "--no-progress", "--device", "cpu"]) == 0
+    rows_model = _read_csv(out_model / "scores.csv")
+    assert read_map_png(out_model / rows_model[0]["map"]).shape == (64, 64)
+    assert [r["image_score"] for r in rows_model] == [r["image_score"] for r in rows]
 
 
 def test_predict_with_given_threshold_and_duplicate_names(runs, demo_root, tmp_path):

@@ -177,3 +177,22 @@ def test_several_runs_need_ensemble_and_a_bad_file_is_caught(runs, test_images, 
     with pytest.raises(ExportError, match="does not reproduce"):
         verify_export(output, "torchscript", DeployedAnoSeg(other.generator, "max").eval(),
                       test_images[:3])
+
+
+def test_non_square_run_exports_and_tiled_run_is_refused(demo_root, tmp_path):
+    """A [height, width] keep_aspect run exports at its canvas size; a tiled run is refused
+    (its maps come from a sliding window the one-window file does not do)."""
+    from anoseg.export import export_run
+
+    base = [x for x in TINY if not x.startswith(("data.image_size", "model.normal_stats"))]
+    cfg = load_config(None, base + [f"data.root={demo_root}", f"data.category={CATEGORY}",
+                                    "data.image_size=[64, 96]", "data.resize=keep_aspect"])
+    train(cfg, tmp_path / "wide", progress=False)
+    result = export_run(tmp_path / "wide", "torchscript")
+    assert result.metadata["image_size"] == [64, 96] and result.metadata["resize"] == "keep_aspect"
+    assert result.max_map_difference <= MAP_TOLERANCE
+    tiled = load_config(None, base + [f"data.root={demo_root}", f"data.category={CATEGORY}",
+                                      "data.tiling.enabled=true", "data.tiling.scale=0.5"])
+    train(tiled, tmp_path / "tiled", progress=False)
+    with pytest.raises(ExportError, match="tiling"):
+        export_run(tmp_path / "tiled", "torchscript")

@@ -229,7 +229,10 @@ def test_label_free_image_threshold_flags_the_quantile_of_held_out_images(run_wi
     assert result.defect_types["hole"].image_threshold_recall is not None
 
     # anoseg-predict uses the same image threshold: on the held-out images, 2 of 20 fail
-    prediction = predict_run(run, holdout, tmp_path / "pred", device="cpu", progress=False)
+    # (maps written at the model's resolution, where the image scores are computed: the
+    # saved logit map re-scores to the image score exactly; issue 14)
+    prediction = predict_run(run, holdout, tmp_path / "pred", device="cpu", progress=False,
+                             map_resolution="model")
     assert prediction.image_threshold == result.image_threshold
     assert prediction.n_anomalous == flagged
     assert f"{20 - flagged} pass, {flagged} fail" in prediction.summary()

@@ -60,3 +60,18 @@ def test_training_stores_the_training_images_statistics(demo_root, tmp_path):
     assert torch.equal(model.generator.stats_mean, ckpt["generator_ema"]["stats_mean"])
     maps = anoseg.predict_anomaly_maps(model.generator, torch.rand(2, 3, 64, 64))
     assert maps.shape == (2, 64, 64)
+
+
+def test_normal_stats_refuses_tiling():
+    from anoseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.normal_stats"):
+        load_config(None, ["model.normal_stats=true", "data.tiling.enabled=true"])
+
+
+def test_normal_stats_with_keep_aspect_non_square(tmp_path):
+    """The statistics live on the model's canvas ([h, w]); padding has std 0, floored."""
+    g = AnoSegGenerator(image_size=(64, 128), width=0.125, normal_stats=True)
+    assert tuple(g.stats_mean.shape) == (1, 3, 64, 128)
+    g.set_normal_stats(torch.rand(3, 64, 128), torch.zeros(3, 64, 128))
+    assert g(torch.rand(1, 3, 64, 128)).normality_map.shape == (1, 1, 64, 128)

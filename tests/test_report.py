@@ -107,7 +107,8 @@ def test_galleries_pick_the_worst_missed_and_the_strongest_false_alarms():
     batch = {"mask": masks, "path": [f"{i}.png" for i in range(5)],
              "defect_type": ["good", "good", "cut", "cut", "cut"],
              "label": torch.tensor([0, 0, 1, 1, 1])}
-    collector.update(batch, maps, np.array([0.3, 0.7, 0.2, 0.1, 0.4]), threshold=0.4)
+    collector.update(batch, list(maps), list(masks[:, 0]),
+                     np.array([0.3, 0.7, 0.2, 0.1, 0.4]), threshold=0.4)
     chosen = collector.choose()
     assert [r["index"] for r in chosen["missed"]] == [3, 4]
     assert [r["found"] for r in chosen["missed"]] == [0.0, 1.0]

@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also write report.html: one self-contained page (no network) "
                              "with the tables, thresholds, IoU curves and galleries of the "
                              "worst-missed defects, strongest false alarms and a random sample")
+    parser.add_argument("--resolution", choices=("model", "native"), default=None,
+                        help="score maps at the model's resolution (model) or at each image's "
+                             "own size, masks read at it (native); default: the run's "
+                             "eval.resolution")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -102,7 +106,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           num_workers=args.num_workers, weights=args.weights,
                           ensemble=args.ensemble, image_score=args.image_score,
                           image_threshold_quantile=args.image_threshold_quantile,
-                          report=args.report)
+                          report=args.report, resolution=args.resolution)
     print(report.table, end="")
     if report.image_table:
         print()

@@ -45,7 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "top10_mean, top1pct_mean or detector (default: the run's "
                              "eval.image_score)")
     parser.add_argument("--batch-size", type=_positive_int, default=None,
-                        help="images per forward pass (default: the run's eval.batch_size)")
+                        help="images per forward pass, or windows under data.tiling (default: "
+                             "the run's eval.batch_size)")
+    parser.add_argument("--map-resolution", choices=("native", "model"), default="native",
+                        help="write maps, masks and overlays at each input's own size "
+                             "(native, default) or at the model's resolution (model)")
+    parser.add_argument("--resolution", choices=("model", "native"), default=None,
+                        help="where the image scores and label-free thresholds are computed "
+                             "(default: the run's eval.resolution)")
     parser.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--data-root", default=None,
                         help="where the run's dataset is now, if it moved since training "
@@ -62,7 +69,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          threshold=args.threshold, batch_size=args.batch_size,
                          device=args.device, data_root=args.data_root,
                          progress=not args.no_progress, image_threshold=args.image_threshold,
-                         image_score=args.image_score)
+                         image_score=args.image_score, map_resolution=args.map_resolution,
+                         resolution=args.resolution)
     print(report.summary())
     print(f"wrote: {report.output_dir / 'scores.csv'} and maps/, overlays/, masks/ in "
           f"{report.output_dir}")

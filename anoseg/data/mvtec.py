@@ -39,6 +39,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from anoseg.config import MVTEC_CATEGORIES
+from anoseg.data.geometry import Geometry, Placement
 from anoseg.errors import ConfigError, DataError
 
 PathLike = Union[str, Path]
@@ -316,6 +317,20 @@ def _as_size(size: int) -> int:
     return int(size)
 
 
+Size = Union[int, Tuple[int, int]]
+"""An output size: one side (a square) or ``(height, width)``."""
+
+
+def _as_hw(size: Size) -> Tuple[int, int]:
+    """Validate an output size (a side or ``(height, width)``) as ``(height, width)``."""
+    if isinstance(size, (tuple, list)):
+        if len(size) != 2:
+            raise ValueError(f"size must be a side or (height, width), got {size!r}")
+        return _as_size(size[0]), _as_size(size[1])
+    side = _as_size(size)
+    return side, side
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB, scaling 16-bit and float data instead of clipping."""
     if img.mode == "RGB":
@@ -335,34 +350,69 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: PathLike, size: int) -> torch.Tensor:
-    """Read an image as a square 8-bit RGB tensor.
+def _open_rgb(path: Path) -> Image.Image:
+    """The decoded image as 8-bit RGB; every failure a DataError naming the file."""
+    try:
+        return _to_rgb(_open_loaded(path, "image"))
+    except (ValueError, TypeError, OSError) as exc:  # a mode PIL cannot convert
+        if isinstance(exc, DataError):
+            raise
+        raise _read_failure(path, "image", exc) from None
+
+
+def _rgb_tensor(img: Image.Image, hw: Tuple[int, int]) -> torch.Tensor:
+    """(3, H, W) uint8 of ``img`` resized (bilinear) to ``hw`` when it has another size."""
+    if img.size != (hw[1], hw[0]):
+        img = img.resize((hw[1], hw[0]), Image.BILINEAR)
+    array = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def load_image(path: PathLike, size: Optional[Size]) -> torch.Tensor:
+    """Read an image as an 8-bit RGB tensor, resized to ``size`` (the aspect is not kept).
 
     Grayscale, palette, RGBA (alpha dropped) and 16-bit images become 3-channel RGB. Resizing
     is bilinear with antialiasing (PIL filters over the whole footprint when shrinking).
 
     Args:
         path: Image file.
-        size: Output side length in pixels.
+        size: Output side length in pixels, ``(height, width)``, or ``None`` for the image's
+            own size.
 
     Returns:
-        A uint8 tensor of shape (3, size, size).
+        A uint8 tensor of shape (3, height, width).
 
     Raises:
         DataError: The file is missing, unreadable, corrupt or truncated.
     """
-    size = _as_size(size)
-    path = Path(path)
-    try:
-        img = _to_rgb(_open_loaded(path, "image"))
-    except (ValueError, TypeError, OSError) as exc:  # a mode PIL cannot convert
-        if isinstance(exc, DataError):
-            raise
-        raise _read_failure(path, "image", exc) from None
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.BILINEAR)
-    array = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+    hw = None if size is None else _as_hw(size)
+    img = _open_rgb(Path(path))
+    return _rgb_tensor(img, (img.height, img.width) if hw is None else hw)
+
+
+def load_placed_image(path: PathLike, geometry: Union[Geometry, Size]
+                      ) -> Tuple[torch.Tensor, Placement]:
+    """Read an image onto its canvas (:meth:`anoseg.data.geometry.Geometry.place`): resized to
+    its box (bilinear), the rest of the canvas black.
+
+    Args:
+        path: Image file.
+        geometry: A :class:`~anoseg.data.geometry.Geometry`, or a size (a stretch to it).
+
+    Returns:
+        ``(uint8 canvas (3, H, W), placement)``.
+
+    Raises:
+        DataError: The file is missing, unreadable, corrupt or truncated.
+    """
+    img = _open_rgb(Path(path))
+    placement = Geometry.of(geometry).place((img.height, img.width))
+    if placement.is_full:
+        return _rgb_tensor(img, placement.canvas_hw), placement
+    canvas = torch.zeros((3, *placement.canvas_hw), dtype=torch.uint8)
+    top, left, h, w = placement.box
+    canvas[:, top:top + h, left:left + w] = _rgb_tensor(img, (h, w))
+    return canvas, placement
 
 
 def _header_hw(path: Path, what: str) -> Tuple[int, int]:
@@ -416,7 +466,7 @@ def binarize_mask(values: np.ndarray) -> np.ndarray:
     return (values > peak / 2.0).astype(np.uint8)
 
 
-def load_mask(path: PathLike, size: int,
+def load_mask(path: PathLike, size: Optional[Size],
               expected_hw: Optional[Tuple[int, int]] = None) -> torch.Tensor:
     """Read a ground-truth mask as a square binary tensor.
 
@@ -428,16 +478,17 @@ def load_mask(path: PathLike, size: int,
 
     Args:
         path: Mask file.
-        size: Output side length in pixels.
+        size: Output side length in pixels, ``(height, width)``, or ``None`` for the mask's
+            own size.
         expected_hw: (height, width) of the mask's image; a mask of another size is an error.
 
     Returns:
-        A uint8 tensor of shape (size, size) with values in {0, 1}.
+        A uint8 tensor of shape (height, width) with values in {0, 1}.
 
     Raises:
         DataError: The file is unreadable, or its size differs from ``expected_hw``.
     """
-    size = _as_size(size)
+    hw = None if size is None else _as_hw(size)
     path = Path(path)
     img = _open_loaded(path, "mask")
     if expected_hw is not None and (img.height, img.width) != tuple(expected_hw):
@@ -447,10 +498,31 @@ def load_mask(path: PathLike, size: int,
         binary = binarize_mask(_mask_values(img))
     except (ValueError, TypeError, OSError) as exc:  # a mode PIL cannot convert
         raise _read_failure(path, "mask", exc) from None
-    if binary.shape != (size, size):
-        binary = np.asarray(Image.fromarray(binary).resize(
-            (size, size), Image.NEAREST))
+    if hw is not None and binary.shape != hw:
+        binary = np.asarray(Image.fromarray(binary).resize((hw[1], hw[0]), Image.NEAREST))
     return torch.from_numpy(binary.copy())
+
+
+def load_placed_mask(path: Optional[PathLike], placement: Placement,
+                     native: bool = False) -> torch.Tensor:
+    """A mask (:func:`load_mask`) on its image's canvas (resized to the box, nearest, zero on
+    the padding), or with ``native`` at the image's own size; all zeros for ``path=None``.
+
+    Returns:
+        A uint8 tensor (H, W) with values in {0, 1}.
+    """
+    if native:
+        if path is None:
+            return torch.zeros(placement.source_hw, dtype=torch.uint8)
+        return load_mask(path, placement.source_hw)
+    if path is None:
+        return torch.zeros(placement.canvas_hw, dtype=torch.uint8)
+    if placement.is_full:
+        return load_mask(path, placement.canvas_hw)
+    canvas = torch.zeros(placement.canvas_hw, dtype=torch.uint8)
+    top, left, h, w = placement.box
+    canvas[top:top + h, left:left + w] = load_mask(path, (h, w))
+    return canvas
 
 
 # ------------------------------------------------------------------------------ test dataset
@@ -472,24 +544,33 @@ def _check_mask_sizes(samples: Sequence[Sample]) -> None:
 class MVTecTestDataset(Dataset):
     """The test split of one category: images, masks and labels.
 
-    Each item is a dict with ``image`` (float32, (3, S, S), in [0, 1]), ``mask`` (float32,
-    (1, S, S), in {0, 1}, all zeros for good images), ``label`` (int), ``path`` (str) and
-    ``defect_type`` (str).
+    Each item is a dict with ``image`` (float32, (3, H, W), in [0, 1], the image on its canvas:
+    :mod:`anoseg.data.geometry`), ``mask`` (float32, (1, H, W), in {0, 1}, all zeros for good
+    images; with ``native_masks`` at the image's own size instead), ``label`` (int), ``path``
+    (str), ``defect_type`` (str) and ``placement`` (the image's
+    :class:`~anoseg.data.geometry.Placement`, as a tuple of ints: source height and width,
+    canvas height and width, box top, left, height, width). Batch the items with
+    :func:`collate_samples` when their canvases or native masks differ in size.
 
     Args:
         root: Dataset root in MVTec AD layout.
         category: Name of the category folder.
-        image_size: Side length S that images and masks are resized to.
+        image_size: Side S (a square), ``(height, width)`` that images and masks are resized
+            to, or a :class:`~anoseg.data.geometry.Geometry`.
         check_mask_sizes: Compare mask and image sizes (headers only) before anything else, so a
             bad mask fails at once instead of mid-evaluation.
+        native_masks: Read masks at their own size (``eval.resolution=native``).
     """
 
-    def __init__(self, root: PathLike, category: str, image_size: int,
-                 check_mask_sizes: bool = True) -> None:
-        image_size = _as_size(image_size)
+    def __init__(self, root: PathLike, category: str, image_size: Union[Size, Geometry],
+                 check_mask_sizes: bool = True, native_masks: bool = False) -> None:
+        if not isinstance(image_size, Geometry):
+            _as_hw(image_size)
         self.root = Path(root)
         self.category = category
         self.image_size = image_size
+        self.geometry = Geometry.of(image_size)
+        self.native_masks = native_masks
         self.samples: List[Sample] = list_test_samples(root, category)
         if check_mask_sizes:
             _check_mask_sizes(self.samples)
@@ -499,40 +580,84 @@ class MVTecTestDataset(Dataset):
 
     def __getitem__(self, index: int) -> Dict[str, object]:
         sample = self.samples[index]
-        size = self.image_size
-        image = load_image(sample.image_path, size).float().div_(255.0)
-        if sample.mask_path is None:
-            mask = torch.zeros(1, size, size, dtype=torch.float32)
+        canvas, placement = load_placed_image(sample.image_path, self.geometry)
+        mask = load_placed_mask(sample.mask_path, placement, native=self.native_masks)
+        return {"image": canvas.float().div_(255.0), "mask": mask.float().unsqueeze(0),
+                "label": sample.label, "path": str(sample.image_path),
+                "defect_type": sample.defect_type,
+                "placement": torch.tensor([*placement.source_hw, *placement.canvas_hw,
+                                           *placement.box])}
+
+
+def placement_of(row: Sequence[int]) -> Placement:
+    """The :class:`~anoseg.data.geometry.Placement` of a dataset item's ``placement`` row."""
+    values = [int(v) for v in row]
+    return Placement((values[0], values[1]), (values[2], values[3]), tuple(values[4:8]))
+
+
+def collate_samples(items: Sequence[Dict[str, object]]) -> Dict[str, object]:
+    """Batch dataset items: tensors of one shape are stacked (as the default collate does),
+    tensors of different shapes (canvases under tiling, native masks) are kept as lists,
+    numbers become a tensor and strings a list."""
+    batch: Dict[str, object] = {}
+    for key in items[0]:
+        values = [item[key] for item in items]
+        if isinstance(values[0], torch.Tensor):
+            same = all(v.shape == values[0].shape for v in values)
+            batch[key] = torch.stack(values) if same else values
+        elif isinstance(values[0], numbers.Number):
+            batch[key] = torch.tensor(values)
         else:
-            mask = load_mask(sample.mask_path, size).float().unsqueeze(0)
-        return {"image": image, "mask": mask, "label": sample.label,
-                "path": str(sample.image_path), "defect_type": sample.defect_type}
+            batch[key] = values
+    return batch
 
 
 # -------------------------------------------------------------------------- training helpers
 
 
-def load_images_cached(paths: Sequence[PathLike], size: int,
+def load_images_cached(paths: Sequence[PathLike], size: Size,
                        progress: bool = True) -> torch.Tensor:
     """Decode and resize images once so training does not decode them every epoch.
 
     Args:
         paths: Image files.
-        size: Output side length in pixels.
+        size: Output side length in pixels, or ``(height, width)``.
         progress: Show a tqdm progress bar.
 
     Returns:
-        A uint8 tensor of shape (N, 3, size, size) in the order of ``paths``.
+        A uint8 tensor of shape (N, 3, height, width) in the order of ``paths``.
 
     Raises:
         DataError: An image is unreadable.
     """
-    size = _as_size(size)
-    images = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
+    hw = _as_hw(size)
+    images = torch.empty((len(paths), 3, *hw), dtype=torch.uint8)
     for i, path in enumerate(tqdm(paths, desc="caching images", disable=not progress,
                                   leave=False)):
-        images[i] = load_image(path, size)
+        images[i] = load_image(path, hw)
     return images
+
+
+def load_placed_cached(paths: Sequence[PathLike], geometry: Geometry, progress: bool = True
+                       ) -> Tuple[Union[torch.Tensor, List[torch.Tensor]], List[Placement]]:
+    """Decode every image once onto its canvas (:func:`load_placed_image`).
+
+    Returns:
+        ``(images, placements)``: the images as one uint8 tensor (N, 3, H, W) when every canvas
+        has one size (``stretch`` and ``keep_aspect``), else (tiling) a list of uint8 (3, H, W).
+
+    Raises:
+        DataError: An image is unreadable.
+    """
+    images: List[torch.Tensor] = []
+    placements: List[Placement] = []
+    for path in tqdm(paths, desc="caching images", disable=not progress, leave=False):
+        canvas, placement = load_placed_image(path, geometry)
+        images.append(canvas)
+        placements.append(placement)
+    if not geometry.tiled and images:
+        return torch.stack(images), placements
+    return images, placements
 
 
 def _split_rank(path: Path, seed: int) -> str:

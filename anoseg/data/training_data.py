@@ -4,31 +4,69 @@
 turns a key into a sample. Because the sampler derives both from the global sample number,
 the batch of step ``s`` is the same whatever the number of workers, and a resumed run sees
 exactly the batches an uninterrupted run would have seen.
+
+Images that do not fill their canvas (``data.resize=keep_aspect``, tiles at an image's border:
+:mod:`anoseg.data.geometry`) get their synthetic anomalies inside the image's box only: the
+padding never holds one.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils.data import Dataset, Sampler
 
 from anoseg.config import SynthesisConfig
+from anoseg.data.geometry import Geometry, Placement, box_within, tile_span
 from anoseg.data.synthesis import synthesize_anomaly
 
 _SEED_STRIDE = 1_000_003  # a prime: keeps the streams of different run seeds apart
 
+MIN_SYNTHESIS_SIDE = 8
+"""A box narrower than this (a tile that is nearly all padding) gets no synthetic anomaly."""
+
+Box = Tuple[int, int, int, int]
+
+
+def synthesize_in_box(image: torch.Tensor, box: Optional[Box], cfg: SynthesisConfig,
+                      generator: torch.Generator
+                      ) -> Tuple[torch.Tensor, torch.Tensor, bool]:
+    """:func:`~anoseg.data.synthesis.synthesize_anomaly` inside ``box`` (``(top, left, height,
+    width)``; ``None`` = the whole image) of ``image``; the rest of the image and of the
+    normality mask stays as it is.
+
+    Returns:
+        ``(image, normality (1, H, W), made)``; ``made`` is False when the box is smaller than
+        :data:`MIN_SYNTHESIS_SIDE` (the image is returned unchanged).
+    """
+    height, width = image.shape[1:]
+    if box is None or tuple(box) == (0, 0, height, width):
+        out, normality = synthesize_anomaly(image, cfg, generator)
+        return out, normality, True
+    top, left, h, w = box
+    normality = torch.ones(1, height, width, dtype=image.dtype)
+    if min(h, w) < MIN_SYNTHESIS_SIDE:
+        return image, normality, False
+    part, part_normality = synthesize_anomaly(
+        image[:, top:top + h, left:left + w].contiguous(), cfg, generator)
+    out = image.clone()
+    out[:, top:top + h, left:left + w] = part
+    normality[:, top:top + h, left:left + w] = part_normality
+    return out, normality, True
+
 
 def make_sample(image: torch.Tensor, cfg: SynthesisConfig, generator: torch.Generator,
-                anomaly_ratio: float) -> Dict[str, torch.Tensor]:
-    """With probability ``anomaly_ratio`` a synthetic anomaly of ``image``, else ``image``.
+                anomaly_ratio: float, box: Optional[Box] = None) -> Dict[str, torch.Tensor]:
+    """With probability ``anomaly_ratio`` a synthetic anomaly of ``image`` (inside ``box``, the
+    image's pixels, when it does not fill the tensor), else ``image``.
 
     Returns ``{"image", "normality", "synthetic"}``; the normality mask is ``(1, H, W)``.
     """
     synthetic = torch.rand((), generator=generator).item() < anomaly_ratio
     if synthetic:
-        image, normality = synthesize_anomaly(image, cfg, generator)
+        image, normality, synthetic = synthesize_in_box(image, box, cfg, generator)
     else:
         normality = torch.ones(1, *image.shape[1:], dtype=image.dtype)
     return {"image": image, "normality": normality, "synthetic": torch.tensor(synthetic)}
@@ -92,39 +130,78 @@ class SyntheticAnomalyDataset(Dataset):
     """Normal training images, each turned into a synthetic anomaly with some probability.
 
     Args:
-        images: either a uint8 tensor ``(N, 3, S, S)`` of decoded images (cached in memory) or
-            a list of image paths decoded on every access.
-        image_size: side ``S`` (used when decoding paths).
+        images: a uint8 tensor ``(N, 3, H, W)`` of decoded canvases or a list of uint8
+            ``(3, H, W)`` canvases (cached in memory:
+            :func:`anoseg.data.mvtec.load_placed_cached`), or a list of image paths decoded
+            on every access.
+        image_size: side ``S`` or ``(height, width)`` (used when decoding paths without a
+            ``geometry``).
         cfg: synthesis settings.
+        geometry: how images become canvases (:class:`~anoseg.data.geometry.Geometry`);
+            default: a stretch to ``image_size``. Under tiling every sample is a random tile
+            of ``geometry.image_hw``.
+        placements: the cached canvases' placements (default: each fills its canvas).
 
     ``dataset[(index, seed)]`` returns ``{"image", "normality", "synthetic"}``: the float image
-    ``(3, S, S)`` in ``[0, 1]``, its normality mask ``(1, S, S)`` (all ones for a normal image)
-    and whether it is synthetic.
+    ``(3, H, W)`` in ``[0, 1]``, its normality mask ``(1, H, W)`` (all ones for a normal
+    image) and whether it is synthetic; under tiling with ``coords=image`` also ``span``
+    (``(4,)``: the tile's coordinates in the image,
+    :func:`anoseg.models.generator.spanned_coordinate_channels`).
     """
 
-    def __init__(self, images: torch.Tensor | Sequence[Path], image_size: int,
-                 cfg: SynthesisConfig) -> None:
+    def __init__(self, images: Union[torch.Tensor, Sequence[torch.Tensor], Sequence[Path]],
+                 image_size, cfg: SynthesisConfig, *, geometry: Optional[Geometry] = None,
+                 placements: Optional[List[Placement]] = None) -> None:
         self.images = images
         self.image_size = image_size
         self.cfg = cfg
+        self.geometry = geometry if geometry is not None else Geometry.of(image_size)
+        self.placements = placements
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def normal_image(self, index: int) -> torch.Tensor:
-        """Training image ``index`` as float in [0, 1], shape (3, S, S), without anomaly."""
-        if isinstance(self.images, torch.Tensor):
-            raw = self.images[index]
-        else:
-            from anoseg.data.mvtec import load_image
+    def canvas(self, index: int) -> Tuple[torch.Tensor, Placement]:
+        """Training image ``index`` on its canvas (uint8 ``(3, H, W)``) and its placement."""
+        raw = self.images[index]
+        if isinstance(raw, torch.Tensor):
+            if self.placements is not None:
+                return raw, self.placements[index]
+            hw = tuple(raw.shape[1:])
+            return raw, Placement(hw, hw, (0, 0, *hw))
+        from anoseg.data.mvtec import load_placed_image
 
-            raw = load_image(self.images[index], self.image_size)
-        return raw.float().div_(255.0)
+        return load_placed_image(raw, self.geometry)
+
+    def normal_image(self, index: int) -> torch.Tensor:
+        """Training image ``index`` on its canvas as float in [0, 1], (3, H, W), without
+        anomaly."""
+        return self.canvas(index)[0].float().div_(255.0)
+
+    def view(self, index: int, generator: Optional[torch.Generator]
+             ) -> Tuple[torch.Tensor, Box, Optional[torch.Tensor]]:
+        """What sample ``index`` shows: ``(float image, box of the image's pixels in it, span
+        or None)``; under tiling a random tile (its place drawn from ``generator``)."""
+        raw, placement = self.canvas(index)
+        if not self.geometry.tiled:
+            return raw.float().div_(255.0), placement.box, None
+        (tile_h, tile_w), (height, width) = self.geometry.image_hw, placement.canvas_hw
+        top = int(torch.randint(0, height - tile_h + 1, (), generator=generator))
+        left = int(torch.randint(0, width - tile_w + 1, (), generator=generator))
+        tile = raw[:, top:top + tile_h, left:left + tile_w].float().div_(255.0)
+        span = None
+        if self.geometry.coords == "image":
+            span = torch.tensor(tile_span(placement, top, left, (tile_h, tile_w)))
+        return tile, box_within(placement, top, left, (tile_h, tile_w)), span
 
     def __getitem__(self, key: Tuple[int, int]) -> Dict[str, torch.Tensor]:
         index, sample_seed = key
         generator = torch.Generator().manual_seed(int(sample_seed))
-        return make_sample(self.normal_image(int(index)), self.cfg, generator, self.cfg.anomaly_ratio)
+        image, box, span = self.view(int(index), generator)
+        sample = make_sample(image, self.cfg, generator, self.cfg.anomaly_ratio, box)
+        if span is not None:
+            sample["span"] = span
+        return sample
 
 
 def normal_pixel_statistics(dataset: SyntheticAnomalyDataset

@@ -23,7 +23,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -36,15 +36,15 @@ class AnoSegDetector(nn.Module):
     """Reconstruction generator and pair discriminator of the downstream detector.
 
     Args:
-        image_size: input side, a multiple of 32 from 64 to 512.
+        image_size: input side, or ``(height, width)``; each a multiple of 32 from 64 to 512.
         width: channel multiplier of both networks (1.0 = the paper's).
         coord_channels: concatenate coordinate channels to the generator input.
         use_anomaly_map: the discriminator sees ``concat(image, map)``; ``False`` = images only
             (the Table 5 base model).
     """
 
-    def __init__(self, *, image_size: int, width: float = 1.0, coord_channels: bool = True,
-                 use_anomaly_map: bool = True) -> None:
+    def __init__(self, *, image_size: Union[int, Tuple[int, int]], width: float = 1.0,
+                 coord_channels: bool = True, use_anomaly_map: bool = True) -> None:
         super().__init__()
         self.use_anomaly_map = use_anomaly_map
         self.generator = AnoSegGenerator(image_size=image_size, width=width,

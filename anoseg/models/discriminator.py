@@ -16,25 +16,28 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import List, Tuple
+from typing import List, Tuple, Union
 
 import torch
 from torch import nn
 
-from anoseg.models.generator import scaled
+from anoseg.models.generator import scaled, side_pair
 
 
 class AnoSegDiscriminator(nn.Module):
     """Args:
-        image_size: input side (a power-of-two multiple of 32 keeps every layer exact; other
-            multiples of 32 also reach 1x1 because each layer rounds down).
+        image_size: input side, or ``(height, width)`` (a power-of-two multiple of 32 keeps
+            every layer exact; other multiples of 32 also reach 1x1 because each layer rounds
+            down). The depth follows from the shorter side, so a non-square input ends in
+            ``1 x n`` logits (averaged) and a ``2 x 2n`` feature map.
         in_channels: 4 = RGB image + one map channel.
         width: channel multiplier.
     """
 
-    def __init__(self, *, image_size: int, in_channels: int = 4, width: float = 1.0) -> None:
+    def __init__(self, *, image_size: Union[int, Tuple[int, int]], in_channels: int = 4,
+                 width: float = 1.0) -> None:
         super().__init__()
-        depth = int(math.floor(math.log2(image_size)))
+        depth = int(math.floor(math.log2(min(side_pair(image_size)))))
         hidden = [scaled(min(64 * 2 ** i, 512), width) for i in range(depth - 1)]
         hidden[-1] = scaled(128, width)
         layers: List[nn.Module] = []

@@ -16,7 +16,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -42,6 +42,28 @@ def coordinate_channels(batch: int, height: int, width: int, *, device=None,
     xs = torch.linspace(-1.0, 1.0, width, device=device, dtype=dtype)
     grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
     return torch.stack([grid_x, grid_y]).unsqueeze(0).expand(batch, -1, -1, -1)
+
+
+def spanned_coordinate_channels(spans: torch.Tensor, height: int, width: int, *,
+                                dtype=torch.float32) -> torch.Tensor:
+    """``(B, 2, height, width)`` coordinate channels of crops of a larger image: row ``b`` of
+    ``spans`` (``(B, 4)``: ``y0, x0, y1, x1``) gives the coordinates of the crop's first and
+    last pixel centres, linear in between (a tile of an image spanning ``[-1, 1]``)."""
+    spans = spans.to(dtype)
+    steps_y = torch.linspace(0.0, 1.0, height, device=spans.device, dtype=dtype)
+    steps_x = torch.linspace(0.0, 1.0, width, device=spans.device, dtype=dtype)
+    ys = spans[:, 0:1] + (spans[:, 2:3] - spans[:, 0:1]) * steps_y  # (B, H)
+    xs = spans[:, 1:2] + (spans[:, 3:4] - spans[:, 1:2]) * steps_x  # (B, W)
+    grid_x = xs[:, None, :].expand(-1, height, -1)
+    grid_y = ys[:, :, None].expand(-1, -1, width)
+    return torch.stack([grid_x, grid_y], dim=1)
+
+
+def side_pair(image_size: Union[int, Tuple[int, int], List[int]]) -> Tuple[int, int]:
+    """``(height, width)`` of an image size given as one side or a pair."""
+    if isinstance(image_size, (tuple, list)):
+        return int(image_size[0]), int(image_size[1])
+    return int(image_size), int(image_size)
 
 
 class ResNet18Encoder(nn.Module):
@@ -205,7 +227,7 @@ class AnoSegGenerator(nn.Module):
     """Encoder with twin decoders.
 
     Args:
-        image_size: input side, a multiple of 32 from 64 to 512.
+        image_size: input side, or ``(height, width)``; each a multiple of 32 from 64 to 512.
         width: channel multiplier (1.0 = the paper's network).
         coord_channels: concatenate x/y coordinate channels to the input (paper 3.3).
         map_decoder: build the normality-map decoder (off for the downstream detector).
@@ -221,11 +243,12 @@ class AnoSegGenerator(nn.Module):
             network learns from the synthetic anomalies to discount it.
     """
 
-    def __init__(self, *, image_size: int, width: float = 1.0, coord_channels: bool = True,
-                 map_decoder: bool = True, reconstruction: bool = True,
-                 map_skips: int = 0, normal_stats: bool = False) -> None:
+    def __init__(self, *, image_size: Union[int, Tuple[int, int]], width: float = 1.0,
+                 coord_channels: bool = True, map_decoder: bool = True,
+                 reconstruction: bool = True, map_skips: int = 0,
+                 normal_stats: bool = False) -> None:
         super().__init__()
-        assert image_size % ENCODER_STRIDE == 0 and 64 <= image_size <= 512, (
+        assert all(s % ENCODER_STRIDE == 0 and 64 <= s <= 512 for s in side_pair(image_size)), (
             f"image_size must be a multiple of 32 from 64 to 512, got {image_size}")
         assert map_decoder or reconstruction, "the generator needs at least one decoder"
         self.image_size = image_size
@@ -234,7 +257,7 @@ class AnoSegGenerator(nn.Module):
         self.map_skips = map_skips if map_decoder else 0
         self.normal_stats = normal_stats
         if normal_stats:
-            shape = (1, 3, image_size, image_size)
+            shape = (1, 3, *side_pair(image_size))
             self.register_buffer("stats_mean", torch.full(shape, 0.5))
             self.register_buffer("stats_std", torch.ones(shape))
         in_channels = 3 + (2 if coord_channels else 0) + (3 if normal_stats else 0)
@@ -247,11 +270,21 @@ class AnoSegGenerator(nn.Module):
         self.reconstruction_decoder = Decoder(in_channels=enc, out_channels=3, width=width) \
             if reconstruction else None
 
-    def forward(self, images: torch.Tensor) -> GeneratorOutput:
+    def forward(self, images: torch.Tensor, spans: Optional[torch.Tensor] = None, *,
+                reconstruct: bool = True) -> GeneratorOutput:
+        """Args:
+            images: ``(B, 3, H, W)`` in ``[0, 1]``, H and W multiples of 32.
+            spans: optional ``(B, 4)`` coordinate spans of tiles of larger images
+                (:func:`spanned_coordinate_channels`); default: each input spans ``[-1, 1]``.
+            reconstruct: run the reconstruction decoder (inference needs only the map).
+        """
         batch, _, height, width = images.shape
         x = images * 2.0 - 1.0  # centre the [0, 1] input for the batch-normalised trunk
         if self.coord_channels:
-            coords = coordinate_channels(batch, height, width, device=x.device, dtype=x.dtype)
+            coords = (coordinate_channels(batch, height, width, device=x.device, dtype=x.dtype)
+                      if spans is None else
+                      spanned_coordinate_channels(spans.to(x.device), height, width,
+                                                  dtype=x.dtype))
             x = torch.cat([x, coords], dim=1)
         if self.normal_stats:
             x = torch.cat([x, self.stats_channels(images)], dim=1)
@@ -262,7 +295,8 @@ class AnoSegGenerator(nn.Module):
         if self.map_decoder is not None:
             normality, logit = self.map_decoder.forward_with_logit(features, skips)
         recon = (self.reconstruction_decoder(features)
-                 if self.reconstruction_decoder is not None else None)
+                 if self.reconstruction_decoder is not None and (reconstruct or normality is None)
+                 else None)
         return GeneratorOutput(normality, recon, logit)
 
     def stats_channels(self, images: torch.Tensor) -> torch.Tensor:
