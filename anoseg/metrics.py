@@ -11,10 +11,11 @@ Conventions:
     * ``labels``: optional image labels, 1 = defective image; derived as ``mask.any()`` if omitted.
     * A pixel is predicted defective at threshold ``t`` when ``score >= t``.
 
-Computation runs in single-threaded numpy on the CPU (tensors on a GPU are copied over batch by
-batch). Nothing here holds all pixels: pixel scores are counted in fixed-size histograms (one for
-defect, one for normal pixels, one weighted by ``1 / region size`` for AUPRO) over ``score_range``,
-and per-image IoU curves are summed over images on the threshold grid. Memory is constant in the
+Computation runs single-threaded on the CPU: numpy, and torch's CPU ``bincount`` for the
+histograms (tensors on a GPU are copied over batch by batch). Nothing here holds all pixels: pixel
+scores are counted in fixed-size histograms (one for defect, one for normal pixels, one weighted by
+``1 / region size`` for AUPRO) over ``score_range``, and per-image IoU curves are summed over
+images on the threshold grid; a batch's bins are counted in one pass, not image by image. Memory is constant in the
 number of pixels (plus two numbers per image for image scores and labels).
 
 Example:

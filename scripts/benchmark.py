@@ -242,24 +242,16 @@ def compile_warm_up(row: SwitchRow, batch: Dict[str, torch.Tensor]) -> List[floa
     return times
 
 
-def loader_wait(cfg: AnoSegConfig, row: SwitchRow, steps: int) -> Dict[str, float]:
-    """The data loader of ``cfg`` (``data.num_workers`` workers synthesising random images):
-    the seconds per batch of synthesis and collation in this process alone, then the seconds
-    per step that ``row``'s training steps wait on the loader, and their seconds per step with
-    the data."""
+def loader_wait(cfg: AnoSegConfig, row: SwitchRow, steps: int, workers: int
+                ) -> Dict[str, float]:
+    """``row``'s training steps fed by the data loader of ``cfg`` with ``workers`` workers
+    (synthesis of random images): the seconds per step they wait on the loader (with 0
+    workers: the synthesis in this process), and their seconds per step with the data."""
     size, batch = cfg.data.image_size, cfg.train.batch_size
     images = torch.randint(0, 256, (64, 3, size, size), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
     dataset = SyntheticAnomalyDataset(images, size, cfg.synthesis)
-    alone = iter(make_train_loader(dataset, StepSampler(64, batch, seed=0), batch, 0))
-    next(alone)
-    start = time.perf_counter()
-    for _ in range(steps):
-        next(alone)
-    produce_s = (time.perf_counter() - start) / steps
-    loader = make_train_loader(dataset, StepSampler(64, batch, seed=1), batch,
-                               cfg.data.num_workers)
-    iterator = iter(loader)
+    iterator = iter(make_train_loader(dataset, StepSampler(64, batch, seed=1), batch, workers))
     row.step(next(iterator))  # workers started, first batch made
     waited, start = 0.0, time.perf_counter()
     for _ in range(steps):
@@ -269,8 +261,7 @@ def loader_wait(cfg: AnoSegConfig, row: SwitchRow, steps: int) -> Dict[str, floa
         row.step({key: value.to(row.device) for key, value in data.items()})
     row.window.read()
     _sync(row.device)
-    return {"produce_s": produce_s, "wait_s": waited / steps,
-            "step_with_data_s": (time.perf_counter() - start) / steps}
+    return {"wait_s": waited / steps, "step_with_data_s": (time.perf_counter() - start) / steps}
 
 
 def step_gflop(row: SwitchRow, batch: Dict[str, torch.Tensor]) -> float:
@@ -327,11 +318,13 @@ def run_switches(args: argparse.Namespace) -> None:
         steady = statistics.median(rows[-1].seconds)
         print(f"torch.compile: first three steps {', '.join(f'{s:.1f}' for s in compile_times)} "
               f"s; compile time about {sum(compile_times) - 3 * steady:.0f} s (not in s/step)")
-    data = loader_wait(cfg, rows[AFTER], args.steps)
-    print(f"data (data.num_workers={cfg.data.num_workers}): synthesis + collation "
-          f"{data['produce_s']:.3f} s per batch in one process; the 'after' step waited "
-          f"{data['wait_s']:.3f} s per step on the loader ({data['step_with_data_s']:.3f} "
-          f"s/step with the data)")
+    without = statistics.median(rows[AFTER].seconds)
+    for workers in sorted({0, cfg.data.num_workers}):
+        data = loader_wait(cfg, rows[AFTER], args.steps * args.repeats, workers)
+        mark = " (the config's)" if workers == cfg.data.num_workers else ""
+        print(f"data, {workers} loader workers{mark}: the 'after' step waited "
+              f"{data['wait_s']:.3f} s per step on the loader; {data['step_with_data_s']:.3f} "
+              f"s/step with the data ({without:.3f} without)")
 
 
 def print_switch_table(rows: List[SwitchRow], gflop: float, peaks: Dict[str, float]) -> None:

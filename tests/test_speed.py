@@ -150,3 +150,27 @@ def test_summary_reports_the_loader_wait_and_the_log_keeps_its_lines(demo_root, 
     assert [r["step"] for r in log] == [3, 6, 7]
     assert all(isinstance(r["seg"], float) and r["grad_norm"] > 0 for r in log)
     assert summary["last_losses"].keys() == {k for k in log[-1]} - {"step", "lr_g", "seconds"}
+
+
+def test_benchmark_switch_table_runs_on_a_tiny_config():
+    """``scripts/benchmark.py --config`` prints every row, the peaks and the loader lines (its
+    numbers are the benchmark's business, not this test's)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    script = root / "scripts" / "benchmark.py"
+    env = {**os.environ, "PYTHONPATH": str(root)}  # this checkout's anoseg
+    proc = subprocess.run(
+        [sys.executable, str(script), "--config", "configs/cpu_small.yaml", "--steps", "1",
+         "--repeats", "1", "--set", "data.image_size=64", "model.width=0.125",
+         "train.batch_size=2", "data.num_workers=0"],
+        capture_output=True, text=True, timeout=600, cwd=root, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    for text in ("matmul peak", "before: EMA loop", "+ foreach EMA", "= after (defaults)",
+                 "+ fused Adam", "GFLOP/step", "data, 0 loader workers (the config's)"):
+        assert text in out, (text, out)
+    assert "1.00x" in out
