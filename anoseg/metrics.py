@@ -102,6 +102,12 @@ def _as_batch(array: np.ndarray, name: str) -> np.ndarray:
 
 def _check_maps(maps: Any) -> np.ndarray:
     """Validated anomaly maps as a float32/float64 array of shape (N, H, W)."""
+    return _check_maps_and_range(maps)[0]
+
+
+def _check_maps_and_range(maps: Any) -> Tuple[np.ndarray, float, float]:
+    """:func:`_check_maps` and the maps' smallest and largest score. Both are finite exactly
+    when every score is (a NaN anywhere makes them NaN), so no separate pass checks that."""
     array = _as_batch(_to_array(maps, "anomaly_maps"), "anomaly_maps")
     if array.dtype == np.bool_ or not (np.issubdtype(array.dtype, np.floating)
                                        or np.issubdtype(array.dtype, np.integer)):
@@ -110,13 +116,14 @@ def _check_maps(maps: Any) -> np.ndarray:
         array = array.astype(np.float64 if np.issubdtype(array.dtype, np.integer) else np.float32)
     if array.size == 0:
         raise MetricsInputError(f"anomaly_maps is empty (shape {tuple(array.shape)})")
-    if not np.isfinite(array).all():
+    smallest, largest = float(array.min()), float(array.max())
+    if not (math.isfinite(smallest) and math.isfinite(largest)):
         n_nan = int(np.isnan(array).sum())
         n_inf = int(np.isinf(array).sum())
         raise MetricsInputError(
             f"anomaly_maps contain {n_nan} NaN and {n_inf} infinite values; every score must be "
             "finite (check the model output / normalisation before computing metrics)")
-    return array
+    return array, smallest, largest
 
 
 def _binarise_masks(masks: np.ndarray) -> np.ndarray:
@@ -669,7 +676,7 @@ class SegmentationMetrics:
             MetricsInputError: NaN/inf scores, non-binary masks, mismatched shapes or counts, or
                 a label 0 on an image with defect pixels. The state is unchanged then.
         """
-        maps = _check_maps(anomaly_maps)
+        maps, smallest, largest = _check_maps_and_range(anomaly_maps)
         n_images = maps.shape[0]
         defect, has_defect = _check_masks(masks, maps.shape, self.resize_masks)
         if labels is None:
@@ -688,7 +695,6 @@ class SegmentationMetrics:
         else:
             image_score_values = _check_per_image(image_scores, n_images, "image_scores")
 
-        smallest, largest = float(maps.min()), float(maps.max())
         if not self._grid.ready:
             self._grid.initialise(smallest, largest if largest > smallest else smallest + 1.0)
         for direction in self._grid.plan(smallest, largest):
@@ -1032,8 +1038,7 @@ class NormalScoreQuantile:
 
     def update(self, normal_maps: ArrayLike) -> None:
         """Adds anomaly maps (N, H, W) / (H, W) of normal images; NaN or inf raises."""
-        maps = _check_maps(normal_maps)
-        smallest, largest = float(maps.min()), float(maps.max())
+        maps, smallest, largest = _check_maps_and_range(normal_maps)
         if not self._grid.ready:
             self._grid.initialise(smallest, largest if largest > smallest else smallest + 1.0)
         for direction in self._grid.plan(smallest, largest):
