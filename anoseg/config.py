@@ -195,6 +195,10 @@ class ModelConfig:
     to discount (docs/experiments.md)."""
 
 
+ADAM_IMPLEMENTATIONS = ("auto", "loop", "foreach", "fused")
+"""The values of ``train.adam``."""
+
+
 @dataclass
 class TrainConfig:
     """Optimisation. How the defaults were chosen, and what is not yet measured: ``docs/design.md``."""
@@ -249,7 +253,16 @@ class TrainConfig:
     sync_batchnorm: bool = False
     """Synchronise batch-norm statistics across processes under torchrun (CUDA only)."""
     compile: bool = field(default=False, metadata=RUNTIME)
-    """Compile generator and discriminator with ``torch.compile`` (first steps are slow)."""
+    """Compile generator and discriminator with ``torch.compile``. On a 2-core CPU (the recipe,
+    one thread) compiling took 134 s and the compiled step was at most ~15 % faster: off by
+    default, worth trying for runs of thousands of steps (docs/performance.md)."""
+    adam: str = field(default="auto", metadata=RUNTIME)
+    """Adam's implementation (:data:`ADAM_IMPLEMENTATIONS`): ``auto`` (PyTorch's choice: the
+    per-parameter ``loop`` on a CPU, ``foreach`` on CUDA), ``loop``, ``foreach`` (multi-tensor
+    ops, the same bits as ``loop``) or ``fused`` (one kernel per step; it rounds differently,
+    and Adam's normalisation and the adversarial game amplify that: after 20 steps of a tiny
+    model the losses differ by ~1e-3 of their value). On a 2-core CPU ``fused`` saves about
+    2.5 ms of a recipe step (~1 %), docs/performance.md."""
     log_every: int = field(default=10, metadata=RUNTIME)
     logger: str = field(default="none", metadata=RUNTIME)
     """``none`` or ``tensorboard`` (``pip install 'anoseg-torch[tensorboard]'``): TensorBoard
@@ -485,6 +498,8 @@ def _validate_train(t: TrainConfig, m: ModelConfig) -> None:
     _check(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", t.min_lr_ratio, "in [0, 1]")
     _check(t.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision", t.precision,
            "'auto', 'fp32', 'bf16' or 'fp16'")
+    _check(t.adam in ADAM_IMPLEMENTATIONS, "train.adam", t.adam,
+           "one of " + ", ".join(f"'{a}'" for a in ADAM_IMPLEMENTATIONS))
     _check(t.device == "auto" or t.device in ("cpu", "cuda", "mps")
            or t.device.startswith("cuda:"), "train.device", t.device,
            "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import time
@@ -49,6 +50,9 @@ class TrainState:
     train_seconds: float = 0.0
     ema: Optional[nn.Module] = None
     """Exponential moving average of the generator's weights (``train.ema_decay > 0``)."""
+    data_wait_seconds: float = 0.0
+    """Seconds this process's loop waited on the data loader (``summary.json``; not saved in
+    the checkpoint)."""
 
 
 @dataclass
@@ -76,9 +80,29 @@ class TrainResult:
 
 
 def make_adam(params, lr: float, betas: Tuple[float, float],
-              weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """The Adam optimiser both stages use."""
-    return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=weight_decay)
+              weight_decay: float = 0.0, implementation: str = "auto") -> torch.optim.Optimizer:
+    """The Adam optimiser both stages use, in one of
+    :data:`anoseg.config.ADAM_IMPLEMENTATIONS` (``train.adam``): PyTorch's per-parameter
+    ``loop``, its multi-tensor ``foreach`` (the same bits), its ``fused`` kernel (rounds
+    differently), or ``auto``, PyTorch's own choice (``loop`` on a CPU, ``foreach`` on CUDA)."""
+    flags = {"loop": {"foreach": False}, "foreach": {"foreach": True},
+             "fused": {"fused": True}}.get(implementation, {})
+    return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=weight_decay, **flags)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: Dict[str, Any]) -> None:
+    """``optimizer.load_state_dict(saved)``, keeping ``optimizer``'s implementation (its
+    ``foreach``/``fused`` flags, which the saved groups would overwrite): a resumed run uses
+    ``train.adam`` as it is set now."""
+    flags = [{k: g[k] for k in ("foreach", "fused") if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, kept in zip(optimizer.param_groups, flags):
+        group.update(kept)
+        if kept.get("fused"):  # the fused kernel wants its step counts on the parameters' device
+            for param in group["params"]:
+                state = optimizer.state.get(param)
+                if state and torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].to(param.device, torch.float32)
 
 
 def backward(loss: torch.Tensor, scaler: Optional[torch.amp.GradScaler]) -> None:
@@ -137,6 +161,61 @@ def check_finite(losses: Dict[str, torch.Tensor], step: int, *,
     return {name: float(value) for name, value in zip(names, values)}
 
 
+class LossWindow:
+    """The losses of the steps since the last read, as the step function returned them:
+    floats, or 0-d tensors left on the device, so a step needs no host sync. :meth:`read`
+    brings every tensor back at once (one sync; under DDP averaged over processes in one
+    all-reduce, so each process must read at the same steps) and checks every loss is finite,
+    step by step: a NaN or inf raises :class:`TrainingDivergedError` naming the first bad
+    loss and its step, before the loop can save a checkpoint.
+
+    Args:
+        on_losses: called as ``on_losses(steps_done, losses)`` for each step read, in order.
+    """
+
+    def __init__(self, on_losses: Optional[Callable[[int, Dict[str, float]], None]] = None
+                 ) -> None:
+        self.on_losses = on_losses
+        self.pending: List[Tuple[int, Dict[str, Any]]] = []
+        self.sums: Dict[str, float] = {}
+        self.count = 0
+        self.last: Dict[str, float] = {}
+
+    def add(self, step: int, losses: Dict[str, Any]) -> None:
+        """The losses of step ``step`` (0-based; ``step + 1`` steps are done after it)."""
+        self.pending.append((step, losses))
+
+    def read(self) -> None:
+        """Read, check and sum the pending steps' losses (see the class)."""
+        tensors = [v for _, losses in self.pending for v in losses.values() if torch.is_tensor(v)]
+        values = iter([])
+        if tensors:
+            stacked = torch.stack([t.detach().float().reshape(()) for t in tensors])
+            world = world_size()
+            if world > 1:
+                stacked = all_reduce_sum(stacked) / world
+            values = iter(stacked.tolist())
+        pending, self.pending = self.pending, []
+        for step, losses in pending:
+            read = {name: next(values) if torch.is_tensor(v) else float(v)
+                    for name, v in losses.items()}
+            for name, value in read.items():
+                if not math.isfinite(value):
+                    raise TrainingDivergedError(DIVERGED_MESSAGE.format(name=name, value=value,
+                                                                        step=step))
+                self.sums[name] = self.sums.get(name, 0.0) + value
+            self.count += 1
+            self.last = read
+            if self.on_losses is not None:
+                self.on_losses(step + 1, read)
+
+    def means(self) -> Dict[str, float]:
+        """The mean of each loss over the steps read since the last call; starts a new window."""
+        means = {k: v / self.count for k, v in self.sums.items()}
+        self.sums, self.count = {}, 0
+        return means
+
+
 # --------------------------------------------------------------------------- checkpoints, resume
 
 
@@ -169,9 +248,9 @@ def checkpoint_dict(kind: str, cfg: AnoSegConfig, state: TrainState, *,
 def restore_progress(state: TrainState, ckpt: Dict[str, Any]) -> None:
     """Load the optimisers, the scaler and the counters of :func:`checkpoint_dict` into
     ``state`` (the networks are the caller's)."""
-    state.opt_g.load_state_dict(ckpt["opt_g"])
+    load_optimizer_state(state.opt_g, ckpt["opt_g"])
     if state.opt_d is not None:
-        state.opt_d.load_state_dict(ckpt["opt_d"])
+        load_optimizer_state(state.opt_d, ckpt["opt_d"])
     if state.scaler is not None and ckpt.get("scaler"):
         state.scaler.load_state_dict(ckpt["scaler"])
     state.step = int(ckpt["step"])
@@ -315,7 +394,8 @@ def training_summary(state: TrainState, stopped: str, device: torch.device,
                      **extra: Any) -> Dict[str, Any]:
     """The ``summary.json`` of a run (``extra`` goes before ``last_losses``)."""
     return {"steps": state.step, "images_seen": state.images_seen,
-            "train_seconds": round(state.train_seconds, 3), "stopped": stopped,
+            "train_seconds": round(state.train_seconds, 3),
+            "data_wait_seconds": round(state.data_wait_seconds, 3), "stopped": stopped,
             "device": str(device), "precision": str(amp_dtype or "fp32"), **extra,
             "last_losses": last_losses}
 
@@ -337,6 +417,8 @@ class Stage:
             the checkpoint.
         log_extra: more fields for each log line; ``summary_extra``: fields of
             ``summary.json`` before ``last_losses``, ``summary_tail``: after.
+        on_losses: called with ``(steps done, losses)`` for every step once its losses are
+            read (:class:`LossWindow`).
     """
 
     folder: StageDir
@@ -358,6 +440,9 @@ class Stage:
     logger: Optional[Any] = None
     """A :class:`anoseg.train_logger.TrainLogger` shown every log line and step (rank 0
     only; ``None``: nothing, no cost); closed at the end."""
+    on_losses: Optional[Callable[[int, Dict[str, float]], None]] = None
+    """Called with ``(steps done, losses as floats)`` for every step, in order, when its
+    losses are read (:class:`LossWindow`)."""
 
 
 def run_stage(stage: Stage, cfg: AnoSegConfig, *, device: torch.device,
@@ -390,7 +475,8 @@ def run_stage(stage: Stage, cfg: AnoSegConfig, *, device: torch.device,
             log_path=folder.losses if ctx.is_main else None, log_every=cfg.train.log_every,
             checkpoint_every=stage.checkpoint_every, time_budget=stage.time_budget,
             stop_at=stop_at, progress=progress and ctx.is_main, desc=stage.desc,
-            should_stop=should_stop, log_extra=stage.log_extra, logger=stage.logger)
+            should_stop=should_stop, log_extra=stage.log_extra, logger=stage.logger,
+            on_losses=stage.on_losses)
     finally:
         if stage.logger is not None:
             stage.logger.close()
@@ -438,7 +524,9 @@ def run_training_loop(state: TrainState, batches: Iterable[Any],
                       stop_at: Optional[int], progress: bool, desc: str,
                       should_stop: Optional[Callable[[List[bool]], List[bool]]] = None,
                       log_extra: Optional[Callable[[], Dict[str, Any]]] = None,
-                      logger: Optional[Any] = None) -> Tuple[str, Dict[str, float]]:
+                      logger: Optional[Any] = None,
+                      on_losses: Optional[Callable[[int, Dict[str, float]], None]] = None
+                      ) -> Tuple[str, Dict[str, float]]:
     """Call ``step_fn(batch)`` until ``state.step`` reaches ``total_steps``, then ``save()``.
 
     Long: the loop's bookkeeping (the log window, the checkpoint cadence, the logger, the
@@ -447,7 +535,9 @@ def run_training_loop(state: TrainState, batches: Iterable[Any],
     Args:
         state: has ``step`` (advanced by ``step_fn``) and ``train_seconds`` (kept here).
         batches: an iterable of batches (``iter`` is called once, when the loop starts).
-        step_fn: one optimisation step; returns its losses as floats.
+        step_fn: one optimisation step; returns its losses as floats or as 0-d tensors (read
+            back together at the next log line or checkpoint, :class:`LossWindow`: a NaN
+            stops the run there, before the checkpoint is written).
         save: writes the checkpoint; called every ``checkpoint_every`` steps and at the end.
         log_path: JSON-lines loss log (means over ``log_every`` steps, appended), ``None`` for
             none (non-zero ranks).
@@ -459,6 +549,8 @@ def run_training_loop(state: TrainState, batches: Iterable[Any],
         log_extra: more fields for each log line, between the losses and ``seconds``.
         logger: shown each log line (``log_line(step, record)``) and each step
             (``after_step(step)``); ``None`` for none.
+        on_losses: called with ``(steps done, losses as floats)`` for every step, in order, when
+            its losses are read.
 
     Returns:
         ``(stopped, last_losses)``: ``completed``, ``time_budget``, ``interrupted`` or
@@ -467,9 +559,7 @@ def run_training_loop(state: TrainState, batches: Iterable[Any],
     from tqdm.auto import tqdm
 
     stopped = "completed"
-    last: Dict[str, float] = {}
-    window: Dict[str, float] = {}
-    window_count = 0
+    window = LossWindow(on_losses)
     started = time.perf_counter()
     seconds_before = state.train_seconds
     bar = tqdm(total=total_steps, initial=state.step, desc=desc, disable=not progress,
@@ -479,16 +569,17 @@ def run_training_loop(state: TrainState, batches: Iterable[Any],
         with _StopFlag() as stop_flag, log_file as log:
             iterator = iter(batches)
             while state.step < total_steps:
+                waited = time.perf_counter()
                 batch = next(iterator)
-                last = step_fn(batch)
+                state.data_wait_seconds += time.perf_counter() - waited
+                window.add(state.step, step_fn(batch))
                 state.train_seconds = seconds_before + time.perf_counter() - started
-                for name, value in last.items():
-                    window[name] = window.get(name, 0.0) + value
-                window_count += 1
                 bar.update(1)
-                if log is not None and (state.step % log_every == 0
-                                        or state.step == total_steps):
-                    means = {k: v / window_count for k, v in window.items()}
+                log_now = state.step % log_every == 0 or state.step == total_steps
+                if log_now or state.step % checkpoint_every == 0:
+                    window.read()  # every process at the same steps; raises before a save
+                if log is not None and log_now:
+                    means = window.means()
                     bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()}, refresh=False)
                     record = {"step": state.step, **means,
                               **(log_extra() if log_extra is not None else {}),
@@ -497,7 +588,6 @@ def run_training_loop(state: TrainState, batches: Iterable[Any],
                     log.flush()
                     if logger is not None:
                         logger.log_line(state.step, record)
-                    window, window_count = {}, 0
                 if state.step % checkpoint_every == 0:
                     save()
                 if logger is not None:
@@ -515,7 +605,8 @@ def run_training_loop(state: TrainState, batches: Iterable[Any],
                 if budget_spent:
                     stopped = "time_budget"
                     break
+            window.read()
     finally:
         bar.close()
     save()
-    return stopped, last
+    return stopped, window.last

@@ -4,12 +4,14 @@
 defects (about 70 % of the images defective). The streaming pass runs in a fresh subprocess that
 reports its wall time and peak RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) next to its RSS
 just before the pass, so the increase is what the pass itself needed (data generation included),
-and the peak of the numpy memory the metric allocates (``tracemalloc``, which sees numpy but not the
-torch tensors of the generator). Data generation runs single-threaded torch (faster than two
-contended threads on a 2-core machine); the metric itself is single-threaded numpy. Then
-``sklearn.metrics.roc_auc_score`` runs on the pixels of every ``--sklearn-every``-th batch (all of
-them with ``--sklearn-every 1``, about 6 GB of RAM) together with the streaming metric on the same
-pixels, and the AUROC difference is printed.
+and the peak of the numpy memory the metric allocates (``tracemalloc``, which sees numpy but not
+torch tensors: the generator's, and the metric's per-batch counts, 1 MiB each). The update's CPU
+time (``time.thread_time``) is printed next to its wall time: on a shared machine the wall time is
+higher, on an idle one the two agree. Data generation runs single-threaded torch (faster than two
+contended threads on a 2-core machine); the metric itself is single-threaded (numpy, and torch's
+``bincount`` for the histograms). Then ``sklearn.metrics.roc_auc_score`` runs on the pixels of
+every ``--sklearn-every``-th batch (all of them with ``--sklearn-every 1``, about 6 GB of RAM)
+together with the streaming metric on the same pixels, and the AUROC difference is printed.
 
 Usage:
     python scripts/benchmark_metrics.py [--sklearn-every 4] [--num-images 1725]
@@ -88,12 +90,14 @@ def streaming_pass(num_images: int) -> Dict[str, float]:
     tracemalloc.start()
     metrics = SegmentationMetrics()
     start = time.perf_counter()
-    generate_s = update_s = 0.0
+    generate_s = update_s = update_cpu_s = 0.0
     tick = time.perf_counter()
     for maps, masks in batches(num_images):
         generated = time.perf_counter()
         generate_s += generated - tick
+        cpu_start = time.thread_time()
         metrics.update(maps, masks)
+        update_cpu_s += time.thread_time() - cpu_start
         tick = time.perf_counter()
         update_s += tick - generated
     compute_start = time.perf_counter()
@@ -110,7 +114,8 @@ def streaming_pass(num_images: int) -> Dict[str, float]:
         "aupro": result["aupro"], "iou_pooled_best": result["iou_pooled_best"],
         "iou_mean_per_image_best": result["iou_mean_per_image_best"],
         "pixel_f1_max": result["pixel_f1_max"],
-        "update_s": update_s, "compute_s": compute_s, "generate_s": generate_s,
+        "update_s": update_s, "update_cpu_s": update_cpu_s, "compute_s": compute_s,
+        "generate_s": generate_s,
         "total_s": total_s, "rss_before_mib": rss_before,
         "peak_rss_before_pass_mib": peak_before, "peak_rss_mib": peak_after,
         "metric_numpy_peak_mib": numpy_peak,
@@ -169,7 +174,8 @@ def main() -> None:
     print(f"streaming pass: {stream['n_images']} images, {stream['n_pixels'] / 1e6:.1f} M pixels, "
           f"{stream['n_defective']} defective, {stream['n_regions']} regions, "
           f"torch threads {stream['torch_threads']}")
-    print(f"  SegmentationMetrics.update total {stream['update_s']:.2f} s, compute() "
+    print(f"  SegmentationMetrics.update total {stream['update_s']:.2f} s (CPU time of the thread "
+          f"{stream['update_cpu_s']:.2f} s: on a busy machine the wall time is higher), compute() "
           f"{stream['compute_s']:.2f} s (synthetic data generation {stream['generate_s']:.2f} s "
           f"more; loop wall time {stream['total_s']:.2f} s)")
     rss_increase = stream["peak_rss_mib"] - stream["rss_before_mib"]

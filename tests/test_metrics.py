@@ -330,6 +330,63 @@ def test_big_batch_equals_small_batches() -> None:
     assert_results_equal(whole.compute(), streamed.compute())
 
 
+def direct_state(batches: List[Tuple[np.ndarray, np.ndarray]], lo: float, hi: float,
+                 num_bins: int, num_thresholds: int, fixed: float) -> Dict[str, np.ndarray]:
+    """The accumulator's state counted pixel by pixel: bins of the float64 positions, a BFS
+    region per defect pixel, per-image curves one image at a time."""
+    per_threshold = num_bins // num_thresholds
+    state = {"defect": np.zeros(num_bins, np.int64), "normal": np.zeros(num_bins, np.int64),
+             "region": np.zeros(num_bins), "iou": np.zeros(num_thresholds),
+             "fixed_tp": 0, "fixed_fp": 0}
+    for maps, masks in batches:
+        bins = np.clip(np.floor((maps.astype(np.float64) - lo) * (num_bins / (hi - lo))),
+                       0, num_bins - 1).astype(np.int64)
+        for image_bins, mask, image_map in zip(bins, masks, maps):
+            state["defect"] += np.bincount(image_bins[mask], minlength=num_bins)
+            state["normal"] += np.bincount(image_bins[~mask], minlength=num_bins)
+            for region in bfs_regions(mask):
+                np.add.at(state["region"], image_bins.reshape(-1)[region], 1.0 / region.size)
+            predicted = image_map >= fixed
+            state["fixed_tp"] += int(np.sum(predicted & mask))
+            state["fixed_fp"] += int(np.sum(predicted & ~mask))
+            if mask.any():
+                slots = image_bins // per_threshold
+                true_pos = np.array([np.sum(mask & (slots >= i)) for i in range(num_thresholds)])
+                false_pos = np.array([np.sum(~mask & (slots >= i))
+                                      for i in range(num_thresholds)])
+                state["iou"] += true_pos / (mask.sum() + false_pos)
+    return state
+
+
+def test_accumulated_state_equals_pixel_by_pixel_counts() -> None:
+    """The batched update (one count of all bins and one of the defect bins per batch, per-image
+    curves in chunks, runs for the regions) keeps exactly the counts a pixel-by-pixel pass
+    gives: bitwise for the integer histograms and the fixed-threshold counts, to rounding for
+    the float sums (their summation order differs). Batches with more images than the
+    per-image chunk, with and without defect-free images, and a range that doubles."""
+    from anoseg.metrics import PER_IMAGE_CHUNK
+
+    rng = np.random.default_rng(42)
+    batches = []
+    for n_images in (PER_IMAGE_CHUNK + 7, 3, 1, 5):
+        maps = rng.random((n_images, 9, 13)).astype(np.float32)
+        masks = rng.random((n_images, 9, 13)) < rng.choice([0.1, 0.4, 0.7])
+        masks[rng.random(n_images) < 0.3] = False
+        maps = maps + 0.5 * masks * rng.random(masks.shape).astype(np.float32)  # up to 1.5
+        batches.append((maps, masks))
+    metrics = SegmentationMetrics(num_thresholds=40, num_bins=160, fixed_thresholds=[0.61])
+    for maps, masks in batches:
+        metrics.update(maps, masks)
+    assert metrics._grid.doublings == 1  # (0, 1) became (0, 2)
+    state = direct_state(batches, 0.0, 2.0, 160, 40, 0.61)
+    assert np.array_equal(metrics._defect_hist, state["defect"])
+    assert np.array_equal(metrics._normal_hist, state["normal"])
+    assert metrics._fixed_tp[0] == state["fixed_tp"] and metrics._fixed_fp[0] == state["fixed_fp"]
+    np.testing.assert_allclose(metrics._region_weight_hist, state["region"], rtol=1e-13, atol=0)
+    np.testing.assert_allclose(metrics._iou_sum_per_image, state["iou"], rtol=1e-13, atol=0)
+    assert metrics._n_regions == sum(len(bfs_regions(m)) for _, ms in batches for m in ms)
+
+
 # ----------------------------------------------------------------------------------------------
 # Edge cases
 

@@ -6,6 +6,7 @@ Every run is tiny (64x64, width 0.125, batch 4, 3 steps, 2 detector steps) on th
 import csv
 import importlib.util
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -344,8 +345,11 @@ def test_every_script_imports_and_shows_its_help(script):
     import subprocess
     import sys as _sys
 
-    path = Path(__file__).resolve().parent.parent / "scripts" / script
+    root = Path(__file__).resolve().parent.parent
+    path = root / "scripts" / script
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(  # this checkout's anoseg, not another
+        [str(root)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
     proc = subprocess.run([_sys.executable, str(path), "--help"], capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage" in proc.stdout.lower()
