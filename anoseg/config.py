@@ -761,16 +761,18 @@ def save_config(cfg: AnoSegConfig, path: str | Path) -> None:
 
 # Settings used when ``anoseg-train`` runs on the built-in demo dataset without a config file:
 # small enough that a laptop CPU finishes the whole job in a few minutes (about 4 minutes of
-# training on one core of this project's AMD machine, fp32). They are the real-data recipe
-# (configs/cpu_unseen.yaml) at 64x64: skips into the map decoder, synthetic anomalies from
-# tiny spots to large noise regions, the focal L_Seg with pasted pixels weighted 10x. On
-# demo_texture after 300 steps: pixel AUROC 0.989, best IoU 0.326 (the previous balanced-L1
-# defaults: 0.640 / 0.019, a flat map; docs/experiments.md, fourth round, run d5).
+# training on one core of an AMD EPYC without bf16 in fp32, 70 s on one core with AVX512-BF16).
+# They are the real-data recipe (configs/cpu_unseen.yaml) at 64x64: skips into the map decoder,
+# the normal-statistics input channels, synthetic anomalies from tiny spots to large noise
+# regions, the focal L_Seg with pasted pixels weighted 10x. On demo_texture after 300 steps
+# (bf16): pixel AUROC 0.972, best IoU 0.398; without the normal statistics 0.983 / 0.294 (the
+# balanced-L1 defaults of the third round: 0.640 / 0.019, a flat map; docs/experiments.md,
+# fifth round, runs d6 and d7).
 DEMO_OVERRIDES: Dict[str, Dict[str, Any]] = {
     "data": {"image_size": 64, "num_workers": 1},
     "synthesis": {"patch_area": [0.0005, 0.05], "patch_area_scale": "log", "blob_p": 0.5,
                   "jitter_p": 1.0, "anomalies_per_image": [1, 3], "region_p": 0.5},
-    "model": {"width": 0.25, "map_skips": 3},
+    "model": {"width": 0.25, "map_skips": 3, "normal_stats": True},
     "train": {"steps": 300, "batch_size": 16, "checkpoint_every": 100, "lr_generator": 1e-3,
               "lr_discriminator": 5e-4, "seg_loss": "focal", "seg_anomaly_weight": 10.0,
               "schedule": "constant", "ema_decay": 0.99},
