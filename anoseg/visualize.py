@@ -159,16 +159,7 @@ def triptych(image: ArrayLike, anomaly_map: ArrayLike, mask: Optional[ArrayLike]
     Panels are enlarged by a whole factor (bilinear for the input, nearest for the map and the
     mask) until they are at least ``min_panel_side`` pixels. A missing mask is drawn black.
     """
-    rgb = image_to_uint8(image)
-    height, width = rgb.shape[:2]
-    mask_picture = (np.zeros((height, width), np.uint8) if mask is None
-                    else mask_to_uint8(mask))
-    factor = enlargement_factor(min(height, width), min_panel_side)
-    panels = [_enlarge(rgb, factor, smooth=True),
-              _enlarge(colorize(anomaly_map), factor, smooth=False),
-              _enlarge(np.repeat(mask_picture[:, :, None], 3, axis=2), factor, smooth=False)]
-    gap = np.full((panels[0].shape[0], PANEL_GAP, 3), 255, dtype=np.uint8)
-    return np.concatenate([panels[0], gap, panels[1], gap, panels[2]], axis=1)
+    return _three_panels(image_to_uint8(image), colorize, anomaly_map, mask, min_panel_side)
 
 
 def enlarged_overlay(image: ArrayLike, anomaly_map: ArrayLike, alpha: float = 0.5,
@@ -236,12 +227,21 @@ def report_strip(image: ArrayLike, anomaly_map: ArrayLike, mask: Optional[ArrayL
     """Input | the map blended over the input | ground truth (black without a mask), side by
     side, enlarged like :func:`triptych`: a gallery picture of ``report.html``."""
     rgb = image_to_uint8(image)
+    return _three_panels(rgb, lambda m: heatmap_overlay(rgb, m), anomaly_map, mask,
+                         min_panel_side)
+
+
+def _three_panels(rgb: np.ndarray, draw_map, anomaly_map: ArrayLike,
+                  mask: Optional[ArrayLike], min_panel_side: int) -> np.ndarray:
+    """Input | ``draw_map(anomaly_map)`` | mask (black without one), enlarged by one whole
+    factor to at least ``min_panel_side``, white gaps between (:func:`triptych`,
+    :func:`report_strip`)."""
     height, width = rgb.shape[:2]
     mask_picture = (np.zeros((height, width), np.uint8) if mask is None
                     else mask_to_uint8(mask))
     factor = enlargement_factor(min(height, width), min_panel_side)
     panels = [_enlarge(rgb, factor, smooth=True),
-              _enlarge(heatmap_overlay(rgb, anomaly_map), factor, smooth=False),
+              _enlarge(draw_map(anomaly_map), factor, smooth=False),
               _enlarge(np.repeat(mask_picture[:, :, None], 3, axis=2), factor, smooth=False)]
     gap = np.full((panels[0].shape[0], PANEL_GAP, 3), 255, dtype=np.uint8)
     return np.concatenate([panels[0], gap, panels[1], gap, panels[2]], axis=1)
