@@ -193,6 +193,15 @@ class ModelConfig:
     mean and standard deviation (three more input channels; not in the paper): a "what is
     normal here" cue for aligned parts that the synthetic anomalies teach the network to use or
     to discount (docs/experiments.md)."""
+    upsample: str = "transpose"
+    """How the decoders double their resolution: ``transpose`` (the paper's Table 6: a 4x4
+    transposed convolution, stride 2) or ``bilinear`` (bilinear upsampling, then a 3x3
+    convolution; not in the paper). Transposed convolutions of stride 2 leave a checkerboard of
+    uneven overlap in the maps, noise at the scale of the smallest defects."""
+
+
+UPSAMPLE_MODES = ("transpose", "bilinear")
+"""The values of ``model.upsample``."""
 
 
 ADAM_IMPLEMENTATIONS = ("auto", "loop", "foreach", "fused")
@@ -465,6 +474,8 @@ def _validate_model(m: ModelConfig) -> None:
     """The ``model`` section's checks."""
     _check(0.0 < m.width <= 4.0, "model.width", m.width, "a multiplier in (0, 4]")
     _check(0 <= m.map_skips <= 4, "model.map_skips", m.map_skips, "an integer from 0 to 4")
+    _check(m.upsample in UPSAMPLE_MODES, "model.upsample", m.upsample,
+           f"one of {', '.join(UPSAMPLE_MODES)}")
 
 
 def _validate_train(t: TrainConfig, m: ModelConfig) -> None:

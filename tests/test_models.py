@@ -121,3 +121,20 @@ def test_checkpoints_from_before_the_skip_connections_still_load():
     fresh.load_state_dict(old)
     for key, value in new.items():
         assert torch.equal(fresh.state_dict()[key], value), key
+
+
+def test_bilinear_upsampling_decoders_keep_shapes_and_have_no_transposed_convolutions():
+    from anoseg.config import load_config
+    from anoseg.errors import ConfigError
+    from anoseg.models.factory import build_generator
+
+    cfg = load_config(None, ["data.image_size=64", "model.width=0.125", "model.map_skips=2",
+                             "model.upsample=bilinear"])
+    g = build_generator(cfg).eval()
+    out = g(torch.rand(2, 3, 64, 64))
+    assert out.normality_map.shape == (2, 1, 64, 64)
+    assert out.reconstruction.shape == (2, 3, 64, 64)
+    assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in g.modules())
+    assert any(isinstance(m, torch.nn.Upsample) for m in g.modules())
+    with pytest.raises(ConfigError, match="model.upsample"):
+        load_config(None, ["model.upsample=nearest"]).validate()

@@ -27,7 +27,8 @@ def build_generator(cfg: AnoSegConfig, *, map_decoder: bool = True) -> AnoSegGen
                                 map_decoder=map_decoder,
                                 reconstruction=cfg.model.reconstruction or not map_decoder,
                                 map_skips=cfg.model.map_skips,
-                                normal_stats=cfg.model.normal_stats and map_decoder)
+                                normal_stats=cfg.model.normal_stats and map_decoder,
+                                upsample=cfg.model.upsample)
     if cfg.model.init_weights:
         path = Path(cfg.model.init_weights)
         if not path.is_file():

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
+from anoseg.config import UPSAMPLE_MODES
+
 ENCODER_STRIDE = 32
 STATS_CLIP = 4.0
 """Normal-statistics channels (``normal_stats``) carry ``z / STATS_CLIP`` with the per-pixel
@@ -138,10 +140,17 @@ def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
                          nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
-def _up_bn_relu(channels: int) -> nn.Sequential:
-    return nn.Sequential(nn.ConvTranspose2d(channels, channels, 4, stride=2, padding=1,
-                                            bias=False),
-                         nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+def _up_bn_relu(channels: int, mode: str = "transpose") -> nn.Sequential:
+    """Double the resolution: a 4x4 transposed convolution of stride 2 (the paper), or
+    bilinear upsampling then a 3x3 convolution (no checkerboard of uneven kernel overlap)."""
+    if mode == "transpose":
+        up = nn.ConvTranspose2d(channels, channels, 4, stride=2, padding=1, bias=False)
+    elif mode == "bilinear":
+        up = nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                           nn.Conv2d(channels, channels, 3, padding=1, bias=False))
+    else:
+        raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {mode!r}")
+    return nn.Sequential(up, nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
 
 
 class Decoder(nn.Module):
@@ -153,10 +162,12 @@ class Decoder(nn.Module):
     and 2, the channels of an encoder feature map concatenated to the upsampled features
     before that block's Conv (a U-Net skip connection); 0 = none. The paper's decoder has none,
     so its map is decoded from the stride-32 features alone.
+
+    ``upsample``: ``transpose`` (the paper) or ``bilinear`` (:func:`_up_bn_relu`).
     """
 
     def __init__(self, *, in_channels: int, out_channels: int, width: float = 1.0,
-                 skip_channels: Optional[List[int]] = None) -> None:
+                 skip_channels: Optional[List[int]] = None, upsample: str = "transpose") -> None:
         super().__init__()
         plan = [scaled(c, width) for c in (512, 256, 128, 128, 128, 128)]
         skips = list(skip_channels or []) + [0] * 5
@@ -165,7 +176,7 @@ class Decoder(nn.Module):
         self.ups = nn.ModuleList()
         self.convs = nn.ModuleList()
         for cin, cout, extra in zip(plan[:-1], plan[1:], self.skip_channels):
-            self.ups.append(_up_bn_relu(cin))
+            self.ups.append(_up_bn_relu(cin, upsample))
             self.convs.append(_conv_bn_relu(cin + extra, cout))
         self.head = nn.Sequential(nn.Conv2d(plan[-1], out_channels, 3, padding=1),
                                   nn.Sigmoid())
@@ -235,6 +246,8 @@ class AnoSegGenerator(nn.Module):
         map_skips: number of U-Net skip connections from the encoder into the map decoder,
             0-4 (0 = the paper; 1 = stride 16; 2 = strides 16 and 8; ... 4 = down to stride 2).
             The reconstruction decoder never has any (it would learn the identity).
+        upsample: ``transpose`` (the paper's transposed convolutions) or ``bilinear``
+            (bilinear upsampling then a 3x3 convolution, in both decoders).
         normal_stats: three more input channels (not in the paper): the input's per-pixel,
             per-channel z-score against the mean and standard deviation of the normal training
             images (buffers ``stats_mean``/``stats_std``, set by :meth:`set_normal_stats`
@@ -246,7 +259,7 @@ class AnoSegGenerator(nn.Module):
     def __init__(self, *, image_size: Union[int, Tuple[int, int]], width: float = 1.0,
                  coord_channels: bool = True, map_decoder: bool = True,
                  reconstruction: bool = True, map_skips: int = 0,
-                 normal_stats: bool = False) -> None:
+                 normal_stats: bool = False, upsample: str = "transpose") -> None:
         super().__init__()
         assert all(s % ENCODER_STRIDE == 0 and 64 <= s <= 512 for s in side_pair(image_size)), (
             f"image_size must be a multiple of 32 from 64 to 512, got {image_size}")
@@ -266,9 +279,10 @@ class AnoSegGenerator(nn.Module):
         # encoder feature channels at strides 16, 8, 4, 2 (the decoder's block order)
         skip_channels = self.encoder.feature_channels[-2::-1][:self.map_skips]
         self.map_decoder = Decoder(in_channels=enc, out_channels=1, width=width,
-                                   skip_channels=skip_channels) if map_decoder else None
-        self.reconstruction_decoder = Decoder(in_channels=enc, out_channels=3, width=width) \
-            if reconstruction else None
+                                   skip_channels=skip_channels,
+                                   upsample=upsample) if map_decoder else None
+        self.reconstruction_decoder = Decoder(in_channels=enc, out_channels=3, width=width,
+                                              upsample=upsample) if reconstruction else None
 
     def forward(self, images: torch.Tensor, spans: Optional[torch.Tensor] = None, *,
                 reconstruct: bool = True) -> GeneratorOutput:
