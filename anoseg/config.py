@@ -193,6 +193,11 @@ class ModelConfig:
     mean and standard deviation (three more input channels; not in the paper): a "what is
     normal here" cue for aligned parts that the synthetic anomalies teach the network to use or
     to discount (docs/experiments.md)."""
+    feature_stats: bool = False
+    """A second signal at inference (not in the paper): the Mahalanobis distance of the
+    encoder's stride-2 and stride-4 features to their per-location Gaussian over the normal
+    training images, summed with the map head's anomaly logit, both z-scored on the held-out
+    normal images. Fitted at every checkpoint; training never sees it (docs/experiments.md)."""
     upsample: str = "transpose"
     """How the decoders double their resolution: ``transpose`` (the paper's Table 6: a 4x4
     transposed convolution, stride 2) or ``bilinear`` (bilinear upsampling, then a 3x3
@@ -380,6 +385,10 @@ class AnoSegConfig:
         _validate_train(self.train, self.model)
         _validate_eval(self.eval)
         _validate_detector(self.detector)
+        _check(not (self.model.feature_stats and self.data.tiling.enabled),
+               "model.feature_stats", self.model.feature_stats,
+               "false with data.tiling (per-location statistics of whole images; a tile at a "
+               "random place has none)")
         _check(not (self.model.normal_stats and self.data.tiling.enabled), "model.normal_stats",
                self.model.normal_stats, "false with data.tiling (per-pixel statistics of whole "
                "images mean nothing for a tile at a random place)")

@@ -329,7 +329,13 @@ def _train_locked(cfg: AnoSegConfig, run: RunDir, *, resume: bool, progress: boo
         return train_step(state, batch, cfg.train, device=device, amp_dtype=amp_dtype,
                           channels_last=cfg.train.channels_last, read_losses=False)
 
-    stage = Stage(run, state, dataset, step, lambda: segmenter_checkpoint(state, cfg, data),
+    fit = feature_stats_fitter(cfg, data, state, dataset, device)
+
+    def make_checkpoint() -> Dict[str, Any]:
+        fit()
+        return segmenter_checkpoint(state, cfg, data)
+
+    stage = Stage(run, state, dataset, step, make_checkpoint,
                   resumed=ckpt is not None, total_steps=cfg.train.steps,
                   batch_size=cfg.train.batch_size // ctx.world_size, seed=cfg.train.seed,
                   checkpoint_every=cfg.train.checkpoint_every,
@@ -360,6 +366,44 @@ def _dataset_and_state(cfg: AnoSegConfig, data: DataRecord, device: torch.device
     elif cfg.model.normal_stats:
         set_normal_stats(state, dataset)
     return dataset, state
+
+
+FEATURE_STATS_BATCH = 32
+"""Images per forward pass when fitting ``model.feature_stats``."""
+
+
+def feature_stats_fitter(cfg: AnoSegConfig, data: DataRecord, state: TrainState, dataset,
+                         device: torch.device):
+    """A function that fits ``model.feature_stats`` of the raw and the EMA generator on the
+    training images and the held-out normal images (the training images when none are held
+    out), called before every checkpoint so each one holds statistics of its own weights; a
+    no-op without ``model.feature_stats``."""
+    if not cfg.model.feature_stats:
+        return lambda: None
+    from anoseg.data.geometry import Geometry
+    from anoseg.data.mvtec import load_placed_cached
+
+    holdout = None
+    if data.split.holdout:
+        holdout, _ = load_placed_cached([Path(p) for p in data.split.holdout],
+                                        Geometry.from_config(cfg.data), progress=False)
+
+    def batches(source):
+        if source is None:  # the training images
+            for start in range(0, len(dataset), FEATURE_STATS_BATCH):
+                stop = min(start + FEATURE_STATS_BATCH, len(dataset))
+                yield torch.stack([dataset.normal_image(i) for i in range(start, stop)]
+                                  ).to(device)
+        else:
+            for start in range(0, len(source), FEATURE_STATS_BATCH):
+                yield source[start:start + FEATURE_STATS_BATCH].to(device).float().div_(255.0)
+
+    def fit() -> None:
+        for model in (unwrap(state.generator), state.ema):
+            if model is not None:
+                model.fit_feature_stats(batches(None), batches(holdout))
+
+    return fit
 
 
 def set_normal_stats(state: TrainState, dataset) -> None:

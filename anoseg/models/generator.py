@@ -16,9 +16,11 @@ Example:
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Tuple, Union
+import math
+from typing import Iterable, List, NamedTuple, Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
@@ -30,6 +32,16 @@ STATS_CLIP = 4.0
 z-score clipped to ``[-STATS_CLIP, STATS_CLIP]``, so they lie in ``[-1, 1]`` like the image."""
 STATS_MIN_STD = 1e-2
 """Floor of the per-pixel standard deviation (as the per-pixel Gaussian baseline's)."""
+FEATURE_STATS_MAX_CHANNELS = 32
+"""``feature_stats`` models at most this many feature channels (a fixed, seeded subset when
+the encoder's stride-2 and stride-4 maps have more: PaDiM's random dimension reduction)."""
+FEATURE_STATS_RIDGE = 1e-2
+"""Added to the diagonal of every location's feature covariance before it is inverted."""
+FEATURE_STATS_SIGMA = 1.0
+"""Standard deviation, in image pixels, of the Gaussian blur of the feature distance map."""
+FEATURE_STATS_OFFSET = 4.0
+"""Subtracted from the summed z-scores of the two signals, so a typical normal pixel's
+combined anomaly logit is about -4 (anomaly probability ~0.02) and maps look quiet."""
 
 
 def scaled(channels: int, width: float) -> int:
@@ -259,7 +271,8 @@ class AnoSegGenerator(nn.Module):
     def __init__(self, *, image_size: Union[int, Tuple[int, int]], width: float = 1.0,
                  coord_channels: bool = True, map_decoder: bool = True,
                  reconstruction: bool = True, map_skips: int = 0,
-                 normal_stats: bool = False, upsample: str = "transpose") -> None:
+                 normal_stats: bool = False, upsample: str = "transpose",
+                 feature_stats: bool = False) -> None:
         super().__init__()
         assert all(s % ENCODER_STRIDE == 0 and 64 <= s <= 512 for s in side_pair(image_size)), (
             f"image_size must be a multiple of 32 from 64 to 512, got {image_size}")
@@ -283,6 +296,26 @@ class AnoSegGenerator(nn.Module):
                                    upsample=upsample) if map_decoder else None
         self.reconstruction_decoder = Decoder(in_channels=enc, out_channels=3, width=width,
                                               upsample=upsample) if reconstruction else None
+        self.feature_stats = feature_stats and map_decoder
+        if self.feature_stats:
+            height, width_px = side_pair(image_size)
+            fine = self.encoder.feature_channels[:2]  # stem (stride 2), layer1 (stride 4)
+            total = sum(fine)
+            keep = min(total, FEATURE_STATS_MAX_CHANNELS)
+            picked = (torch.arange(total) if keep == total else
+                      torch.randperm(total, generator=torch.Generator().manual_seed(0))[:keep]
+                      .sort().values)
+            locations = (height // 2) * (width_px // 2)
+            self.register_buffer("fstats_channels", picked)
+            self.register_buffer("fstats_mean", torch.zeros(locations, keep))
+            self.register_buffer("fstats_icov", torch.eye(keep).repeat(locations, 1, 1))
+            # (logit mean, logit std, distance mean, distance std) on held-out normal images
+            self.register_buffer("fstats_scale", torch.tensor([0.0, 1.0, 0.0, 1.0]))
+            self.register_buffer("fstats_fitted", torch.zeros(()))
+            radius = int(math.ceil(3 * FEATURE_STATS_SIGMA))
+            taps = torch.exp(-torch.arange(-radius, radius + 1, dtype=torch.float32) ** 2
+                             / (2 * FEATURE_STATS_SIGMA ** 2))
+            self.register_buffer("fstats_kernel", taps / taps.sum(), persistent=False)
 
     def forward(self, images: torch.Tensor, spans: Optional[torch.Tensor] = None, *,
                 reconstruct: bool = True) -> GeneratorOutput:
@@ -292,22 +325,15 @@ class AnoSegGenerator(nn.Module):
                 (:func:`spanned_coordinate_channels`); default: each input spans ``[-1, 1]``.
             reconstruct: run the reconstruction decoder (inference needs only the map).
         """
-        batch, _, height, width = images.shape
-        x = images * 2.0 - 1.0  # centre the [0, 1] input for the batch-normalised trunk
-        if self.coord_channels:
-            coords = (coordinate_channels(batch, height, width, device=x.device, dtype=x.dtype)
-                      if spans is None else
-                      spanned_coordinate_channels(spans.to(x.device), height, width,
-                                                  dtype=x.dtype))
-            x = torch.cat([x, coords], dim=1)
-        if self.normal_stats:
-            x = torch.cat([x, self.stats_channels(images)], dim=1)
-        levels = self.encoder.features(x)
+        levels = self.encoder.features(self._inputs(images, spans))
         features = levels[-1]
         skips = levels[-2::-1][:self.map_skips]
         normality = logit = None
         if self.map_decoder is not None:
             normality, logit = self.map_decoder.forward_with_logit(features, skips)
+            if self.feature_stats and not self.training and bool(self.fstats_fitted):
+                logit = -self.combined_anomaly_logit(-logit, levels)
+                normality = torch.sigmoid(logit)
         recon = (self.reconstruction_decoder(features)
                  if self.reconstruction_decoder is not None and (reconstruct or normality is None)
                  else None)
@@ -321,6 +347,99 @@ class AnoSegGenerator(nn.Module):
                              f" pixels, the input {tuple(images.shape[-2:])}")
         z = (images - self.stats_mean) / self.stats_std
         return z.clamp(-STATS_CLIP, STATS_CLIP) / STATS_CLIP
+
+    def fine_features(self, levels: List[torch.Tensor]) -> torch.Tensor:
+        """``(B, L, C)`` the modelled channels of the stride-2 and (upsampled) stride-4
+        encoder maps at each of the ``L`` stride-2 locations (``feature_stats``)."""
+        stem, f4 = levels[0], levels[1]
+        f4 = F.interpolate(f4, size=stem.shape[-2:], mode="bilinear", align_corners=False)
+        both = torch.cat([stem, f4], dim=1).float()[:, self.fstats_channels]
+        return both.flatten(2).transpose(1, 2)
+
+    def feature_distance(self, levels: List[torch.Tensor], size: Tuple[int, int]) -> torch.Tensor:
+        """``(B, 1, H, W)`` the blurred Mahalanobis distance of the fine features to their
+        per-location normal Gaussian, at the image size ``size``."""
+        feats = self.fine_features(levels) - self.fstats_mean
+        squared = torch.einsum("blc,lcd,bld->bl", feats, self.fstats_icov, feats)
+        h, w = levels[0].shape[-2:]
+        dist = squared.clamp_min(0.0).sqrt().reshape(-1, 1, h, w)
+        dist = F.interpolate(dist, size=size, mode="bilinear", align_corners=False)
+        k = self.fstats_kernel
+        r = k.numel() // 2
+        dist = F.conv2d(F.pad(dist, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+        return F.conv2d(F.pad(dist, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
+
+    def combined_anomaly_logit(self, anomaly_logit: torch.Tensor,
+                               levels: List[torch.Tensor]) -> torch.Tensor:
+        """The map head's anomaly logit plus the feature distance, each z-scored with
+        ``fstats_scale``, minus :data:`FEATURE_STATS_OFFSET`."""
+        lm, ls, dm, ds = self.fstats_scale
+        dist = self.feature_distance(levels, anomaly_logit.shape[-2:])
+        return ((anomaly_logit.float() - lm) / ls + (dist - dm) / ds
+                - FEATURE_STATS_OFFSET)
+
+    def _inputs(self, images: torch.Tensor,
+                spans: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The encoder's input: the centred image, the coordinate channels (of ``spans``
+        under tiling) and the normal-statistics channels, as the model was built."""
+        batch, _, height, width = images.shape
+        x = images * 2.0 - 1.0  # centre the [0, 1] input for the batch-normalised trunk
+        if self.coord_channels:
+            coords = (coordinate_channels(batch, height, width, device=x.device, dtype=x.dtype)
+                      if spans is None else
+                      spanned_coordinate_channels(spans.to(x.device), height, width,
+                                                  dtype=x.dtype))
+            x = torch.cat([x, coords], dim=1)
+        if self.normal_stats:
+            x = torch.cat([x, self.stats_channels(images)], dim=1)
+        return x
+
+    @torch.no_grad()
+    def fit_feature_stats(self, train_batches: Iterable[torch.Tensor],
+                          holdout_batches: Iterable[torch.Tensor]) -> None:
+        """Fit ``feature_stats`` (in eval mode; the mode is restored): the per-location mean
+        and inverse covariance (plus :data:`FEATURE_STATS_RIDGE` on the diagonal) of the fine
+        features over ``train_batches``, then the mean and std of the map head's anomaly
+        logit and of the feature distance over ``holdout_batches`` (float images ``(B, 3, H,
+        W)`` in ``[0, 1]``, at the model's size; both iterables are read once)."""
+        if not self.feature_stats:
+            raise ValueError("this generator was built without feature_stats")
+        was_training = self.training
+        self.eval()
+        self.fstats_fitted.fill_(0.0)
+        try:
+            total = outer = None
+            count = 0
+            for images in train_batches:
+                feats = self.fine_features(self.encoder.features(self._inputs(images))).double()
+                s, o = feats.sum(0), torch.einsum("blc,bld->lcd", feats, feats)
+                total = s if total is None else total + s
+                outer = o if outer is None else outer + o
+                count += feats.shape[0]
+            if count < 2:
+                raise ValueError("feature statistics need at least 2 training images")
+            mean = total / count
+            cov = (outer - count * torch.einsum("lc,ld->lcd", mean, mean)) / (count - 1)
+            cov = cov + FEATURE_STATS_RIDGE * torch.eye(cov.shape[-1], dtype=cov.dtype,
+                                                        device=cov.device)
+            self.fstats_mean.copy_(mean.float())
+            self.fstats_icov.copy_(torch.linalg.inv(cov).float())
+            logits, dists = [], []
+            for images in holdout_batches:
+                levels = self.encoder.features(self._inputs(images))
+                _, logit = self.map_decoder.forward_with_logit(
+                    levels[-1], levels[-2::-1][:self.map_skips])
+                logits.append((-logit.float()).flatten())
+                dists.append(self.feature_distance(levels, images.shape[-2:]).flatten())
+            if not logits:
+                raise ValueError("feature statistics need at least 1 held-out image")
+            logit, dist = torch.cat(logits).double(), torch.cat(dists).double()
+            self.fstats_scale.copy_(torch.stack([
+                logit.mean(), logit.std().clamp_min(1e-6),
+                dist.mean(), dist.std().clamp_min(1e-6)]).float())
+            self.fstats_fitted.fill_(1.0)
+        finally:
+            self.train(was_training)
 
     @torch.no_grad()
     def set_normal_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:

@@ -1,0 +1,94 @@
+"""model.feature_stats: the per-location Gaussian of the encoder's fine features, a second
+signal summed with the map head's logit at inference (fitted at every checkpoint)."""
+
+import copy
+
+import pytest
+import torch
+
+from anoseg.config import load_config
+from anoseg.errors import ConfigError
+from anoseg.models.generator import FEATURE_STATS_OFFSET, AnoSegGenerator
+
+
+def _normal_images(n, seed, size=64):
+    g = torch.Generator().manual_seed(seed)
+    ys = torch.linspace(0, 1, size)
+    base = (0.3 + 0.4 * ys[:, None] * ys[None, :]).expand(3, size, size)
+    return (base + 0.02 * torch.randn(n, 3, size, size, generator=g)).clamp(0, 1)
+
+
+def _fitted(**kwargs):
+    torch.manual_seed(0)
+    g = AnoSegGenerator(image_size=64, width=0.125, map_skips=2, feature_stats=True, **kwargs)
+    train, holdout = _normal_images(96, 0), _normal_images(8, 1)
+    g.fit_feature_stats(iter(train.split(32)), iter(holdout.split(4)))
+    return g, holdout
+
+
+def test_fit_then_forward_is_consistent_on_the_held_out_images():
+    g, holdout = _fitted()
+    assert bool(g.fstats_fitted)
+    with torch.no_grad():
+        out = g.eval()(holdout)
+    anomaly_logit = -out.map_logit
+    # both signals are z-scored on exactly these images: their sum has mean 0
+    assert anomaly_logit.mean().item() == pytest.approx(-FEATURE_STATS_OFFSET, abs=1e-3)
+    assert torch.allclose(out.normality_map, torch.sigmoid(out.map_logit))
+
+
+def test_feature_distance_marks_a_changed_square():
+    g, _ = _fitted()
+    g.eval()
+    image = _normal_images(1, 2)
+    image[:, :, 20:32, 36:48] = 0.95
+    with torch.no_grad():
+        levels = g.encoder.features(g._inputs(image))
+        dist = g.feature_distance(levels, (64, 64))[0, 0]
+    inside = dist[22:30, 38:46]
+    outside = torch.ones_like(dist, dtype=torch.bool)
+    outside[14:38, 30:54] = False
+    assert inside.min() > torch.quantile(dist[outside], 0.99)
+
+
+def test_training_mode_and_unfitted_models_use_the_map_head_alone():
+    g, holdout = _fitted()
+    plain = copy.deepcopy(g)
+    plain.fstats_fitted.fill_(0.0)
+    g.train(), plain.train()
+    torch.manual_seed(1)
+    a = g(holdout)
+    torch.manual_seed(1)
+    b = plain(holdout)
+    assert torch.equal(a.map_logit, b.map_logit)
+    g.eval(), plain.eval()
+    assert not torch.equal(g(holdout).map_logit, plain(holdout).map_logit)
+
+
+def test_a_trained_run_saves_fitted_statistics_for_raw_and_averaged_weights(tmp_path,
+                                                                           make_mvtec):
+    from anoseg.checkpoint import load_checkpoint
+    from anoseg.inference import load_model, predict_anomaly_scores
+    from anoseg.training import train
+
+    root = make_mvtec(n_train=10, image_hw=(64, 64))
+    overrides = ["data.image_size=64", "model.width=0.125", "model.map_skips=2",
+                 "model.normal_stats=true", "model.feature_stats=true", "train.steps=4",
+                 "train.checkpoint_every=2", "train.batch_size=4", "train.ema_decay=0.9",
+                 "data.num_workers=0", f"data.root={root}", "data.category=widget"]
+    train(load_config(None, overrides), tmp_path / "run", progress=False)
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    for key in ("generator", "generator_ema"):
+        assert float(ckpt[key]["fstats_fitted"]) == 1.0
+        assert ckpt[key]["fstats_scale"][1] > 0 and ckpt[key]["fstats_scale"][3] > 0
+    # the two sets of weights have their own statistics
+    assert not torch.equal(ckpt["generator"]["fstats_mean"], ckpt["generator_ema"]["fstats_mean"])
+    model = load_model(tmp_path / "run", "cpu")
+    images = torch.rand(2, 3, 64, 64)
+    maps, logits = predict_anomaly_scores(model.generator, images)
+    assert maps.shape == (2, 64, 64) and torch.isfinite(logits).all()
+
+
+def test_feature_stats_is_refused_with_tiling():
+    with pytest.raises(ConfigError, match="model.feature_stats"):
+        load_config(None, ["model.feature_stats=true", "data.tiling.enabled=true"]).validate()
