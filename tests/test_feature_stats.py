@@ -55,6 +55,8 @@ def test_training_mode_and_unfitted_models_use_the_map_head_alone():
     g, holdout = _fitted()
     plain = copy.deepcopy(g)
     plain.fstats_fitted.fill_(0.0)
+    plain.load_state_dict(plain.state_dict())  # the loaded flag says "not fitted"
+    assert not plain.fstats_ready
     g.train(), plain.train()
     torch.manual_seed(1)
     a = g(holdout)

@@ -123,6 +123,11 @@ class ResNet18Encoder(nn.Module):
         f16 = self.layer3(f8)
         return [stem, f4, f8, f16, self.layer4(f16)]
 
+    def fine_features(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """The first two maps of :meth:`features` (strides 2 and 4), without the rest."""
+        stem = self.relu(self.bn1(self.conv1(x)))
+        return [stem, self.layer1(self.maxpool(stem))]
+
     @property
     def feature_channels(self) -> List[int]:
         """Channels of :meth:`features`, finest first."""
@@ -235,6 +240,11 @@ class Decoder(nn.Module):
         return self.head[1](logit), logit
 
 
+def _sync_fstats_ready(module: nn.Module, incompatible_keys) -> None:
+    """After ``load_state_dict``: ``fstats_ready`` follows the loaded ``fstats_fitted``."""
+    module.fstats_ready = bool(module.fstats_fitted)
+
+
 class GeneratorOutput(NamedTuple):
     normality_map: Optional[torch.Tensor]
     """``(B, 1, H, W)`` in ``[0, 1]``, 1 = normal; ``None`` without a map decoder."""
@@ -312,6 +322,9 @@ class AnoSegGenerator(nn.Module):
             # (logit mean, logit std, distance mean, distance std) on held-out normal images
             self.register_buffer("fstats_scale", torch.tensor([0.0, 1.0, 0.0, 1.0]))
             self.register_buffer("fstats_fitted", torch.zeros(()))
+            # a Python copy of fstats_fitted, so forward does not branch on a tensor (export)
+            self.fstats_ready = False
+            self.register_load_state_dict_post_hook(_sync_fstats_ready)
             radius = int(math.ceil(3 * FEATURE_STATS_SIGMA))
             taps = torch.exp(-torch.arange(-radius, radius + 1, dtype=torch.float32) ** 2
                              / (2 * FEATURE_STATS_SIGMA ** 2))
@@ -331,7 +344,7 @@ class AnoSegGenerator(nn.Module):
         normality = logit = None
         if self.map_decoder is not None:
             normality, logit = self.map_decoder.forward_with_logit(features, skips)
-            if self.feature_stats and not self.training and bool(self.fstats_fitted):
+            if self.feature_stats and not self.training and self.fstats_ready:
                 logit = -self.combined_anomaly_logit(-logit, levels)
                 normality = torch.sigmoid(logit)
         recon = (self.reconstruction_decoder(features)
@@ -407,11 +420,13 @@ class AnoSegGenerator(nn.Module):
         was_training = self.training
         self.eval()
         self.fstats_fitted.fill_(0.0)
+        self.fstats_ready = False
         try:
             total = outer = None
             count = 0
             for images in train_batches:
-                feats = self.fine_features(self.encoder.features(self._inputs(images))).double()
+                feats = self.fine_features(self.encoder.fine_features(self._inputs(images)))
+                feats = feats.double()
                 s, o = feats.sum(0), torch.einsum("blc,bld->lcd", feats, feats)
                 total = s if total is None else total + s
                 outer = o if outer is None else outer + o
@@ -438,6 +453,7 @@ class AnoSegGenerator(nn.Module):
                 logit.mean(), logit.std().clamp_min(1e-6),
                 dist.mean(), dist.std().clamp_min(1e-6)]).float())
             self.fstats_fitted.fill_(1.0)
+            self.fstats_ready = True
         finally:
             self.train(was_training)
 
