@@ -24,8 +24,6 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from anoseg.config import UPSAMPLE_MODES
-
 ENCODER_STRIDE = 32
 STATS_CLIP = 4.0
 """Normal-statistics channels (``normal_stats``) carry ``z / STATS_CLIP`` with the per-pixel
@@ -166,7 +164,7 @@ def _up_bn_relu(channels: int, mode: str = "transpose") -> nn.Sequential:
         up = nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
                            nn.Conv2d(channels, channels, 3, padding=1, bias=False))
     else:
-        raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {mode!r}")
+        raise ValueError(f"upsample must be 'transpose' or 'bilinear', got {mode!r}")
     return nn.Sequential(up, nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
 
 
