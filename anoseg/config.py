@@ -792,7 +792,7 @@ DEMO_OVERRIDES: Dict[str, Dict[str, Any]] = {
     "data": {"image_size": 64, "num_workers": 1},
     "synthesis": {"patch_area": [0.0005, 0.05], "patch_area_scale": "log", "blob_p": 0.5,
                   "jitter_p": 1.0, "anomalies_per_image": [1, 3], "region_p": 0.5},
-    "model": {"width": 0.25, "map_skips": 3, "normal_stats": True},
+    "model": {"width": 0.25, "map_skips": 3, "normal_stats": True, "feature_stats": True},
     "train": {"steps": 300, "batch_size": 16, "checkpoint_every": 100, "lr_generator": 1e-3,
               "lr_discriminator": 5e-4, "seg_loss": "focal", "seg_anomaly_weight": 10.0,
               "schedule": "constant", "ema_decay": 0.99},
