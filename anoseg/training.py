@@ -56,9 +56,9 @@ def learning_rate(step: int, base_lr: float, cfg: TrainConfig) -> float:
 
 def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int, *,
                foreach: bool = True) -> None:
-    """``ema = d * ema + (1 - d) * model`` for parameters; buffers (batch-norm statistics)
-    are copied. ``d = min(decay, (1 + step) / (10 + step))``, so the first steps are not
-    dominated by the random initial weights (short runs).
+    """``ema = d * ema + (1 - d) * model`` for parameters; the batch norms' running statistics
+    are copied (:func:`_norm_buffers`). ``d = min(decay, (1 + step) / (10 + step))``, so the
+    first steps are not dominated by the random initial weights (short runs).
 
     ``foreach`` does it with PyTorch's multi-tensor ops (``_foreach_mul_``, ``_foreach_add_``,
     ``_foreach_copy_``) instead of a Python loop over the tensors: the same operations, so
@@ -69,14 +69,21 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int, *,
         if foreach and mine and all(a.dtype == b.dtype for a, b in zip(mine, theirs)):
             torch._foreach_mul_(mine, d)
             torch._foreach_add_(mine, theirs, alpha=1.0 - d)
-            buffers = list(ema.buffers())
+            buffers, sources = _norm_buffers(ema), _norm_buffers(model)
             if buffers:
-                torch._foreach_copy_(buffers, list(model.buffers()))
+                torch._foreach_copy_(buffers, sources)
             return
         for a, b in zip(mine, theirs):
             a.mul_(d).add_(b.to(a.dtype), alpha=1.0 - d)
-        for a, b in zip(ema.buffers(), model.buffers()):
+        for a, b in zip(_norm_buffers(ema), _norm_buffers(model)):
             a.copy_(b)
+
+
+def _norm_buffers(model: nn.Module) -> List[torch.Tensor]:
+    """The buffers training changes: the batch norms' running statistics. The others (the
+    normal and feature statistics) are set on each copy on their own and are not copied."""
+    return [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for b in m.buffers(recurse=False)]
 
 
 def train_step(state: TrainState, batch: Dict[str, torch.Tensor], cfg: TrainConfig, *,

@@ -359,7 +359,7 @@ class AnoSegGenerator(nn.Module):
         z = (images - self.stats_mean) / self.stats_std
         return z.clamp(-STATS_CLIP, STATS_CLIP) / STATS_CLIP
 
-    def fine_features(self, levels: List[torch.Tensor]) -> torch.Tensor:
+    def _feature_vectors(self, levels: List[torch.Tensor]) -> torch.Tensor:
         """``(B, L, C)`` the modelled channels of the stride-2 and (upsampled) stride-4
         encoder maps at each of the ``L`` stride-2 locations (``feature_stats``)."""
         stem, f4 = levels[0], levels[1]
@@ -370,7 +370,7 @@ class AnoSegGenerator(nn.Module):
     def feature_distance(self, levels: List[torch.Tensor], size: Tuple[int, int]) -> torch.Tensor:
         """``(B, 1, H, W)`` the blurred Mahalanobis distance of the fine features to their
         per-location normal Gaussian, at the image size ``size``."""
-        feats = self.fine_features(levels) - self.fstats_mean
+        feats = self._feature_vectors(levels) - self.fstats_mean
         squared = torch.einsum("blc,lcd,bld->bl", feats, self.fstats_icov, feats)
         h, w = levels[0].shape[-2:]
         dist = squared.clamp_min(0.0).sqrt().reshape(-1, 1, h, w)
@@ -423,7 +423,7 @@ class AnoSegGenerator(nn.Module):
             total = outer = None
             count = 0
             for images in train_batches:
-                feats = self.fine_features(self.encoder.fine_features(self._inputs(images)))
+                feats = self._feature_vectors(self.encoder.fine_features(self._inputs(images)))
                 feats = feats.double()
                 s, o = feats.sum(0), torch.einsum("blc,bld->lcd", feats, feats)
                 total = s if total is None else total + s
