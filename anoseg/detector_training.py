@@ -378,7 +378,7 @@ def _train_detector_locked(run: RunDir, seg_ckpt: Dict[str, Any], folder: Detect
                                    amp_dtype=amp_dtype)
 
     stage = Stage(folder, state, dataset, step,
-                  lambda: detector_checkpoint(state, cfg, anoseg_step, run.checkpoint),
+                  lambda final: detector_checkpoint(state, cfg, anoseg_step, run.checkpoint),
                   resumed=det_ckpt is not None, total_steps=det.steps,
                   batch_size=det.batch_size, seed=cfg.train.seed,
                   checkpoint_every=det.checkpoint_every, time_budget=det.time_budget,

@@ -409,7 +409,9 @@ class Stage:
         state: the networks and optimisers (already restored on a resume).
         dataset: keyed by the sampler's ``(index, seed)``.
         step_fn: one optimisation step on a batch; returns its losses as floats.
-        make_checkpoint: the checkpoint dict of the current state.
+        make_checkpoint: the checkpoint dict of the current state; called with ``final``
+            (``True`` for the checkpoint written when the stage stops, ``False`` for the
+            periodic ones), so costly end-of-run work (``model.feature_stats``) runs once.
         resumed: whether ``state`` comes from a checkpoint (the log is truncated, not removed).
         total_steps, batch_size, seed, checkpoint_every, time_budget: the loop's settings
             (``batch_size`` per process).
@@ -425,7 +427,7 @@ class Stage:
     state: TrainState
     dataset: Any
     step_fn: Callable[[Dict[str, torch.Tensor]], Dict[str, float]]
-    make_checkpoint: Callable[[], Dict[str, Any]]
+    make_checkpoint: Callable[[bool], Dict[str, Any]]
     resumed: bool
     total_steps: int
     batch_size: int
@@ -461,9 +463,9 @@ def run_stage(stage: Stage, cfg: AnoSegConfig, *, device: torch.device,
     loader = make_train_loader(stage.dataset, sampler, stage.batch_size, cfg.data.num_workers,
                                pin_memory=device.type == "cuda")
 
-    def save() -> None:
+    def save(final: bool) -> None:
         if ctx.is_main:
-            save_checkpoint(folder.checkpoint, stage.make_checkpoint())
+            save_checkpoint(folder.checkpoint, stage.make_checkpoint(final))
 
     def should_stop(flags: List[bool]) -> List[bool]:
         """Every process must stop at the same step: take the maximum of the flags."""
@@ -519,7 +521,7 @@ class _StopFlag:
 
 def run_training_loop(state: TrainState, batches: Iterable[Any],
                       step_fn: Callable[[Any], Dict[str, float]], *, total_steps: int,
-                      save: Callable[[], None], log_path: Optional[Path], log_every: int,
+                      save: Callable[[bool], None], log_path: Optional[Path], log_every: int,
                       checkpoint_every: int, time_budget: Optional[float],
                       stop_at: Optional[int], progress: bool, desc: str,
                       should_stop: Optional[Callable[[List[bool]], List[bool]]] = None,
@@ -538,7 +540,8 @@ def run_training_loop(state: TrainState, batches: Iterable[Any],
         step_fn: one optimisation step; returns its losses as floats or as 0-d tensors (read
             back together at the next log line or checkpoint, :class:`LossWindow`: a NaN
             stops the run there, before the checkpoint is written).
-        save: writes the checkpoint; called every ``checkpoint_every`` steps and at the end.
+        save: writes the checkpoint; called with ``False`` every ``checkpoint_every`` steps
+            and with ``True`` once at the end (however the loop stopped).
         log_path: JSON-lines loss log (means over ``log_every`` steps, appended), ``None`` for
             none (non-zero ranks).
         time_budget: wall-clock seconds of this call, ``None`` for no limit.
@@ -589,7 +592,7 @@ def run_training_loop(state: TrainState, batches: Iterable[Any],
                     if logger is not None:
                         logger.log_line(state.step, record)
                 if state.step % checkpoint_every == 0:
-                    save()
+                    save(False)
                 if logger is not None:
                     logger.after_step(state.step)
                 flags = [stop_flag.requested,
@@ -608,5 +611,5 @@ def run_training_loop(state: TrainState, batches: Iterable[Any],
             window.read()
     finally:
         bar.close()
-    save()
+    save(True)
     return stopped, window.last

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -107,6 +108,11 @@ def load_model(checkpoint: Union[str, Path], device: Union[str, torch.device, No
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {checkpoint} does not match its own config: {exc}") \
             from None
+    if getattr(generator, "feature_stats", False) and not generator.fstats_ready:
+        warnings.warn(f"{checkpoint}: model.feature_stats is on but its statistics are not "
+                      "fitted (a periodic checkpoint of a run that has not finished: they are "
+                      "fitted when training stops); its maps are the map head's alone. "
+                      "Finish the run with anoseg-train --resume.", stacklevel=2)
     dev = resolve_device("auto") if device is None else torch.device(device)
     generator.to(dev).eval()
     step = state.get("step")

@@ -1,5 +1,5 @@
 """model.feature_stats: the per-location Gaussian of the encoder's fine features, a second
-signal summed with the map head's logit at inference (fitted at every checkpoint)."""
+signal summed with the map head's logit at inference (fitted when training stops)."""
 
 import copy
 
@@ -67,18 +67,38 @@ def test_training_mode_and_unfitted_models_use_the_map_head_alone():
     assert not torch.equal(g(holdout).map_logit, plain(holdout).map_logit)
 
 
+def _tiny_run_overrides(root):
+    return ["data.image_size=64", "model.width=0.125", "model.map_skips=2",
+            "model.normal_stats=true", "model.feature_stats=true", "train.steps=4",
+            "train.checkpoint_every=2", "train.batch_size=4", "train.ema_decay=0.9",
+            "data.num_workers=0", f"data.root={root}", "data.category=widget"]
+
+
+def _count_fits(monkeypatch):
+    calls = []
+    original = AnoSegGenerator.fit_feature_stats
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(AnoSegGenerator, "fit_feature_stats", counting)
+    return calls
+
+
 def test_a_trained_run_saves_fitted_statistics_for_raw_and_averaged_weights(tmp_path,
-                                                                           make_mvtec):
+                                                                           make_mvtec,
+                                                                           monkeypatch):
     from anoseg.checkpoint import load_checkpoint
     from anoseg.inference import load_model, predict_anomaly_scores
     from anoseg.training import train
 
     root = make_mvtec(n_train=10, image_hw=(64, 64))
-    overrides = ["data.image_size=64", "model.width=0.125", "model.map_skips=2",
-                 "model.normal_stats=true", "model.feature_stats=true", "train.steps=4",
-                 "train.checkpoint_every=2", "train.batch_size=4", "train.ema_decay=0.9",
-                 "data.num_workers=0", f"data.root={root}", "data.category=widget"]
-    train(load_config(None, overrides), tmp_path / "run", progress=False)
+    fits = _count_fits(monkeypatch)
+    train(load_config(None, _tiny_run_overrides(root)), tmp_path / "run", progress=False)
+    # fitted once, at the final checkpoint, for the raw and the averaged weights (not at the
+    # periodic checkpoint of step 2)
+    assert len(fits) == 2
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     for key in ("generator", "generator_ema"):
         assert float(ckpt[key]["fstats_fitted"]) == 1.0
@@ -89,6 +109,41 @@ def test_a_trained_run_saves_fitted_statistics_for_raw_and_averaged_weights(tmp_
     images = torch.rand(2, 3, 64, 64)
     maps, logits = predict_anomaly_scores(model.generator, images)
     assert maps.shape == (2, 64, 64) and torch.isfinite(logits).all()
+
+
+def test_a_crash_leaves_an_unfitted_checkpoint_that_resume_completes(tmp_path, make_mvtec,
+                                                                    monkeypatch):
+    import anoseg.training as training
+    from anoseg.checkpoint import load_checkpoint
+    from anoseg.inference import load_model
+
+    root = make_mvtec(n_train=10, image_hw=(64, 64))
+    cfg = load_config(None, _tiny_run_overrides(root))
+    original = training.train_step
+
+    def crash_after_step_2(state, *args, **kwargs):
+        if state.step == 2:
+            raise RuntimeError("simulated crash")
+        return original(state, *args, **kwargs)
+
+    monkeypatch.setattr(training, "train_step", crash_after_step_2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        training.train(cfg, tmp_path / "run", progress=False)
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert ckpt["step"] == 2
+    for key in ("generator", "generator_ema"):
+        assert float(ckpt[key]["fstats_fitted"]) == 0.0
+    with pytest.warns(UserWarning, match="not fitted"):
+        model = load_model(tmp_path / "run", "cpu")
+    assert not model.generator.fstats_ready
+
+    monkeypatch.setattr(training, "train_step", original)
+    training.train(cfg, tmp_path / "run", progress=False, resume=True)
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert ckpt["step"] == 4
+    for key in ("generator", "generator_ema"):
+        assert float(ckpt[key]["fstats_fitted"]) == 1.0
+    assert load_model(tmp_path / "run", "cpu").generator.fstats_ready
 
 
 def test_feature_stats_is_refused_with_tiling():

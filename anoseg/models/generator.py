@@ -406,6 +406,15 @@ class AnoSegGenerator(nn.Module):
         return x
 
     @torch.no_grad()
+    def clear_feature_stats(self) -> None:
+        """Mark ``feature_stats`` as not fitted (the maps become the map head's alone until
+        :meth:`fit_feature_stats` runs again), e.g. because the weights moved on."""
+        if not self.feature_stats:
+            raise ValueError("this generator was built without feature_stats")
+        self.fstats_fitted.fill_(0.0)
+        self.fstats_ready = False
+
+    @torch.no_grad()
     def fit_feature_stats(self, train_batches: Iterable[torch.Tensor],
                           holdout_batches: Iterable[torch.Tensor]) -> None:
         """Fit ``feature_stats`` (in eval mode; the mode is restored): the per-location mean
