@@ -197,7 +197,8 @@ class ModelConfig:
     """A second signal at inference (not in the paper): the Mahalanobis distance of the
     encoder's stride-2 and stride-4 features to their per-location Gaussian over the normal
     training images, summed with the map head's anomaly logit, both z-scored on the held-out
-    normal images. Fitted at every checkpoint; training never sees it (docs/experiments.md)."""
+    normal images. Fitted at the checkpoint written when training stops (periodic ones mark
+    it unfitted); training never sees it (docs/experiments.md)."""
     upsample: str = "transpose"
     """How the decoders double their resolution: ``transpose`` (the paper's Table 6: a 4x4
     transposed convolution, stride 2) or ``bilinear`` (bilinear upsampling, then a 3x3
