@@ -339,7 +339,8 @@ def _train_locked(cfg: AnoSegConfig, run: RunDir, *, resume: bool, progress: boo
     fit = feature_stats_fitter(cfg, data, state, dataset, device)
 
     def make_checkpoint(final: bool) -> Dict[str, Any]:
-        fit(final)
+        if final:
+            fit()
         return segmenter_checkpoint(state, cfg, data)
 
     stage = Stage(run, state, dataset, step, make_checkpoint,
@@ -381,16 +382,16 @@ FEATURE_STATS_BATCH = 32
 
 def feature_stats_fitter(cfg: AnoSegConfig, data: DataRecord, state: TrainState, dataset,
                          device: torch.device):
-    """A function ``fit(final)`` called before every checkpoint. With ``final`` (the checkpoint
-    written when training stops, however it stops) it fits ``model.feature_stats`` of the raw
-    and the EMA generator on the training images and the held-out normal images (the training
-    images when none are held out); otherwise it marks both as not fitted, so a periodic
-    checkpoint never holds statistics of older weights (its maps are the map head's alone, and
-    loading it warns). Fitting costs a pass over the training images per generator: at every
-    periodic checkpoint it took 23 % of a 1500-step deeppcb run (``docs/performance.md``). A
-    no-op without ``model.feature_stats``."""
+    """A function that fits ``model.feature_stats`` of the raw and the EMA generator on the
+    training images and the held-out normal images (the training images when none are held
+    out); a no-op without ``model.feature_stats``. Called for the checkpoint written when
+    training stops (however it stops). Making the fitter marks both generators' statistics as
+    not fitted, since training moves the weights from the first step: a periodic checkpoint
+    never pairs statistics with newer weights (its maps are the map head's alone, and loading
+    it warns). Fitting at every periodic checkpoint took 23 % of a 1500-step deeppcb run
+    (``docs/performance.md``)."""
     if not cfg.model.feature_stats:
-        return lambda final: None
+        return lambda: None
     from anoseg.data.geometry import Geometry
     from anoseg.data.mvtec import load_placed_cached
 
@@ -409,14 +410,13 @@ def feature_stats_fitter(cfg: AnoSegConfig, data: DataRecord, state: TrainState,
             for start in range(0, len(source), FEATURE_STATS_BATCH):
                 yield source[start:start + FEATURE_STATS_BATCH].to(device).float().div_(255.0)
 
-    def fit(final: bool) -> None:
-        for model in (unwrap(state.generator), state.ema):
-            if model is None:
-                continue
-            if final:
-                model.fit_feature_stats(batches(None), batches(holdout))
-            else:
-                model.clear_feature_stats()
+    models = [m for m in (unwrap(state.generator), state.ema) if m is not None]
+    for model in models:
+        model.clear_feature_stats()
+
+    def fit() -> None:
+        for model in models:
+            model.fit_feature_stats(batches(None), batches(holdout))
 
     return fit
 

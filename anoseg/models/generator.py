@@ -426,8 +426,7 @@ class AnoSegGenerator(nn.Module):
             raise ValueError("this generator was built without feature_stats")
         was_training = self.training
         self.eval()
-        self.fstats_fitted.fill_(0.0)
-        self.fstats_ready = False
+        self.clear_feature_stats()
         try:
             total = outer = None
             count = 0
