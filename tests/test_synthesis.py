@@ -45,6 +45,31 @@ def test_scar_and_patch_masks_exact_and_scar_is_thin():
                 assert cfg.patch_area[0] * 0.7 <= area <= cfg.patch_area[1] * 1.3
 
 
+def _scar_extents(angle, seeds=range(40)):
+    """(height, width) of each scar's bounding box for ``scar_angle=angle``."""
+    cfg = SynthesisConfig(hard_augmentation=False, scar_angle=angle,
+                          scar_width=(0.01, 0.02), scar_length=(0.2, 0.3))
+    image, source = _noise(128, 1), _noise(128, 2)
+    extents = []
+    for seed in seeds:
+        _, mask = cutpaste(image, source, cfg, torch.Generator().manual_seed(seed), scar=True)
+        rows, cols = mask.any(1).nonzero(), mask.any(0).nonzero()
+        extents.append((int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)))
+    return extents
+
+
+def test_scar_angle_controls_orientation():
+    # The paper's CutPaste-scar (-45..45 degrees from vertical) is never closer to horizontal
+    # than to vertical; the full half-turn (configs/cpu_unseen.yaml) draws both.
+    paper = _scar_extents((-45.0, 45.0))
+    assert all(h >= w for h, w in paper)
+    full = _scar_extents((-90.0, 90.0))
+    assert sum(w > 2 * h for h, w in full) >= 5
+    assert sum(h > 2 * w for h, w in full) >= 5
+    horizontal = _scar_extents((90.0, 90.0), seeds=range(5))
+    assert all(h <= 4 and w >= 20 for h, w in horizontal)
+
+
 def test_blob_is_round_inside_its_box_and_exact():
     cfg = SynthesisConfig(hard_augmentation=False, scar_p=0.0, patch_area=(0.02, 0.03))
     image, source = _noise(128, 1), _noise(128, 2)
