@@ -150,6 +150,20 @@ class SynthesisConfig:
     edit_radius: Tuple[float, float] = (0.01, 0.03)
     """Radius of the dilation / erosion window, as a fraction of the image side (at least 1
     pixel)."""
+    crack_p: float = 0.0
+    """Probability that an anomaly is a *crack* instead of a CutPaste patch: a thin curved stroke
+    (a random walk whose heading drifts, :func:`anoseg.data.synthesis.crack_mask`) of any
+    orientation, darkened or brightened by a factor drawn from ``crack_contrast``, or filled from
+    the hard-augmented copy. Not in the paper (0 = off); CutPaste scars are straight strips, real
+    cracks wander and are often only a pixel or two wide."""
+    crack_width: Tuple[float, float] = (0.004, 0.016)
+    """Width of a crack as a fraction of the image side (at least one pixel)."""
+    crack_length: Tuple[float, float] = (0.05, 0.4)
+    """Length of a crack along its path, as a fraction of the image side."""
+    crack_contrast: Tuple[float, float] = (0.2, 0.8)
+    """How strongly a crack darkens (``x * (1 - c)``) or brightens (``x + c * (1 - x)``) the
+    pixels it covers; half the cracks darken, a quarter brighten, a quarter take the augmented
+    copy's pixels."""
     region_p: float = 0.0
     """Probability that an anomaly is a *noise region* instead of a CutPaste patch: a mask
     thresholded from Perlin noise (one or several blobs of irregular outline) covering a
@@ -458,6 +472,11 @@ def _validate_synthesis(s: SynthesisConfig) -> None:
     _check(0.0 < a <= b <= 0.5, "synthesis.edit_radius", (a, b),
            "a range (low, high) with 0 < low <= high <= 0.5 (fractions of the image side)")
     _validate_regions(s)
+    _check(0.0 <= s.crack_p <= 1.0, "synthesis.crack_p", s.crack_p, "a probability in [0, 1]")
+    for name in ("crack_width", "crack_length", "crack_contrast"):
+        a, b = getattr(s, name)
+        _check(0.0 < a <= b <= 1.0, f"synthesis.{name}", (a, b),
+               "a range (low, high) with 0 < low <= high <= 1")
     lo, hi = s.anomalies_per_image
     _check(1 <= lo <= hi <= 64, "synthesis.anomalies_per_image", (lo, hi),
            "a range (low, high) of integers with 1 <= low <= high <= 64")

@@ -346,3 +346,91 @@ def test_bad_region_settings_are_refused_with_the_key(key, value):
 
     with pytest.raises(ConfigError, match=f"synthesis.{key}"):
         load_config(None, [f"synthesis.{key}={value}"])
+
+
+def _principal_axis(mask):
+    """Angle (radians, in [0, pi)) of the mask's main axis, and its elongation (std ratio)."""
+    points = mask.nonzero().to(torch.float64)
+    points = points - points.mean(0)
+    cov = points.T @ points / len(points)
+    values, vectors = torch.linalg.eigh(cov)
+    dy, dx = vectors[:, 1].tolist()
+    return math.atan2(dy, dx) % math.pi, math.sqrt(values[1] / values[0].clamp_min(1e-6))
+
+
+def test_cracks_are_thin_long_and_of_every_orientation():
+    cfg = SynthesisConfig(crack_length=(0.3, 0.4), crack_width=(0.005, 0.01))
+    angles, elongations = [], []
+    for seed in range(60):
+        mask = synthesis.crack_mask(128, 128, cfg, torch.Generator().manual_seed(seed))
+        assert mask.any()
+        rows, cols = mask.nonzero().T
+        extent = max(rows.max() - rows.min(), cols.max() - cols.min()) + 1
+        # at most ~2 px wide: area is about length x 2, far less than a filled box
+        assert mask.sum() <= 3 * 0.4 * 128 + 9
+        if extent >= 20:
+            angle, elongation = _principal_axis(mask)
+            angles.append(angle)
+            elongations.append(elongation)
+    assert len(angles) >= 30
+    # they wander, but most stay line-like
+    assert sum(e > 4 for e in elongations) >= 0.8 * len(elongations)
+    near_horizontal = sum(min(a, math.pi - a) < math.pi / 8 for a in angles)
+    near_vertical = sum(abs(a - math.pi / 2) < math.pi / 8 for a in angles)
+    assert near_horizontal >= 3 and near_vertical >= 3
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_crack_mask_is_exactly_the_changed_pixels(seed):
+    image, augmented = _noise(96, seed), _noise(96, seed + 100)
+    out, mask = synthesis.crack(image, augmented, SynthesisConfig(),
+                                torch.Generator().manual_seed(seed))
+    assert mask.any()
+    assert torch.equal((out != image).any(0), mask)
+
+
+def test_cracks_darken_brighten_or_paste():
+    image = torch.full((3, 64, 64), 0.5)
+    augmented = torch.full((3, 64, 64), 0.9)
+    seen = set()
+    for seed in range(40):
+        out, mask = synthesis.crack(image, augmented, SynthesisConfig(),
+                                    torch.Generator().manual_seed(seed))
+        values = out[:, mask]
+        if torch.allclose(values, torch.tensor(0.9)):
+            seen.add("augmented")
+        elif (values < 0.5).all():
+            seen.add("darker")
+        elif (values > 0.5).all():
+            seen.add("brighter")
+    assert seen == {"augmented", "darker", "brighter"}
+
+
+def test_crack_p_makes_cracks(monkeypatch):
+    calls = []
+    real = synthesis.crack
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(synthesis, "crack", spy)
+    for seed in range(10):
+        synthesize_anomaly(_noise(32, seed), SynthesisConfig(crack_p=1.0),
+                           torch.Generator().manual_seed(seed))
+    assert len(calls) == 10
+    calls.clear()
+    for seed in range(10):
+        synthesize_anomaly(_noise(32, seed), SynthesisConfig(), torch.Generator().manual_seed(seed))
+    assert not calls
+
+
+@pytest.mark.parametrize("key,value", [("crack_p", -0.1), ("crack_width", [0.02, 0.01]),
+                                       ("crack_length", [0.0, 0.1]),
+                                       ("crack_contrast", [0.5, 1.5])])
+def test_bad_crack_settings_are_refused_with_the_key(key, value):
+    from anoseg.config import load_config
+    from anoseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"synthesis.{key}"):
+        load_config(None, [f"synthesis.{key}={value}"])

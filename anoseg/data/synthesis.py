@@ -1,5 +1,6 @@
 """Synthetic anomalies (paper 3.1): hard augmentation of a copy, then CutPaste into the original
-(optionally also local edits of the image itself, :func:`local_edit`).
+(optionally also local edits of the image itself, :func:`local_edit`, noise regions,
+:func:`noise_region`, and thin curved cracks, :func:`crack`).
 
 All functions work on one float image ``(3, H, W)`` in ``[0, 1]`` and draw every random number
 from the ``torch.Generator`` they are given, so a sample is a pure function of its seed: the
@@ -352,6 +353,73 @@ def noise_region(image: torch.Tensor, augmented: torch.Tensor, cfg: SynthesisCon
     return out, region & visible
 
 
+CRACK_STEP = 0.5
+"""Spacing in pixels of the points along a crack's path (half a pixel: no gaps)."""
+
+
+def crack_mask(height: int, width: int, cfg: SynthesisConfig,
+               generator: torch.Generator) -> torch.Tensor:
+    """A thin curved stroke ``(H, W)`` bool: a crack of any orientation. Never empty.
+
+    A random walk from a random point: the heading starts uniform in all directions and drifts
+    like a Brownian motion (0.1 rad after one pixel, 0.7 rad after fifty), so short cracks are
+    nearly straight and long ones wander; the walk stops at the drawn length (``crack_length``)
+    or at the image's border. Every pixel whose centre lies within half the drawn width
+    (``crack_width``, at least one pixel wide) of the path is in the mask.
+    """
+    side = min(height, width)
+    length = _uniform(generator, *cfg.crack_length) * side
+    radius = max(_uniform(generator, *cfg.crack_width) * side, 1.0) / 2.0
+    radius = max(radius, 0.71)  # a one-pixel line stays 8-connected on a diagonal
+    y, x = _uniform(generator, 0, height - 1), _uniform(generator, 0, width - 1)
+    heading = _uniform(generator, 0.0, 2.0 * math.pi)
+    steps = max(1, int(length / CRACK_STEP))
+    drift = torch.randn(steps, generator=generator) * 0.1 * math.sqrt(CRACK_STEP)
+    points = [(y, x)]
+    for k in range(steps):
+        heading += float(drift[k])
+        y, x = y + CRACK_STEP * math.sin(heading), x + CRACK_STEP * math.cos(heading)
+        if not (0 <= y <= height - 1 and 0 <= x <= width - 1):
+            break
+        points.append((y, x))
+    path = torch.tensor(points, dtype=torch.float32)
+    reach = int(math.ceil(radius))
+    y0 = max(0, int(path[:, 0].min()) - reach)
+    y1 = min(height, int(path[:, 0].max()) + reach + 2)
+    x0 = max(0, int(path[:, 1].min()) - reach)
+    x1 = min(width, int(path[:, 1].max()) + reach + 2)
+    ys = torch.arange(y0, y1, dtype=torch.float32)
+    xs = torch.arange(x0, x1, dtype=torch.float32)
+    grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1).reshape(-1, 2)
+    near = torch.zeros(grid.shape[0], dtype=torch.bool)
+    for chunk in path.split(256):
+        near |= (torch.cdist(grid, chunk) <= radius).any(1)
+    mask = torch.zeros(height, width, dtype=torch.bool)
+    mask[y0:y1, x0:x1] = near.reshape(y1 - y0, x1 - x0)
+    return mask
+
+
+def crack(image: torch.Tensor, augmented: torch.Tensor, cfg: SynthesisConfig,
+          generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Draw a crack (:func:`crack_mask`) into the image: darker, brighter, or the augmented copy.
+
+    Returns:
+        The new image and the anomaly mask ``(H, W)`` (bool): the stroke's pixels that changed.
+    """
+    _, height, width = image.shape
+    mask = crack_mask(height, width, cfg, generator)
+    kind = _uniform(generator, 0.0, 1.0)
+    contrast = _uniform(generator, *cfg.crack_contrast)
+    if kind < 0.5:
+        fill = image * (1.0 - contrast)
+    elif kind < 0.75:
+        fill = image + contrast * (1.0 - image)
+    else:
+        fill = augmented
+    out = torch.where(mask[None], fill.to(image.dtype), image)
+    return out, mask & (out != image).any(0)
+
+
 def synthesize_anomaly(image: torch.Tensor, cfg: SynthesisConfig,
                        generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
     """Make a synthetic anomaly from a normal image (paper Fig. 3).
@@ -377,6 +445,8 @@ def synthesize_anomaly(image: torch.Tensor, cfg: SynthesisConfig,
             out, pasted = noise_region(out, source, cfg, generator)
         elif cfg.edit_p > 0 and _chance(generator, cfg.edit_p):
             out, pasted = local_edit(out, cfg, generator)
+        elif cfg.crack_p > 0 and _chance(generator, cfg.crack_p):
+            out, pasted = crack(out, source, cfg, generator)
         else:
             scar = _chance(generator, cfg.scar_p)
             blob = not scar and cfg.blob_p > 0 and _chance(generator, cfg.blob_p)
