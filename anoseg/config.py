@@ -132,7 +132,8 @@ class SynthesisConfig:
     scar_angle: Tuple[float, float] = (-45.0, 45.0)
     """Rotation of a scar in degrees, drawn uniformly, 0 = vertical. The paper's CutPaste-scar
     range (-45, 45) never draws a scar closer to horizontal than to vertical; (-90, 90) draws
-    every orientation (``configs/cpu_unseen.yaml``: kolektorsdd's cracks are horizontal)."""
+    every orientation (measured on the real sets in docs/experiments.md, eighth round: within
+    seed noise, so no config changes it)."""
     blob_p: float = 0.0
     """Probability that a non-scar anomaly is an irregular blob (a wobbly ellipse inside the
     rectangle) instead of the whole rectangle. Not in the paper (0 = CutPaste as published);

@@ -10,6 +10,7 @@ every pixel, the whole set and each defect type (:func:`score_test_set`).
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -115,15 +116,17 @@ def train_once(cfg, run_dir: Union[str, Path], *, progress: bool = False) -> Dic
 
 
 def train_members(cfg_path: str, overrides: List[str], root: Path, category: str,
-                  budget: float, seeds: Sequence[int], run_root: Path) -> List[Path]:
-    """One run per seed under ``run_root/s<seed>``, all with the first seed's held-out split
-    and ``budget / len(seeds)`` seconds each (:func:`train_once`)."""
+                  budget: float, seeds: Sequence[int], run_root: Path,
+                  split_seed: Optional[int] = None) -> List[Path]:
+    """One run per seed under ``run_root/s<seed>``, all with one held-out split (``split_seed``,
+    default the first seed's) and ``budget / len(seeds)`` seconds each (:func:`train_once`)."""
     runs = []
+    split = seeds[0] if split_seed is None else split_seed
     for seed in seeds:
         run_dir = run_root / f"s{seed}"
         runs.append(run_dir)
         cfg = load_config(cfg_path, overrides, values={
-            "data": {"root": str(root), "category": category, "split_seed": seeds[0]},
+            "data": {"root": str(root), "category": category, "split_seed": split},
             "train": {"time_budget": budget / len(seeds), "seed": seed}})
         train_once(cfg, run_dir)
     return runs
@@ -169,6 +172,50 @@ def model_scores(runs: List[Path], root: Path, category: str,
     return score_test_set(map_fn, root, category, geometry, resolution=resolution)
 
 
+def seed_statistics(per_seed: Sequence[Dict[str, Dict]]) -> Tuple[Dict[str, Dict],
+                                                                    Dict[str, Dict]]:
+    """The mean and the sample standard deviation over seeds of each row and metric of
+    :func:`model_scores` results (a metric that is ``None`` for some seed is averaged over the
+    others; ``None`` where no seed has it, and a std of ``None`` with fewer than two)."""
+    mean: Dict[str, Dict] = {}
+    std: Dict[str, Dict] = {}
+    for kind in per_seed[0]:
+        mean[kind], std[kind] = {}, {}
+        for key in per_seed[0][kind]:
+            values = [s[kind][key] for s in per_seed if s.get(kind, {}).get(key) is not None]
+            mean[kind][key] = sum(values) / len(values) if values else None
+            std[kind][key] = (math.sqrt(sum((v - mean[kind][key]) ** 2 for v in values)
+                                        / (len(values) - 1)) if len(values) > 1 else None)
+    return mean, std
+
+
+def _set_scores(config: str, overrides: Sequence[str], root: Path, category: str,
+                budget: float, seeds: Sequence[int], run_root: Path, resolution: str,
+                separate_seeds: bool) -> Dict[str, Any]:
+    """Train and score one set: the seeds' ensemble (``budget`` split over them), or with
+    ``separate_seeds`` one model per seed with the whole ``budget`` each, scored alone and
+    summarised by :func:`seed_statistics`."""
+    if not separate_seeds:
+        runs = train_members(config, list(overrides), root, category, budget, list(seeds),
+                             run_root)
+        return {"model": model_scores(runs, root, category, resolution),
+                "train_seconds": _train_seconds(runs)}
+    per_seed, runs = {}, []
+    for seed in seeds:
+        run = train_members(config, list(overrides), root, category, budget, [seed],
+                            run_root, split_seed=seeds[0])
+        runs += run
+        per_seed[seed] = model_scores(run, root, category, resolution)
+    mean, std = seed_statistics(list(per_seed.values()))
+    return {"model": mean, "model_std": std,
+            "per_seed": {str(seed): scores for seed, scores in per_seed.items()},
+            "train_seconds": _train_seconds(runs)}
+
+
+def _train_seconds(runs: Sequence[Path]) -> float:
+    return sum(RunDir(r).read_summary()["train_seconds"] for r in runs)
+
+
 def suite_sets(real_root: Union[str, Path], suite_root: Union[str, Path],
                only: Optional[Sequence[str]] = None) -> Dict[str, Tuple[Path, str]]:
     """Set name -> (data root, category): the real sets found under ``real_root`` and the
@@ -184,11 +231,14 @@ def suite_sets(real_root: Union[str, Path], suite_root: Union[str, Path],
 def run_suite(sets: Dict[str, Tuple[Path, str]], config: str, overrides: Sequence[str], *,
               budget: float, seeds: Sequence[int], output_dir: Union[str, Path],
               image_size: Any = 128, floor_resize: str = "stretch",
-              resolution: str = "model") -> Dict[str, Dict]:
+              resolution: str = "model", separate_seeds: bool = False) -> Dict[str, Dict]:
     """Floor, training and scores for every set; ``suite.json`` and ``suite.md`` in
     ``output_dir`` are rewritten after each set (a finished run is not retrained). The floor
     is fitted at ``image_size`` with ``floor_resize``; floor and models are scored at
-    ``resolution`` (``native``: every geometry on the same pixels, comparable)."""
+    ``resolution`` (``native``: every geometry on the same pixels, comparable). With
+    ``separate_seeds`` every seed is its own model with the whole ``budget`` (the rows are the
+    mean over seeds; ``model_std`` and ``per_seed`` hold the spread and each seed's scores),
+    to tell a change of recipe from seed noise."""
     output = Path(output_dir)
     results: Dict[str, Dict] = {}
     for name, (root, category) in sets.items():
@@ -199,11 +249,10 @@ def run_suite(sets: Dict[str, Tuple[Path, str]], config: str, overrides: Sequenc
             floor = gaussian_floor(root, category, image_size, floor_resize, resolution)
             write_json(floor_path, floor)
         start = time.perf_counter()
-        runs = train_members(config, list(overrides), root, category, budget,
-                             list(seeds), output / name)
-        train_seconds = sum(RunDir(r).read_summary()["train_seconds"] for r in runs)
-        scores = model_scores(runs, root, category, resolution)
-        results[name] = {"model": scores, "floor": floor, "train_seconds": train_seconds}
+        results[name] = _set_scores(config, overrides, root, category, budget, seeds,
+                                    output / name, resolution, separate_seeds)
+        results[name]["floor"] = floor
+        scores, train_seconds = results[name]["model"], results[name]["train_seconds"]
         print(f"{name}: {time.perf_counter() - start:.0f} s, train {train_seconds:.0f} s; "
               + ", ".join(f"{k} {fmt(scores['all'][k])} (floor {fmt(floor['all'][k])})"
                           for k in KEYS), flush=True)
@@ -213,6 +262,7 @@ def run_suite(sets: Dict[str, Tuple[Path, str]], config: str, overrides: Sequenc
                                            "floor": {"image_size": list(image_hw(image_size)),
                                                      "resize": floor_resize},
                                            "budget": budget, "seeds": list(seeds),
+                                           "separate_seeds": separate_seeds,
                                            "results": results})
         atomic_write_text(output / "suite.md", suite_table(results, KEYS))
     return results

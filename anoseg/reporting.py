@@ -563,10 +563,16 @@ def suite_table(results: Dict[str, Dict], keys: Sequence[str]) -> str:
     lines = ["| set | type | method | pixel AUROC | AUPRO | best IoU | image AUROC |",
              "|---|---|---|---:|---:|---:|---:|"]
     for name, result in results.items():
+        spread = result.get("model_std")
+        seeds = len(result.get("per_seed", {}))
         for kind in result["model"]:
             for method in ("model", "floor"):
                 row = result[method].get(kind, {})
                 label = "anoseg" if method == "model" else "Gaussian"
-                lines.append(f"| {name} | {kind} | {label} | "
-                             + " | ".join(fmt(row.get(k)) for k in keys) + " |")
+                cells = [fmt(row.get(k)) for k in keys]
+                if method == "model" and spread is not None:
+                    label = f"anoseg, mean of {seeds} seeds"
+                    cells = [c if spread[kind].get(k) is None else f"{c} ± {fmt(spread[kind][k])}"
+                             for c, k in zip(cells, keys)]
+                lines.append(f"| {name} | {kind} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -8,7 +8,9 @@ Sets: the real sets under ``--real-root`` (``../shared/data/real``: bsdata, deep
 and the generated categories of :mod:`anoseg.data.suite` (written once under
 ``--suite-root``). Per set: the Gaussian floor (cached), then training with the wall-clock
 ``--budget`` (split evenly over ``--seeds``; with several seeds the members are averaged as an
-ensemble sharing one held-out split), then one pass over the test set scoring every pixel, the
+ensemble sharing one held-out split; with ``--separate-seeds`` each seed is its own model with
+the whole budget, and the table shows the mean over seeds ± their standard deviation), then
+one pass over the test set scoring every pixel, the
 whole set and each defect type (that type's images plus all good test images). A finished run
 is not retrained (delete its folder to redo). Writes ``suite.json`` and ``suite.md``.
 """
@@ -54,12 +56,17 @@ def main() -> None:
                         help="score floor and models at the model's resolution (padding cut "
                              "off) or at each image's own size (native: every geometry on the "
                              "same pixels)")
+    parser.add_argument("--separate-seeds", action="store_true",
+                        help="train every seed as its own model with the whole --budget and "
+                             "report the mean over seeds ± their standard deviation (instead "
+                             "of one ensemble): tells a change of recipe from seed noise")
     args = parser.parse_args()
 
     sets = suite_sets(args.real_root, args.suite_root, args.sets)
     results = run_suite(sets, args.config, args.overrides, budget=args.budget, seeds=args.seeds,
                         output_dir=args.output_dir, image_size=args.image_size,
-                        floor_resize=args.floor_resize, resolution=args.resolution)
+                        floor_resize=args.floor_resize, resolution=args.resolution,
+                        separate_seeds=args.separate_seeds)
     print(suite_table(results, KEYS))
 
 if __name__ == "__main__":

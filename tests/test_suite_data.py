@@ -1,6 +1,7 @@
 """The development suite's generated categories and the per-pixel Gaussian floor."""
 
 import numpy as np
+import pytest
 import torch
 
 from anoseg.baselines import PerPixelGaussian
@@ -81,3 +82,39 @@ def test_dev_suite_scores_a_recipe_and_the_floor_by_defect_type(demo_root, tmp_p
                       ["train.steps=2", "data.image_size=64", "data.num_workers=0"],
                       budget=600, seeds=[0], output_dir=tmp_path / "suite", image_size=64)
     assert again["demo"]["model"] == demo["model"]
+
+
+def test_dev_suite_separate_seeds_reports_mean_and_spread(demo_root, tmp_path):
+    import json
+
+    from anoseg.dev_suite import KEYS, run_suite, seed_statistics
+    from anoseg.reporting import suite_table
+
+    sets = {"demo": (demo_root, "demo_texture")}
+    results = run_suite(sets, "configs/cpu_small.yaml",
+                        ["train.steps=2", "data.image_size=64", "data.num_workers=0"],
+                        budget=600, seeds=[0, 1], output_dir=tmp_path / "suite",
+                        image_size=64, separate_seeds=True)
+    demo = results["demo"]
+    first, second = demo["per_seed"]["0"], demo["per_seed"]["1"]
+    assert first["all"] != second["all"]  # two models, not one ensemble scored twice
+    for key in KEYS:
+        values = [first["all"][key], second["all"][key]]
+        if None in values:
+            continue
+        assert demo["model"]["all"][key] == pytest.approx(sum(values) / 2)
+        assert demo["model_std"]["all"][key] == pytest.approx(abs(values[0] - values[1])
+                                                              / 2 ** 0.5)
+    # each seed trained with the whole budget, on the first seed's held-out split
+    runs = tmp_path / "suite" / "demo"
+    splits = [json.loads((runs / f"s{s}" / "split.json").read_text()) for s in (0, 1)]
+    assert splits[0]["holdout"] == splits[1]["holdout"]
+    for s in (0, 1):
+        config = (runs / f"s{s}" / "config.yaml").read_text()
+        assert "time_budget: 600" in config
+    table = suite_table(results, KEYS)
+    assert "| demo | all | anoseg, mean of 2 seeds |" in table and " ± " in table
+    # a metric missing for one seed is averaged over the others; no spread from one value
+    mean, std = seed_statistics([{"all": {"a": 0.5, "b": None}}, {"all": {"a": 0.7, "b": 0.2}}])
+    assert mean["all"] == {"a": pytest.approx(0.6), "b": 0.2}
+    assert std["all"]["b"] is None and std["all"]["a"] == pytest.approx(0.1414, abs=1e-3)
