@@ -10,7 +10,7 @@ every pixel, the whole set and each defect type (:func:`score_test_set`).
 from __future__ import annotations
 
 import json
-import math
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -183,9 +183,8 @@ def seed_statistics(per_seed: Sequence[Dict[str, Dict]]) -> Tuple[Dict[str, Dict
         mean[kind], std[kind] = {}, {}
         for key in per_seed[0][kind]:
             values = [s[kind][key] for s in per_seed if s.get(kind, {}).get(key) is not None]
-            mean[kind][key] = sum(values) / len(values) if values else None
-            std[kind][key] = (math.sqrt(sum((v - mean[kind][key]) ** 2 for v in values)
-                                        / (len(values) - 1)) if len(values) > 1 else None)
+            mean[kind][key] = statistics.fmean(values) if values else None
+            std[kind][key] = statistics.stdev(values) if len(values) > 1 else None
     return mean, std
 
 

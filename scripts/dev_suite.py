@@ -40,7 +40,8 @@ def main() -> None:
     parser.add_argument("--config", required=True)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--budget", type=float, default=1200.0,
-                        help="training seconds per set (all seeds together)")
+                        help="training seconds per set (all seeds together; with "
+                             "--separate-seeds, per seed)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--real-root", default="../shared/data/real")
     parser.add_argument("--suite-root", default="runs/suite_data")

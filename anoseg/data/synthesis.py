@@ -369,20 +369,21 @@ def crack_mask(height: int, width: int, cfg: SynthesisConfig,
     """
     side = min(height, width)
     length = _uniform(generator, *cfg.crack_length) * side
-    radius = max(_uniform(generator, *cfg.crack_width) * side, 1.0) / 2.0
-    radius = max(radius, 0.71)  # a one-pixel line stays 8-connected on a diagonal
-    y, x = _uniform(generator, 0, height - 1), _uniform(generator, 0, width - 1)
-    heading = _uniform(generator, 0.0, 2.0 * math.pi)
+    # half the width; at least 0.71 so a one-pixel line stays 8-connected on a diagonal
+    radius = max(_uniform(generator, *cfg.crack_width) * side / 2.0, 0.71)
+    start = torch.tensor([_uniform(generator, 0, height - 1), _uniform(generator, 0, width - 1)])
+    heading0 = _uniform(generator, 0.0, 2.0 * math.pi)
     steps = max(1, int(length / CRACK_STEP))
-    drift = torch.randn(steps, generator=generator) * 0.1 * math.sqrt(CRACK_STEP)
-    points = [(y, x)]
-    for k in range(steps):
-        heading += float(drift[k])
-        y, x = y + CRACK_STEP * math.sin(heading), x + CRACK_STEP * math.cos(heading)
-        if not (0 <= y <= height - 1 and 0 <= x <= width - 1):
-            break
-        points.append((y, x))
-    path = torch.tensor(points, dtype=torch.float32)
+    drift = torch.randn(steps, generator=generator, dtype=torch.float64) * 0.1 * math.sqrt(
+        CRACK_STEP)
+    heading = heading0 + drift.cumsum(0)
+    moves = CRACK_STEP * torch.stack([heading.sin(), heading.cos()], 1)
+    path = torch.cat([start[None].double(), start[None] + moves.cumsum(0)])
+    limit = torch.tensor([height - 1, width - 1], dtype=torch.float64)
+    outside = ((path < 0) | (path > limit)).any(1)
+    if outside.any():  # the walk stops at the image's border
+        path = path[:int(outside.to(torch.int8).argmax())]
+    path = path.float()
     reach = int(math.ceil(radius))
     y0 = max(0, int(path[:, 0].min()) - reach)
     y1 = min(height, int(path[:, 0].max()) + reach + 2)
