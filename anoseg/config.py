@@ -34,7 +34,7 @@ REGION_SOURCES: Tuple[str, ...] = ("augmented", "texture", "intensity", "blur")
 ImageSize = Union[int, Tuple[int, int]]
 """Type of ``data.image_size``: one side (a square) or ``[height, width]``."""
 
-RESIZE_MODES: Tuple[str, ...] = ("stretch", "keep_aspect")
+RESIZE_MODES: Tuple[str, ...] = ("stretch", "keep_aspect", "match_aspect")
 """Values of ``data.resize`` (:mod:`anoseg.data.geometry`)."""
 
 TILE_COORDS: Tuple[str, ...] = ("image", "tile")
@@ -80,9 +80,13 @@ class DataConfig:
     from 64 to 512. With ``data.tiling`` it is the tile's size."""
     resize: str = "stretch"
     """How an image is brought to ``image_size``: ``stretch`` (resized to it, the aspect is
-    lost; anoseg 0.x) or ``keep_aspect`` (resized so that it fits, then padded; the padding is
-    never scored and never holds a synthetic anomaly). Ignored with ``data.tiling``, which
-    always keeps the aspect."""
+    lost; anoseg 0.x), ``keep_aspect`` (resized so that it fits, then padded; the padding is
+    never scored and never holds a synthetic anomaly) or ``match_aspect`` (training replaces
+    ``image_size`` by the canvas with about its pixel count that is shaped like the training
+    images, their median aspect, and stretches onto it:
+    :func:`anoseg.data.geometry.match_aspect_canvas`; the run's saved config holds the
+    resolved ``image_size`` and ``stretch``). Ignored with ``data.tiling``, which always keeps
+    the aspect."""
     tiling: TilingConfig = field(default_factory=TilingConfig)
     holdout_fraction: float = 0.1
     """Fraction of ``train/good`` kept out of training (seeded split). Evaluation chooses the

@@ -22,9 +22,10 @@ from torch.utils.data import DataLoader
 from anoseg.atomic import atomic_write_text, write_json
 from anoseg.baselines import PerPixelGaussian
 from anoseg.config import image_hw, load_config
-from anoseg.data.geometry import Geometry, Placement, crop, group_by_shape, to_resolution
+from anoseg.data.geometry import (Geometry, Placement, crop, group_by_shape, match_aspect_canvas,
+                                  to_resolution)
 from anoseg.data.mvtec import (MVTecTestDataset, collate_samples, list_train_images,
-                               load_placed_image, placement_of)
+                               image_size_of, load_placed_image, placement_of)
 from anoseg.data.suite import SUITE_CATEGORIES, write_suite
 from anoseg.metrics import SegmentationMetrics
 from anoseg.reporting import fmt, suite_table
@@ -80,10 +81,15 @@ def gaussian_floor(root: Path, category: str, image_size: Any, resize: str = "st
                    resolution: str = "model") -> Dict[str, Dict]:
     """The per-pixel Gaussian's scores: fitted on the training images placed at
     ``image_size`` (a side or ``(height, width)``) by ``resize`` (``stretch`` or
-    ``keep_aspect``: the padding is fitted too, and cut off before scoring), scored at
+    ``keep_aspect``: the padding is fitted too, and cut off before scoring; ``match_aspect``:
+    a stretch onto the canvas a training run would choose for these images), scored at
     ``resolution``."""
-    geometry = Geometry(image_hw(image_size), resize)
-    canvases = [load_placed_image(p, geometry)[0] for p in list_train_images(root, category)]
+    paths = list_train_images(root, category)
+    hw = image_hw(image_size)
+    if resize == "match_aspect":
+        hw, resize = match_aspect_canvas(hw, [image_size_of(p) for p in paths]), "stretch"
+    geometry = Geometry(hw, resize)
+    canvases = [load_placed_image(p, geometry)[0] for p in paths]
     baseline = PerPixelGaussian.fit(torch.stack(canvases).float() / 255.0)
 
     def map_fn(images, placements):

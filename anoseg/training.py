@@ -14,10 +14,11 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -258,6 +259,25 @@ def prepare_training_split(cfg: AnoSegConfig, root: Path) -> Dict[str, List[str]
     return {"train": [str(p) for p in train_paths], "holdout": [str(p) for p in holdout]}
 
 
+def matched_canvas_config(cfg: AnoSegConfig, train_paths: Sequence[str], *,
+                          announce: bool = False) -> AnoSegConfig:
+    """``cfg`` with ``data.resize: match_aspect`` resolved from the training images' sizes
+    (:func:`anoseg.data.geometry.resolve_match_aspect`): ``data.image_size`` becomes the
+    matched canvas and ``data.resize`` ``stretch``, which the run's saved config records.
+    Any other config is returned as it is."""
+    if cfg.data.resize != "match_aspect" or cfg.data.tiling.enabled:
+        return cfg
+    from anoseg.data.geometry import resolve_match_aspect
+    from anoseg.data.mvtec import image_size_of
+
+    data = resolve_match_aspect(cfg.data, [image_size_of(p) for p in train_paths])
+    if announce:
+        print(f"data.resize=match_aspect: the canvas is {data.image_size[0]}x"
+              f"{data.image_size[1]} (height x width), shaped like the training images",
+              flush=True)
+    return dataclasses.replace(cfg, data=data)
+
+
 COLLAPSE_STD = 0.02
 COLLAPSE_STEPS = 20
 COLLAPSE_MESSAGE = ("the normality map has been nearly constant (std < 0.02 over the batch) for "
@@ -316,10 +336,11 @@ def _train_locked(cfg: AnoSegConfig, run: RunDir, *, resume: bool, progress: boo
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by the "
                           f"number of processes ({ctx.world_size}): it is the global batch")
     device, amp_dtype = setup_device(cfg, ctx)
-    check_batch_fits("train.batch_size", cfg.train.batch_size // ctx.world_size,
-                     cfg.data.image_size, segmenter_floats_per_pixel(cfg.model.width), device)
     root = resolve_data_root(cfg)
     split = ckpt["split"] if ckpt is not None else prepare_training_split(cfg, root)
+    cfg = matched_canvas_config(cfg, split["train"], announce=ctx.is_main)
+    check_batch_fits("train.batch_size", cfg.train.batch_size // ctx.world_size,
+                     cfg.data.image_size, segmenter_floats_per_pixel(cfg.model.width), device)
     data = DataRecord(TrainingSplit.from_dict(split), str(root))
 
     progress = progress and ctx.is_main

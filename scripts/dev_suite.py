@@ -51,8 +51,11 @@ def main() -> None:
     parser.add_argument("--image-size", type=_size, default=128,
                         help="size of the Gaussian floor, a side or HxW such as 320x128 (the "
                              "model uses its config's)")
-    parser.add_argument("--floor-resize", choices=("stretch", "keep_aspect"), default="stretch",
-                        help="how the Gaussian floor's images are brought to --image-size")
+    parser.add_argument("--floor-resize", choices=("stretch", "keep_aspect", "match_aspect"),
+                        default="stretch",
+                        help="how the Gaussian floor's images are brought to --image-size "
+                             "(match_aspect: the canvas a run with data.resize=match_aspect "
+                             "would choose)")
     parser.add_argument("--resolution", choices=("model", "native"), default="model",
                         help="score floor and models at the model's resolution (padding cut "
                              "off) or at each image's own size (native: every geometry on the "

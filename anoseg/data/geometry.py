@@ -6,6 +6,9 @@ Three ways, chosen by ``data.resize`` and ``data.tiling`` (:class:`Geometry`):
   aspect is lost.
 * ``keep_aspect``: the image is resized so that it fits ``data.image_size`` and centred on a
   black canvas of that size; the rest is padding.
+* ``match_aspect``: resolved before training (:func:`resolve_match_aspect`) into a stretch
+  onto a canvas of about ``data.image_size``'s pixel count, shaped like the training images
+  (:func:`match_aspect_canvas`): a tall or wide part is not squeezed along one side only.
 * tiling (``data.tiling.enabled``): the image is resized by ``data.tiling.scale`` keeping its
   aspect (padded at the bottom and right up to one tile where it is smaller), and the network
   sees tiles of ``data.image_size`` of it: random tiles in training, a sliding window with
@@ -100,6 +103,10 @@ class Geometry:
             h = max(1, int(round(source_hw[0] * self.tile_scale)))
             w = max(1, int(round(source_hw[1] * self.tile_scale)))
             return Placement(source_hw, (max(h, height), max(w, width)), (0, 0, h, w))
+        if self.resize == "match_aspect":
+            raise ValueError("data.resize=match_aspect is resolved from the training images "
+                             "before use (anoseg.data.geometry.resolve_match_aspect); a run's "
+                             "saved config holds the resolved image_size and 'stretch'")
         if self.resize == "stretch":
             return Placement(source_hw, (height, width), (0, 0, height, width))
         factor = min(height / source_hw[0], width / source_hw[1])
@@ -107,6 +114,57 @@ class Geometry:
         w = min(width, max(1, int(round(source_hw[1] * factor))))
         return Placement(source_hw, (height, width),
                          ((height - h) // 2, (width - w) // 2, h, w))
+
+
+CANVAS_STEP = 32
+"""The canvas's sides are multiples of the encoder's stride."""
+CANVAS_SIDES = (64, 512)
+"""The smallest and largest side ``data.image_size`` allows."""
+CANVAS_MAX_AREA = 1.15
+"""A matched canvas holds at most this many times the pixels of ``data.image_size``."""
+
+
+def match_aspect_canvas(target_hw: HW, sizes: Sequence[HW]) -> HW:
+    """The canvas ``(height, width)`` for images of ``sizes`` with about the pixels of
+    ``target_hw``: sides multiples of 32 from 64 to 512, at most 1.15x the pixels, the one
+    that minimises ``|log(aspect / median aspect)| + |log(pixels / target pixels)|`` (ties:
+    fewer pixels). A square set keeps ``target_hw`` (for a square ``target_hw``).
+
+    >>> match_aspect_canvas((128, 128), [(1250, 500), (1280, 500)])
+    (192, 96)
+    >>> match_aspect_canvas((128, 128), [(640, 640)])
+    (128, 128)
+    """
+    if not sizes:
+        raise ValueError("match_aspect_canvas needs the size of at least one image")
+    aspects = sorted(h / w for h, w in sizes)
+    aspect = aspects[len(aspects) // 2] if len(aspects) % 2 else math.sqrt(
+        aspects[len(aspects) // 2 - 1] * aspects[len(aspects) // 2])
+    target = target_hw[0] * target_hw[1]
+    sides = range(CANVAS_SIDES[0], CANVAS_SIDES[1] + 1, CANVAS_STEP)
+    best = None
+    for h in sides:
+        for w in sides:
+            if h * w > CANVAS_MAX_AREA * target:
+                continue
+            cost = abs(math.log(h / w / aspect)) + abs(math.log(h * w / target))
+            key = (round(cost, 9), h * w)
+            if best is None or key < best[0]:
+                best = (key, (h, w))
+    if best is None:  # target below the smallest canvas: the smallest one of that shape
+        return (CANVAS_SIDES[0], CANVAS_SIDES[0])
+    return best[1]
+
+
+def resolve_match_aspect(data: DataConfig, sizes: Sequence[HW]) -> DataConfig:
+    """``data`` with ``resize: match_aspect`` replaced by ``stretch`` onto
+    :func:`match_aspect_canvas` of the images' ``sizes``; any other ``data`` as it is."""
+    if data.resize != "match_aspect" or data.tiling.enabled:
+        return data
+    import dataclasses
+
+    canvas = match_aspect_canvas(image_hw(data.image_size), sizes)
+    return dataclasses.replace(data, image_size=list(canvas), resize="stretch")
 
 
 def crop(values: torch.Tensor, placement: Placement) -> torch.Tensor:
