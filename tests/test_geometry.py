@@ -358,3 +358,63 @@ def test_threshold_cache_is_reused_for_a_height_width_run(runs):
     model.config.eval.resolution = "native"  # another resolution: its own threshold
     _, cached = cached_label_free_threshold(model, checkpoint, holdout)
     assert not cached
+
+
+@pytest.mark.parametrize("aspect", [0.2, 0.3, 0.41, 0.75, 1.0, 1.33, 2.5, 4.0])
+def test_match_aspect_canvas_keeps_the_pixels_and_follows_the_shape(aspect):
+    from anoseg.data.geometry import match_aspect_canvas
+
+    sizes = [(int(round(1000 * aspect)), 1000), (int(round(1100 * aspect)), 1100)]
+    h, w = match_aspect_canvas((128, 128), sizes)
+    assert h % 32 == 0 and w % 32 == 0 and 64 <= min(h, w) and max(h, w) <= 512
+    assert 0.5 * 128 * 128 <= h * w <= 1.15 * 128 * 128
+    # the canvas leans the way the images do, and squeezes no side much more than the other
+    if not 0.7 < aspect < 1.4:  # near a square, 128x128 is as close as any multiple of 32
+        assert (h > w) == (aspect > 1)
+    assert abs(np.log(h / w / aspect)) < 0.35
+    assert match_aspect_canvas((128, 128), [(640, 640)]) == (128, 128)
+
+
+def test_match_aspect_canvas_uses_the_median_shape():
+    from anoseg.data.geometry import match_aspect_canvas
+
+    tall, wide = (1250, 500), (208, 512)
+    assert match_aspect_canvas((128, 128), [tall, tall, wide]) == (192, 96)
+    assert match_aspect_canvas((128, 128), [wide, wide, tall]) == (96, 192)
+    with pytest.raises(ValueError):
+        match_aspect_canvas((128, 128), [])
+
+
+def test_match_aspect_run_saves_its_resolved_canvas_and_resumes(strips, tmp_path):
+    overrides = TINY + ["data.image_size=128", "data.resize=match_aspect",
+                        f"data.root={strips}", "data.category=strip", "train.steps=3"]
+    cfg = load_config(None, overrides)
+    assert cfg.data.resize == "match_aspect"
+    with pytest.raises(ValueError, match="match_aspect"):  # unresolved, it places nothing
+        Geometry.from_config(cfg.data).place((300, 1000))
+    from anoseg.data.geometry import match_aspect_canvas
+
+    canvas_hw = match_aspect_canvas((128, 128), [HW])
+    assert canvas_hw[1] >= 3 * canvas_hw[0]  # the strips are 300 x 1000
+    run = tmp_path / "run"
+    train(cfg, run, progress=False, stop_at=2)  # as if interrupted
+    saved = load_config(run / "config.yaml")
+    assert tuple(saved.data.image_size) == canvas_hw and saved.data.resize == "stretch"
+    result = train(cfg, run, progress=False, resume=True)
+    assert result.steps == 3
+    model = load_model(run, "cpu")
+    assert tuple(model.config.data.image_size) == canvas_hw
+    assert model.config.data.resize == "stretch"
+    canvas, placement = load_placed_image(
+        sorted((strips / "strip" / "test" / "dent").glob("*.png"))[0],
+        Geometry.from_config(model.config.data))
+    assert tuple(canvas.shape[-2:]) == canvas_hw and placement.is_full
+    maps, _ = predict_anomaly_scores(model.generator, canvas[None].float() / 255.0)
+    assert tuple(maps.shape[-2:]) == canvas_hw
+
+
+def test_dev_suite_floor_on_the_matched_canvas(strips):
+    from anoseg.dev_suite import gaussian_floor
+
+    floor = gaussian_floor(strips, "strip", 128, "match_aspect")
+    assert floor["all"]["pixel_auroc"] > 0.9  # the dark dents, on the matched canvas
