@@ -262,15 +262,18 @@ def prepare_training_split(cfg: AnoSegConfig, root: Path) -> Dict[str, List[str]
 def matched_canvas_config(cfg: AnoSegConfig, train_paths: Sequence[str], *,
                           announce: bool = False) -> AnoSegConfig:
     """``cfg`` with ``data.resize: match_aspect`` resolved from the training images' sizes
-    (:func:`anoseg.data.geometry.resolve_match_aspect`): ``data.image_size`` becomes the
+    (:func:`anoseg.data.geometry.match_aspect_canvas`): ``data.image_size`` becomes the
     matched canvas and ``data.resize`` ``stretch``, which the run's saved config records.
-    Any other config is returned as it is."""
+    Any other config (tiling included, which ignores ``data.resize``) is returned as it is."""
     if cfg.data.resize != "match_aspect" or cfg.data.tiling.enabled:
         return cfg
-    from anoseg.data.geometry import resolve_match_aspect
+    from anoseg.config import image_hw
+    from anoseg.data.geometry import match_aspect_canvas
     from anoseg.data.mvtec import image_size_of
 
-    data = resolve_match_aspect(cfg.data, [image_size_of(p) for p in train_paths])
+    canvas = match_aspect_canvas(image_hw(cfg.data.image_size),
+                                 [image_size_of(p) for p in train_paths])
+    data = dataclasses.replace(cfg.data, image_size=list(canvas), resize="stretch")
     if announce:
         print(f"data.resize=match_aspect: the canvas is {data.image_size[0]}x"
               f"{data.image_size[1]} (height x width), shaped like the training images",

@@ -6,7 +6,8 @@ Three ways, chosen by ``data.resize`` and ``data.tiling`` (:class:`Geometry`):
   aspect is lost.
 * ``keep_aspect``: the image is resized so that it fits ``data.image_size`` and centred on a
   black canvas of that size; the rest is padding.
-* ``match_aspect``: resolved before training (:func:`resolve_match_aspect`) into a stretch
+* ``match_aspect``: resolved before training (``anoseg.training.matched_canvas_config``)
+  into a stretch
   onto a canvas of about ``data.image_size``'s pixel count, shaped like the training images
   (:func:`match_aspect_canvas`): a tall or wide part is not squeezed along one side only.
 * tiling (``data.tiling.enabled``): the image is resized by ``data.tiling.scale`` keeping its
@@ -28,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -105,7 +107,7 @@ class Geometry:
             return Placement(source_hw, (max(h, height), max(w, width)), (0, 0, h, w))
         if self.resize == "match_aspect":
             raise ValueError("data.resize=match_aspect is resolved from the training images "
-                             "before use (anoseg.data.geometry.resolve_match_aspect); a run's "
+                             "before use (anoseg.training.matched_canvas_config); a run's "
                              "saved config holds the resolved image_size and 'stretch'")
         if self.resize == "stretch":
             return Placement(source_hw, (height, width), (0, 0, height, width))
@@ -137,34 +139,14 @@ def match_aspect_canvas(target_hw: HW, sizes: Sequence[HW]) -> HW:
     """
     if not sizes:
         raise ValueError("match_aspect_canvas needs the size of at least one image")
-    aspects = sorted(h / w for h, w in sizes)
-    aspect = aspects[len(aspects) // 2] if len(aspects) % 2 else math.sqrt(
-        aspects[len(aspects) // 2 - 1] * aspects[len(aspects) // 2])
+    aspect = math.exp(statistics.median(math.log(h / w) for h, w in sizes))
     target = target_hw[0] * target_hw[1]
     sides = range(CANVAS_SIDES[0], CANVAS_SIDES[1] + 1, CANVAS_STEP)
-    best = None
-    for h in sides:
-        for w in sides:
-            if h * w > CANVAS_MAX_AREA * target:
-                continue
-            cost = abs(math.log(h / w / aspect)) + abs(math.log(h * w / target))
-            key = (round(cost, 9), h * w)
-            if best is None or key < best[0]:
-                best = (key, (h, w))
-    if best is None:  # target below the smallest canvas: the smallest one of that shape
-        return (CANVAS_SIDES[0], CANVAS_SIDES[0])
-    return best[1]
-
-
-def resolve_match_aspect(data: DataConfig, sizes: Sequence[HW]) -> DataConfig:
-    """``data`` with ``resize: match_aspect`` replaced by ``stretch`` onto
-    :func:`match_aspect_canvas` of the images' ``sizes``; any other ``data`` as it is."""
-    if data.resize != "match_aspect" or data.tiling.enabled:
-        return data
-    import dataclasses
-
-    canvas = match_aspect_canvas(image_hw(data.image_size), sizes)
-    return dataclasses.replace(data, image_size=list(canvas), resize="stretch")
+    # target_hw is a valid image_size (each side >= 64), so 64x64 is always admissible
+    candidates = [(h, w) for h in sides for w in sides if h * w <= CANVAS_MAX_AREA * target]
+    return min(candidates, key=lambda hw: (
+        round(abs(math.log(hw[0] / hw[1] / aspect)) + abs(math.log(hw[0] * hw[1] / target)), 9),
+        hw[0] * hw[1]))
 
 
 def crop(values: torch.Tensor, placement: Placement) -> torch.Tensor:
