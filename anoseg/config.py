@@ -193,6 +193,14 @@ class SynthesisConfig:
     """A noise region's pixel is labelled anomalous only where the blend changed it by more than
     this (largest channel difference, images in ``[0, 1]``): a blur over a flat area or a faint
     blend of similar texture changes nothing one could see, and is not taught as a defect."""
+    label_local_z: float = 0.0
+    """A changed pixel of a synthetic anomaly is labelled anomalous only where the change
+    exceeds ``label_local_z`` times the normal image's own local standard deviation there
+    (over a :data:`~anoseg.data.training_data.LABEL_WINDOW`-pixel square, the largest over
+    the channels, floored at 0.01) in at least one channel; smaller changes keep the label
+    "normal". A change within the local texture's own contrast (grain, noise, fine
+    structure) is not a defect anyone could see, and teaching it as one makes the map mark
+    normal texture. 0 = off (every changed pixel is anomalous, as in the paper)."""
 
 
 @dataclass
@@ -482,6 +490,8 @@ def _validate_synthesis(s: SynthesisConfig) -> None:
         a, b = getattr(s, name)
         _check(0.0 < a <= b <= 1.0, f"synthesis.{name}", (a, b),
                "a range (low, high) with 0 < low <= high <= 1")
+    _check(0.0 <= s.label_local_z <= 10.0, "synthesis.label_local_z", s.label_local_z,
+           "a value in [0, 10] (local standard deviations; 0 = off)")
     lo, hi = s.anomalies_per_image
     _check(1 <= lo <= hi <= 64, "synthesis.anomalies_per_image", (lo, hi),
            "a range (low, high) of integers with 1 <= low <= high <= 64")

@@ -434,3 +434,55 @@ def test_bad_crack_settings_are_refused_with_the_key(key, value):
 
     with pytest.raises(ConfigError, match=f"synthesis.{key}"):
         load_config(None, [f"synthesis.{key}={value}"])
+
+
+# ------------------------------------------------------------------ labels against the texture
+
+
+def test_label_local_z_keeps_only_changes_above_the_local_texture():
+    from anoseg.data.training_data import local_std, visible_changes
+
+    g = torch.Generator().manual_seed(0)
+    before = 0.5 + 0.1 * torch.randn(3, 64, 64, generator=g)  # grain of std ~0.1
+    after = before.clone()
+    after[:, 8:24, 8:24] += 0.05  # within the grain: invisible
+    after[:, 40:56, 40:56] += 0.6  # far above it
+    normality = torch.ones(1, 64, 64)
+    normality[:, 8:24, 8:24] = 0
+    normality[:, 40:56, 40:56] = 0
+    std = local_std(before)
+    assert std.shape == (1, 64, 64) and 0.07 < std.median() < 0.13
+    labelled = visible_changes(before, after, normality, 2.0)
+    assert (labelled[:, 8:24, 8:24] == 1).all()
+    assert (labelled[:, 40:56, 40:56] == 0).all()
+    assert torch.equal(visible_changes(before, after, normality, 0.0), normality)
+    # a flat image: the floor of the std keeps a small change visible
+    flat = torch.full((3, 16, 16), 0.5)
+    assert (visible_changes(flat, flat + 0.05, torch.zeros(1, 16, 16), 2.0) == 0).all()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_label_local_z_labels_a_subset_of_the_changes(seed):
+    from anoseg.data.training_data import local_std, make_sample
+
+    image = 0.5 + 0.1 * torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(seed))
+    image = image.clamp(0, 1)
+    plain = make_sample(image, SynthesisConfig(), torch.Generator().manual_seed(seed), 1.0)
+    cfg = SynthesisConfig(label_local_z=2.0)
+    sample = make_sample(image, cfg, torch.Generator().manual_seed(seed), 1.0)
+    assert torch.equal(sample["image"], plain["image"])  # the same anomaly, only the labels
+    anomalous, before = sample["normality"][0] == 0, plain["normality"][0] == 0
+    assert (anomalous <= before).all()
+    change = (sample["image"] - image).abs()
+    threshold = 2.0 * local_std(image)[0].clamp_min(0.01)
+    assert ((change > threshold).any(0) == anomalous).logical_or(~before).all()
+    assert bool(sample["synthetic"]) == bool(anomalous.any())
+
+
+@pytest.mark.parametrize("value", [-0.5, 11])
+def test_bad_label_local_z_is_refused_with_the_key(value):
+    from anoseg.config import load_config
+    from anoseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="synthesis.label_local_z"):
+        load_config(None, [f"synthesis.label_local_z={value}"])
