@@ -196,7 +196,7 @@ class SynthesisConfig:
     label_local_z: float = 0.0
     """A changed pixel of a synthetic anomaly is labelled anomalous only where the change
     exceeds ``label_local_z`` times the normal image's own local standard deviation there
-    (over a :data:`~anoseg.data.training_data.LABEL_WINDOW`-pixel square, the largest over
+    (over a :data:`~anoseg.data.synthesis.LABEL_WINDOW`-pixel square, the largest over
     the channels, floored at 0.01) in at least one channel; smaller changes keep the label
     "normal". A change within the local texture's own contrast (grain, noise, fine
     structure) is not a defect anyone could see, and teaching it as one makes the map mark

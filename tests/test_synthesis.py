@@ -440,43 +440,56 @@ def test_bad_crack_settings_are_refused_with_the_key(key, value):
 
 
 def test_label_local_z_keeps_only_changes_above_the_local_texture():
-    from anoseg.data.training_data import local_std, visible_changes
+    from anoseg.data.synthesis import changed_pixels, local_std
 
     g = torch.Generator().manual_seed(0)
     before = 0.5 + 0.1 * torch.randn(3, 64, 64, generator=g)  # grain of std ~0.1
     after = before.clone()
     after[:, 8:24, 8:24] += 0.05  # within the grain: invisible
     after[:, 40:56, 40:56] += 0.6  # far above it
-    normality = torch.ones(1, 64, 64)
-    normality[:, 8:24, 8:24] = 0
-    normality[:, 40:56, 40:56] = 0
     std = local_std(before)
-    assert std.shape == (1, 64, 64) and 0.07 < std.median() < 0.13
-    labelled = visible_changes(before, after, normality, 2.0)
-    assert (labelled[:, 8:24, 8:24] == 1).all()
-    assert (labelled[:, 40:56, 40:56] == 0).all()
-    assert torch.equal(visible_changes(before, after, normality, 0.0), normality)
+    assert std.shape == (64, 64) and 0.07 < std.median() < 0.13
+    visible = changed_pixels(before, after, 2.0)
+    assert not visible[8:24, 8:24].any()
+    assert visible[40:56, 40:56].all()
+    assert visible.sum() == 16 * 16
+    # off: every changed pixel counts
+    assert changed_pixels(before, after)[8:24, 8:24].all()
+    assert torch.equal(changed_pixels(before, after, 0.0), (after != before).any(0))
     # a flat image: the floor of the std keeps a small change visible
     flat = torch.full((3, 16, 16), 0.5)
-    assert (visible_changes(flat, flat + 0.05, torch.zeros(1, 16, 16), 2.0) == 0).all()
+    assert changed_pixels(flat, flat + 0.05, 2.0).all()
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_label_local_z_labels_a_subset_of_the_changes(seed):
-    from anoseg.data.training_data import local_std, make_sample
+    from anoseg.data.synthesis import local_std, synthesize_anomaly
 
     image = 0.5 + 0.1 * torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(seed))
     image = image.clamp(0, 1)
-    plain = make_sample(image, SynthesisConfig(), torch.Generator().manual_seed(seed), 1.0)
+    plain_image, plain = synthesize_anomaly(image, SynthesisConfig(),
+                                            torch.Generator().manual_seed(seed))
     cfg = SynthesisConfig(label_local_z=2.0)
-    sample = make_sample(image, cfg, torch.Generator().manual_seed(seed), 1.0)
-    assert torch.equal(sample["image"], plain["image"])  # the same anomaly, only the labels
-    anomalous, before = sample["normality"][0] == 0, plain["normality"][0] == 0
+    out, normality = synthesize_anomaly(image, cfg, torch.Generator().manual_seed(seed))
+    assert torch.equal(out, plain_image)  # the same anomaly, only the labels
+    anomalous, before = normality[0] == 0, plain[0] == 0
     assert (anomalous <= before).all()
-    change = (sample["image"] - image).abs()
-    threshold = 2.0 * local_std(image)[0].clamp_min(0.01)
-    assert ((change > threshold).any(0) == anomalous).logical_or(~before).all()
-    assert bool(sample["synthetic"]) == bool(anomalous.any())
+    change = (out - image).abs()
+    threshold = 2.0 * local_std(image).clamp_min(0.01)
+    assert torch.equal((change > threshold).any(0) & before, anomalous)
+
+
+def test_label_local_z_reaches_the_training_samples():
+    from anoseg.data.training_data import make_sample
+
+    image = (0.5 + 0.1 * torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(0)))
+    image = image.clamp(0, 1)
+    counts = []
+    for z in (0.0, 2.0):
+        cfg = SynthesisConfig(label_local_z=z)
+        sample = make_sample(image, cfg, torch.Generator().manual_seed(3), 1.0)
+        counts.append(int((sample["normality"] == 0).sum()))
+    assert counts[0] > counts[1]
 
 
 @pytest.mark.parametrize("value", [-0.5, 11])

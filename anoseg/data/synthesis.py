@@ -421,6 +421,32 @@ def crack(image: torch.Tensor, augmented: torch.Tensor, cfg: SynthesisConfig,
     return out, mask & (out != image).any(0)
 
 
+LABEL_WINDOW = 5
+"""Side in pixels of the square over which ``synthesis.label_local_z`` takes the local std."""
+LABEL_MIN_STD = 0.01
+"""Floor of the local standard deviation that ``synthesis.label_local_z`` scales."""
+
+
+def local_std(image: torch.Tensor, window: int = LABEL_WINDOW) -> torch.Tensor:
+    """``(H, W)`` the standard deviation of ``image`` (``(C, H, W)``) over the ``window``
+    square around each pixel (edges replicated), the largest over the channels."""
+    r = window // 2
+    x = F.pad(image[None].float(), (r, r, r, r), mode="replicate")
+    mean = F.avg_pool2d(x, window, stride=1)
+    square = F.avg_pool2d(x * x, window, stride=1)
+    return (square - mean * mean).clamp_min(0.0).sqrt()[0].amax(0)
+
+
+def changed_pixels(before: torch.Tensor, after: torch.Tensor, min_z: float = 0.0) -> torch.Tensor:
+    """``(H, W)`` bool: where ``after`` differs from ``before`` (``(C, H, W)``) in at least one
+    channel; with ``min_z > 0`` by more than ``min_z`` times ``before``'s :func:`local_std`
+    (floored at :data:`LABEL_MIN_STD`), the rule of ``synthesis.label_local_z``."""
+    if min_z <= 0:
+        return (after != before).any(0)
+    threshold = min_z * local_std(before).clamp_min(LABEL_MIN_STD)
+    return ((after - before).abs() > threshold).any(0)
+
+
 def synthesize_anomaly(image: torch.Tensor, cfg: SynthesisConfig,
                        generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
     """Make a synthetic anomaly from a normal image (paper Fig. 3).
@@ -432,7 +458,8 @@ def synthesize_anomaly(image: torch.Tensor, cfg: SynthesisConfig,
 
     Returns:
         ``(anomalous_image, normality_mask)`` where the mask is ``(1, H, W)`` float, 0 on the
-        pasted pixels and 1 elsewhere.
+        pasted pixels that changed (by more than ``cfg.label_local_z`` local stds when that is
+        set) and 1 elsewhere.
     """
     source = image
     if cfg.hard_augmentation:
@@ -454,7 +481,8 @@ def synthesize_anomaly(image: torch.Tensor, cfg: SynthesisConfig,
             out, pasted = cutpaste(out, source, cfg, generator, scar=scar, blob=blob)
         anomaly_mask |= pasted
     # A pasted pixel can equal what it covered (flat regions, a second paste over the first):
-    # the mask keeps only pixels that really changed, so it stays the exact set of changes.
-    anomaly_mask &= (out != image).any(0)
+    # the mask keeps only pixels that really changed, so it stays the exact set of changes;
+    # with ``label_local_z`` only changes above the image's local texture contrast.
+    anomaly_mask &= changed_pixels(image, out, cfg.label_local_z)
     normality = (~anomaly_mask).to(image.dtype).unsqueeze(0)
     return out, normality

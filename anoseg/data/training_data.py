@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
 from anoseg.config import SynthesisConfig
@@ -58,49 +57,16 @@ def synthesize_in_box(image: torch.Tensor, box: Optional[Box], cfg: SynthesisCon
     return out, normality, True
 
 
-LABEL_WINDOW = 5
-"""Side in pixels of the square over which ``synthesis.label_local_z`` takes the local std."""
-LABEL_MIN_STD = 0.01
-"""Floor of the local standard deviation that ``synthesis.label_local_z`` scales."""
-
-
-def local_std(image: torch.Tensor, window: int = LABEL_WINDOW) -> torch.Tensor:
-    """``(1, H, W)`` the standard deviation of ``image`` (``(C, H, W)``) over the ``window``
-    square around each pixel (edges replicated), the largest over the channels."""
-    r = window // 2
-    x = F.pad(image[None].float(), (r, r, r, r), mode="replicate")
-    mean = F.avg_pool2d(x, window, stride=1)
-    square = F.avg_pool2d(x * x, window, stride=1)
-    return (square - mean * mean).clamp_min(0.0).sqrt()[0].amax(0, keepdim=True)
-
-
-def visible_changes(before: torch.Tensor, after: torch.Tensor, normality: torch.Tensor,
-                    min_z: float) -> torch.Tensor:
-    """``normality`` (``(1, H, W)``) with the anomalous label kept only where ``after``
-    differs from ``before`` by more than ``min_z`` times ``before``'s :func:`local_std`
-    (floored at :data:`LABEL_MIN_STD`) in at least one channel (``synthesis.label_local_z``)."""
-    threshold = min_z * local_std(before).clamp_min(LABEL_MIN_STD)
-    visible = ((after - before).abs() > threshold).any(0, keepdim=True)
-    return torch.where(visible, normality, torch.ones_like(normality))
-
-
 def make_sample(image: torch.Tensor, cfg: SynthesisConfig, generator: torch.Generator,
                 anomaly_ratio: float, box: Optional[Box] = None) -> Dict[str, torch.Tensor]:
     """With probability ``anomaly_ratio`` a synthetic anomaly of ``image`` (inside ``box``, the
-    image's pixels, when it does not fill the tensor), else ``image``. With
-    ``cfg.label_local_z > 0`` only changes larger than that many local stds of the normal
-    image are labelled anomalous (:func:`visible_changes`); a sample left without an
-    anomalous pixel counts as not synthetic.
+    image's pixels, when it does not fill the tensor), else ``image``.
 
     Returns ``{"image", "normality", "synthetic"}``; the normality mask is ``(1, H, W)``.
     """
     synthetic = torch.rand((), generator=generator).item() < anomaly_ratio
     if synthetic:
-        before = image
         image, normality, synthetic = synthesize_in_box(image, box, cfg, generator)
-        if synthetic and cfg.label_local_z > 0:
-            normality = visible_changes(before, image, normality, cfg.label_local_z)
-            synthetic = bool((normality < 0.5).any())
     else:
         normality = torch.ones(1, *image.shape[1:], dtype=image.dtype)
     return {"image": image, "normality": normality, "synthetic": torch.tensor(synthetic)}
