@@ -7,8 +7,9 @@ from the ``torch.Generator`` they are given, so a sample is a pure function of i
 same seed gives the same anomaly in any data-loader worker, on any run, after any resume.
 
 The mask returned to the training code is a *normality* mask (1 = normal, 0 = pasted and
-changed: a pasted pixel equal to the one it covers stays 1), the
-target of the map decoder (see ``docs/design.md``).
+changed: a pasted pixel equal to the one it covers stays 1, and with
+``synthesis.label_local_z`` so does one changed by less than that many local stds of the
+image, :func:`changed_pixels`), the target of the map decoder (see ``docs/design.md``).
 
 Example:
     >>> g = torch.Generator().manual_seed(0)
