@@ -235,6 +235,14 @@ class ModelConfig:
     transposed convolution, stride 2) or ``bilinear`` (bilinear upsampling, then a 3x3
     convolution; not in the paper). Transposed convolutions of stride 2 leave a checkerboard of
     uneven overlap in the maps, noise at the scale of the smallest defects."""
+    compare_head: bool = False
+    """A small full-resolution head that compares the input with its reconstruction (three
+    dilated 3x3 convolutions on the image, the reconstruction and their difference; DRAEM's
+    discriminative idea, not in the paper) and adds its logit to the map head's. With it,
+    L_Re reconstructs the image *before* synthesis on every pixel (DRAEM's target) instead of
+    the paper's normal pixels only, so the reconstruction learns to remove anomalies and the
+    head learns where the two differ. Needs ``model.reconstruction``
+    (docs/experiments.md, twelfth round)."""
 
 
 UPSAMPLE_MODES = ("transpose", "bilinear")
@@ -524,6 +532,9 @@ def _validate_model(m: ModelConfig) -> None:
     _check(0 <= m.map_skips <= 4, "model.map_skips", m.map_skips, "an integer from 0 to 4")
     _check(m.upsample in UPSAMPLE_MODES, "model.upsample", m.upsample,
            f"one of {', '.join(UPSAMPLE_MODES)}")
+    _check(not m.compare_head or m.reconstruction, "model.compare_head", m.compare_head,
+           "false with model.reconstruction=false (the head compares the input with its "
+           "reconstruction)")
 
 
 def _validate_train(t: TrainConfig, m: ModelConfig) -> None:

@@ -33,7 +33,7 @@ from anoseg.engine import (Stage, TrainResult, TrainState, backward, check_finit
 from anoseg.errors import CheckpointError, ConfigError
 from anoseg.losses import (discriminator_loss, generator_adversarial_loss,
                            focal_segmentation_loss, masked_reconstruction_loss,
-                           segmentation_loss)
+                           reconstruction_loss, segmentation_loss)
 from anoseg.models.factory import build_discriminator, build_generator
 from anoseg.run_dir import DataRecord, RunDir, TrainingSplit
 from anoseg.runtime import (autocast, init_distributed, make_scaler, unwrap, world_size,
@@ -99,7 +99,8 @@ def train_step(state: TrainState, batch: Dict[str, torch.Tensor], cfg: TrainConf
     Args:
         state: models and optimisers (updated in place).
         batch: ``{"image": (B,3,H,W), "normality": (B,1,H,W)}``, ``x_Seg`` and ``A_Seg``;
-            under tiling also ``span`` (B, 4), the tiles' coordinates in their images.
+            under tiling also ``span`` (B, 4), the tiles' coordinates in their images; with
+            ``model.compare_head`` also ``clean`` (B,3,H,W), the images before synthesis.
         cfg: loss weights and switches.
         read_losses: check the losses and return them as floats (three host syncs). False
             returns them as 0-d tensors, unchecked, so the step never waits for the device:
@@ -134,7 +135,12 @@ def train_step(state: TrainState, batch: Dict[str, torch.Tensor], cfg: TrainConf
                 segmentation_loss(normality, target, balanced=cfg.seg_loss == "balanced_l1"))}
     recon = out.reconstruction.float() if out.reconstruction is not None else None
     if recon is not None:
-        losses["rec"] = masked_reconstruction_loss(recon, images.float(), target)
+        if getattr(unwrap(generator), "compare", None) is not None:
+            # model.compare_head: reconstruct the image before synthesis, every pixel (DRAEM)
+            clean = batch["clean"].to(device, non_blocking=True).float()
+            losses["rec"] = reconstruction_loss(recon, clean)
+        else:
+            losses["rec"] = masked_reconstruction_loss(recon, images.float(), target)
 
     check = check_finite if read_losses else _unread
     check(losses, state.step)  # before any optimiser step

@@ -62,14 +62,18 @@ def make_sample(image: torch.Tensor, cfg: SynthesisConfig, generator: torch.Gene
     """With probability ``anomaly_ratio`` a synthetic anomaly of ``image`` (inside ``box``, the
     image's pixels, when it does not fill the tensor), else ``image``.
 
-    Returns ``{"image", "normality", "synthetic"}``; the normality mask is ``(1, H, W)``.
+    Returns ``{"image", "normality", "synthetic", "clean"}``; the normality mask is ``(1, H,
+    W)``, ``clean`` the image before synthesis (the reconstruction target of
+    ``model.compare_head``).
     """
+    clean = image
     synthetic = torch.rand((), generator=generator).item() < anomaly_ratio
     if synthetic:
         image, normality, synthetic = synthesize_in_box(image, box, cfg, generator)
     else:
         normality = torch.ones(1, *image.shape[1:], dtype=image.dtype)
-    return {"image": image, "normality": normality, "synthetic": torch.tensor(synthetic)}
+    return {"image": image, "normality": normality, "synthetic": torch.tensor(synthetic),
+            "clean": clean}
 
 
 class StepSampler(Sampler):
@@ -142,7 +146,7 @@ class SyntheticAnomalyDataset(Dataset):
             of ``geometry.image_hw``.
         placements: the cached canvases' placements (default: each fills its canvas).
 
-    ``dataset[(index, seed)]`` returns ``{"image", "normality", "synthetic"}``: the float image
+    ``dataset[(index, seed)]`` returns ``{"image", "normality", "synthetic", "clean"}``: the float image
     ``(3, H, W)`` in ``[0, 1]``, its normality mask ``(1, H, W)`` (all ones for a normal
     image) and whether it is synthetic; under tiling with ``coords=image`` also ``span``
     (``(4,)``: the tile's coordinates in the image,
@@ -249,4 +253,4 @@ def synthetic_batch(images: torch.Tensor, cfg: SynthesisConfig, seed: int,
     samples = [make_sample(image, cfg, torch.Generator().manual_seed(seed + i), ratio)
                for i, image in enumerate(images.cpu())]
     return {key: torch.stack([s[key] for s in samples]).to(images.device)
-            for key in ("image", "normality", "synthetic")}
+            for key in ("image", "normality", "synthetic", "clean")}

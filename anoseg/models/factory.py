@@ -29,7 +29,8 @@ def build_generator(cfg: AnoSegConfig, *, map_decoder: bool = True) -> AnoSegGen
                                 map_skips=cfg.model.map_skips,
                                 normal_stats=cfg.model.normal_stats and map_decoder,
                                 upsample=cfg.model.upsample,
-                                feature_stats=cfg.model.feature_stats and map_decoder)
+                                feature_stats=cfg.model.feature_stats and map_decoder,
+                                compare_head=cfg.model.compare_head and map_decoder)
     if cfg.model.init_weights:
         path = Path(cfg.model.init_weights)
         if not path.is_file():

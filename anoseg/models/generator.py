@@ -40,6 +40,8 @@ FEATURE_STATS_SIGMA = 1.0
 FEATURE_STATS_OFFSET = 4.0
 """Subtracted from the summed z-scores of the two signals, so a typical normal pixel's
 combined anomaly logit is about -4 (anomaly probability ~0.02) and maps look quiet."""
+COMPARE_CHANNELS = 16
+"""Width of the comparison head (``compare_head``), whatever ``width`` is."""
 
 
 def scaled(channels: int, width: float) -> int:
@@ -243,6 +245,37 @@ def _sync_fstats_ready(module: nn.Module, incompatible_keys) -> None:
     module.fstats_ready = bool(module.fstats_fitted)
 
 
+class ComparisonHead(nn.Module):
+    """A small full-resolution network that compares the input with its reconstruction
+    (DRAEM's discriminative idea, not in the paper): three 3x3 convolutions dilated 1, 2 and 4
+    (a 15-pixel receptive field) on the centred image, the centred reconstruction and their
+    absolute difference, then a 1x1 convolution to one channel. Its output is added to the
+    map head's normality logit; the last convolution starts at zero, so at initialisation the
+    map is the map head's alone. The reconstruction is detached: the head learns to read it,
+    it does not bend it."""
+
+    def __init__(self, channels: int = COMPARE_CHANNELS) -> None:
+        super().__init__()
+        layers: List[nn.Module] = []
+        cin = 9
+        for dilation in (1, 2, 4):
+            layers += [nn.Conv2d(cin, channels, 3, padding=dilation, dilation=dilation,
+                                 bias=False),
+                       nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]
+            cin = channels
+        self.body = nn.Sequential(*layers)
+        self.out = nn.Conv2d(channels, 1, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, images: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, H, W)`` a normality logit (high = normal) from ``images`` and
+        ``reconstruction`` (both ``(B, 3, H, W)`` in ``[0, 1]``)."""
+        recon = reconstruction.detach().to(images.dtype)
+        x = torch.cat([images * 2.0 - 1.0, recon * 2.0 - 1.0, (images - recon).abs()], dim=1)
+        return self.out(self.body(x))
+
+
 class GeneratorOutput(NamedTuple):
     normality_map: Optional[torch.Tensor]
     """``(B, 1, H, W)`` in ``[0, 1]``, 1 = normal; ``None`` without a map decoder."""
@@ -274,14 +307,21 @@ class AnoSegGenerator(nn.Module):
             before training and saved with the weights). Where normal images are aligned the
             z-score is a strong cue (the per-pixel Gaussian baseline); where they are not, the
             network learns from the synthetic anomalies to discount it.
+        feature_stats: fit the encoder features' per-location Gaussian for inference
+            (:meth:`fit_feature_stats`).
+        compare_head: a :class:`ComparisonHead` on the input and its reconstruction whose
+            logit is added to the map head's (needs both decoders); the forward pass then
+            always runs the reconstruction decoder.
     """
 
     def __init__(self, *, image_size: Union[int, Tuple[int, int]], width: float = 1.0,
                  coord_channels: bool = True, map_decoder: bool = True,
                  reconstruction: bool = True, map_skips: int = 0,
                  normal_stats: bool = False, upsample: str = "transpose",
-                 feature_stats: bool = False) -> None:
+                 feature_stats: bool = False, compare_head: bool = False) -> None:
         super().__init__()
+        assert not compare_head or (map_decoder and reconstruction), (
+            "compare_head needs both the map and the reconstruction decoder")
         assert all(s % ENCODER_STRIDE == 0 and 64 <= s <= 512 for s in side_pair(image_size)), (
             f"image_size must be a multiple of 32 from 64 to 512, got {image_size}")
         assert map_decoder or reconstruction, "the generator needs at least one decoder"
@@ -304,6 +344,7 @@ class AnoSegGenerator(nn.Module):
                                    upsample=upsample) if map_decoder else None
         self.reconstruction_decoder = Decoder(in_channels=enc, out_channels=3, width=width,
                                               upsample=upsample) if reconstruction else None
+        self.compare = ComparisonHead() if compare_head else None
         self.feature_stats = feature_stats and map_decoder
         if self.feature_stats:
             height, width_px = side_pair(image_size)
@@ -338,17 +379,26 @@ class AnoSegGenerator(nn.Module):
         """
         levels = self.encoder.features(self._inputs(images, spans))
         features = levels[-1]
-        skips = levels[-2::-1][:self.map_skips]
+        recon = (self.reconstruction_decoder(features)
+                 if self.reconstruction_decoder is not None
+                 and (reconstruct or self.map_decoder is None or self.compare is not None)
+                 else None)
         normality = logit = None
         if self.map_decoder is not None:
-            normality, logit = self.map_decoder.forward_with_logit(features, skips)
+            logit = self._map_logit(images, levels, recon)
             if self.feature_stats and not self.training and self.fstats_ready:
                 logit = -self.combined_anomaly_logit(-logit, levels)
-                normality = torch.sigmoid(logit)
-        recon = (self.reconstruction_decoder(features)
-                 if self.reconstruction_decoder is not None and (reconstruct or normality is None)
-                 else None)
+            normality = torch.sigmoid(logit)
         return GeneratorOutput(normality, recon, logit)
+
+    def _map_logit(self, images: torch.Tensor, levels: List[torch.Tensor],
+                   recon: Optional[torch.Tensor]) -> torch.Tensor:
+        """The normality logit of the map head (plus the comparison head's, when built)."""
+        logit = self.map_decoder.forward_with_logit(levels[-1],
+                                                    levels[-2::-1][:self.map_skips])[1]
+        if self.compare is not None:
+            logit = logit + self.compare(images.to(logit.dtype), recon).to(logit.dtype)
+        return logit
 
     def stats_channels(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` the clipped z-score of ``images`` against the normal statistics,
@@ -448,8 +498,9 @@ class AnoSegGenerator(nn.Module):
             logits, dists = [], []
             for images in holdout_batches:
                 levels = self.encoder.features(self._inputs(images))
-                _, logit = self.map_decoder.forward_with_logit(
-                    levels[-1], levels[-2::-1][:self.map_skips])
+                recon = (self.reconstruction_decoder(levels[-1])
+                         if self.compare is not None else None)
+                logit = self._map_logit(images, levels, recon)
                 logits.append((-logit.float()).flatten())
                 dists.append(self.feature_distance(levels, images.shape[-2:]).flatten())
             if not logits:

@@ -1,0 +1,106 @@
+"""model.compare_head: a small head on the input and its reconstruction whose logit is added to
+the map head's, trained with the reconstruction of the image before synthesis (DRAEM's target)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from anoseg.config import load_config
+from anoseg.data.training_data import make_sample, synthetic_batch
+from anoseg.errors import ConfigError
+from anoseg.models.factory import build_generator
+from anoseg.models.generator import AnoSegGenerator
+from anoseg.training import create_train_state, train_step
+
+CPU = torch.device("cpu")
+TINY = ["data.image_size=64", "model.width=0.125", "train.batch_size=4",
+        "train.precision=fp32", "model.map_skips=2", "train.seg_loss=focal",
+        "model.compare_head=true"]
+
+
+def _pair():
+    """A generator with the head and one without, with the same weights elsewhere."""
+    torch.manual_seed(0)
+    with_head = AnoSegGenerator(image_size=64, width=0.125, map_skips=2, compare_head=True)
+    plain = AnoSegGenerator(image_size=64, width=0.125, map_skips=2)
+    missing, unexpected = plain.load_state_dict(with_head.state_dict(), strict=False)
+    assert not missing and unexpected and all(k.startswith("compare.") for k in unexpected)
+    return with_head.eval(), plain.eval()
+
+
+def test_a_new_head_leaves_the_map_head_alone():
+    with_head, plain = _pair()
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = with_head(images, reconstruct=False), plain(images, reconstruct=False)
+    assert torch.equal(a.map_logit, b.map_logit)
+    assert a.reconstruction is not None  # the head needs it, whatever ``reconstruct`` says
+    assert b.reconstruction is None
+
+
+def test_the_head_sees_the_difference_and_changes_the_map_there():
+    with_head, _ = _pair()
+    with torch.no_grad():  # a trained head: its output weights are not zero any more
+        with_head.compare.out.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(2))
+    images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    changed = images.clone()
+    changed[:, :, 40:48, 8:16] = 1.0 - changed[:, :, 40:48, 8:16]
+    with torch.no_grad():
+        recon = with_head.reconstruction_decoder(
+            with_head.encoder.features(with_head._inputs(images))[-1])
+        delta = (with_head.compare(changed, recon) - with_head.compare(images, recon))[0, 0]
+    far = torch.ones_like(delta, dtype=torch.bool)
+    far[40 - 8:48 + 8, 0:16 + 8] = False  # beyond the head's 15-pixel receptive field
+    assert delta[far].abs().max() == 0
+    assert delta[40:48, 8:16].abs().mean() > 0
+
+
+def test_the_heads_loss_does_not_reach_the_reconstruction_decoder():
+    with_head, _ = _pair()
+    with_head.train()
+    with torch.no_grad():
+        with_head.compare.out.weight.fill_(0.5)
+    out = with_head(torch.rand(2, 3, 64, 64))
+    out.map_logit.sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0
+               for p in with_head.compare.parameters())
+    assert all(p.grad is None for p in with_head.reconstruction_decoder.parameters())
+
+
+def test_samples_carry_the_image_before_synthesis():
+    image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(4))
+    cfg = load_config(None, TINY).synthesis
+    sample = make_sample(image, cfg, torch.Generator().manual_seed(5), anomaly_ratio=1.0)
+    assert torch.equal(sample["clean"], image)
+    assert not torch.equal(sample["image"], image)
+    batch = synthetic_batch(image[None].repeat(3, 1, 1, 1), cfg, seed=0, anomaly_ratio=1.0)
+    assert batch["clean"].shape == batch["image"].shape
+    assert torch.equal(batch["clean"][1], image)
+
+
+def test_training_reconstructs_the_clean_image_on_every_pixel():
+    cfg = load_config(None, TINY + ["train.adversarial=false"])
+    state = create_train_state(cfg, CPU)
+    images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    batch = synthetic_batch(images, cfg.synthesis, seed=7, anomaly_ratio=1.0)
+    assert (batch["normality"] < 0.5).any()
+    # a target far from the input, so the loss can only match if it reads ``clean``
+    batch["clean"] = torch.zeros_like(batch["clean"])
+    state.generator.train()
+    with torch.no_grad():
+        recon = state.generator(batch["image"]).reconstruction
+    expected = F.l1_loss(recon, batch["clean"])
+    masked_input = ((recon - batch["image"]).abs() * batch["normality"]).sum() / (
+        3 * batch["normality"].sum())
+    assert abs(expected - masked_input) > 0.05
+    losses = train_step(state, batch, cfg.train, device=CPU)
+    assert losses["rec"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_config_and_factory():
+    assert load_config(None, []).model.compare_head is False
+    generator = build_generator(load_config(None, TINY))
+    assert generator.compare is not None
+    assert build_generator(load_config(None, TINY[:-1])).compare is None
+    with pytest.raises(ConfigError, match="model.compare_head"):
+        load_config(None, TINY + ["model.reconstruction=false", "train.adversarial=false"])
