@@ -238,12 +238,19 @@ class ModelConfig:
     compare_head: bool = False
     """A small full-resolution head that compares the input with its reconstruction (three
     dilated 3x3 convolutions on the image, the reconstruction and their difference; DRAEM's
-    discriminative idea, not in the paper) and adds its logit to the map head's. With it,
-    L_Re reconstructs the image *before* synthesis on every pixel (DRAEM's target) instead of
-    the paper's normal pixels only, so the reconstruction learns to remove anomalies and the
-    head learns where the two differ. Needs ``model.reconstruction``
-    (docs/experiments.md, twelfth round)."""
+    discriminative idea, not in the paper) and adds its logit to the map head's; use it
+    with ``train.rec_target: clean``, so that where the two differ means something. Needs
+    ``model.reconstruction`` (docs/experiments.md, twelfth round)."""
+    residual_weight: float = 0.0
+    """A third signal at inference (not in the paper; needs ``model.feature_stats`` and
+    ``model.reconstruction``): the reconstruction residual ``|x - x_hat|`` (mean over the
+    channels), z-scored on the held-out normal images like the other two and added to the
+    combined anomaly logit with this weight (0 = off). Meaningful with ``train.rec_target:
+    clean``, whose reconstruction removes anomalies (docs/experiments.md, twelfth round)."""
 
+
+REC_TARGETS = ("masked", "clean")
+"""The values of ``train.rec_target``."""
 
 UPSAMPLE_MODES = ("transpose", "bilinear")
 """The values of ``model.upsample``."""
@@ -284,6 +291,11 @@ class TrainConfig:
     (about normal / anomalous pixels, ~100 for small anomalies): a weight ``w`` makes a pixel
     best called anomalous from a probability of about ``1 / (1 + w)``."""
     weight_rec: float = 1.0
+    rec_target: str = "masked"
+    """What L_Re reconstructs: ``masked``, the paper's eq. 4 (the input, on its normal pixels
+    only), or ``clean``, DRAEM's target (the image *before* synthesis, on every pixel), which
+    teaches the reconstruction to remove what was pasted, so that the residual ``|x - x_hat|``
+    marks anomalies (``model.residual_weight``; docs/experiments.md, twelfth round)."""
     weight_adv: float = 0.05
     adversarial: bool = True
     """L_Adv and its discriminator (needs ``model.reconstruction``)."""
@@ -532,6 +544,12 @@ def _validate_model(m: ModelConfig) -> None:
     _check(0 <= m.map_skips <= 4, "model.map_skips", m.map_skips, "an integer from 0 to 4")
     _check(m.upsample in UPSAMPLE_MODES, "model.upsample", m.upsample,
            f"one of {', '.join(UPSAMPLE_MODES)}")
+    _check(0.0 <= m.residual_weight <= 100.0, "model.residual_weight", m.residual_weight,
+           "a weight in [0, 100] (0 = off)")
+    _check(m.residual_weight == 0.0 or (m.feature_stats and m.reconstruction),
+           "model.residual_weight", m.residual_weight,
+           "0 unless model.feature_stats and model.reconstruction are on (the residual is "
+           "z-scored with the feature statistics' held-out images)")
     _check(not m.compare_head or m.reconstruction, "model.compare_head", m.compare_head,
            "false with model.reconstruction=false (the head compares the input with its "
            "reconstruction)")
@@ -559,6 +577,8 @@ def _validate_train(t: TrainConfig, m: ModelConfig) -> None:
            "'constant' or 'cosine'")
     _check(t.seg_loss in ("l1", "balanced_l1", "focal"), "train.seg_loss", t.seg_loss,
            "'l1', 'balanced_l1' or 'focal'")
+    _check(t.rec_target in REC_TARGETS, "train.rec_target", t.rec_target,
+           f"one of {', '.join(REC_TARGETS)}")
     _check(0.0 <= t.seg_focal_gamma <= 10.0, "train.seg_focal_gamma", t.seg_focal_gamma,
            "a value in [0, 10]")
     _check(0.0 < t.seg_anomaly_weight <= 1000.0, "train.seg_anomaly_weight",

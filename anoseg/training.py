@@ -100,7 +100,7 @@ def train_step(state: TrainState, batch: Dict[str, torch.Tensor], cfg: TrainConf
         state: models and optimisers (updated in place).
         batch: ``{"image": (B,3,H,W), "normality": (B,1,H,W)}``, ``x_Seg`` and ``A_Seg``;
             under tiling also ``span`` (B, 4), the tiles' coordinates in their images; with
-            ``model.compare_head`` also ``clean`` (B,3,H,W), the images before synthesis.
+            ``train.rec_target=clean`` also ``clean`` (B,3,H,W), the images before synthesis.
         cfg: loss weights and switches.
         read_losses: check the losses and return them as floats (three host syncs). False
             returns them as 0-d tensors, unchecked, so the step never waits for the device:
@@ -135,8 +135,8 @@ def train_step(state: TrainState, batch: Dict[str, torch.Tensor], cfg: TrainConf
                 segmentation_loss(normality, target, balanced=cfg.seg_loss == "balanced_l1"))}
     recon = out.reconstruction.float() if out.reconstruction is not None else None
     if recon is not None:
-        if getattr(unwrap(generator), "compare", None) is not None:
-            # model.compare_head: reconstruct the image before synthesis, every pixel (DRAEM)
+        if cfg.rec_target == "clean":
+            # reconstruct the image before synthesis, on every pixel (DRAEM's target)
             clean = batch["clean"].to(device, non_blocking=True).float()
             losses["rec"] = reconstruction_loss(recon, clean)
         else:

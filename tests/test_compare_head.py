@@ -1,5 +1,6 @@
-"""model.compare_head: a small head on the input and its reconstruction whose logit is added to
-the map head's, trained with the reconstruction of the image before synthesis (DRAEM's target)."""
+"""model.compare_head (a small head on the input and its reconstruction whose logit is added to
+the map head's), train.rec_target=clean (L_Re on the image before synthesis, DRAEM's target)
+and model.residual_weight (the residual |x - x_hat| as a third signal at inference)."""
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from anoseg.training import create_train_state, train_step
 CPU = torch.device("cpu")
 TINY = ["data.image_size=64", "model.width=0.125", "train.batch_size=4",
         "train.precision=fp32", "model.map_skips=2", "train.seg_loss=focal",
-        "model.compare_head=true"]
+        "model.compare_head=true", "train.rec_target=clean"]
 
 
 def _pair():
@@ -97,10 +98,69 @@ def test_training_reconstructs_the_clean_image_on_every_pixel():
     assert losses["rec"] == pytest.approx(float(expected), rel=1e-5)
 
 
+def test_the_masked_target_ignores_the_clean_image():
+    cfg = load_config(None, TINY[:-1] + ["train.adversarial=false"])
+    assert cfg.train.rec_target == "masked"
+    state = create_train_state(cfg, CPU)
+    images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    batch = synthetic_batch(images, cfg.synthesis, seed=7, anomaly_ratio=1.0)
+    batch["clean"] = torch.zeros_like(batch["clean"])
+    state.generator.train()
+    with torch.no_grad():
+        recon = state.generator(batch["image"]).reconstruction
+    weight = batch["normality"].expand_as(recon)
+    expected = ((recon - batch["image"]).abs() * weight).sum() / weight.sum()
+    losses = train_step(state, batch, cfg.train, device=CPU)
+    assert losses["rec"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def _normal_images(n, seed, size=64):
+    g = torch.Generator().manual_seed(seed)
+    ys = torch.linspace(0, 1, size)
+    base = (0.3 + 0.4 * ys[:, None] * ys[None, :]).expand(3, size, size)
+    return (base + 0.02 * torch.randn(n, 3, size, size, generator=g)).clamp(0, 1)
+
+
+def test_the_residual_is_a_third_z_scored_signal():
+    torch.manual_seed(0)
+    kwargs = dict(image_size=64, width=0.125, map_skips=2, feature_stats=True)
+    with_res = AnoSegGenerator(residual_weight=2.0, **kwargs)
+    plain = AnoSegGenerator(**kwargs)
+    plain.load_state_dict(with_res.state_dict(), strict=False)
+    train, holdout = _normal_images(64, 0), _normal_images(8, 1)
+    for g in (with_res, plain):
+        g.fit_feature_stats(iter(train.split(32)), iter(holdout.split(4)))
+    rm, rs = with_res.fstats_res_scale
+    with torch.no_grad():
+        recon = with_res.eval().reconstruction_decoder(
+            with_res.encoder.features(with_res._inputs(holdout))[-1])
+        residual = AnoSegGenerator.residual(holdout, recon)
+        assert float(rm) == pytest.approx(float(residual.mean()), rel=1e-4)
+        assert float(rs) == pytest.approx(float(residual.std()), rel=1e-3)
+        images = _normal_images(2, 3)
+        a, b = with_res(images, reconstruct=False), plain.eval()(images, reconstruct=False)
+        recon = with_res(images).reconstruction
+    expected = -b.map_logit + 2.0 * (AnoSegGenerator.residual(images, recon) - rm) / rs
+    assert torch.allclose(-a.map_logit, expected, atol=1e-4)
+    with_res.train()  # training never sees the statistics, so no residual either
+    plain.train()
+    with torch.no_grad():
+        assert torch.allclose(with_res(images).map_logit, plain(images).map_logit)
+
+
 def test_config_and_factory():
     assert load_config(None, []).model.compare_head is False
     generator = build_generator(load_config(None, TINY))
     assert generator.compare is not None
-    assert build_generator(load_config(None, TINY[:-1])).compare is None
+    assert build_generator(load_config(None, TINY[:-2])).compare is None
     with pytest.raises(ConfigError, match="model.compare_head"):
         load_config(None, TINY + ["model.reconstruction=false", "train.adversarial=false"])
+    with pytest.raises(ConfigError, match="train.rec_target"):
+        load_config(None, ["train.rec_target=input"])
+    with pytest.raises(ConfigError, match="model.residual_weight"):
+        load_config(None, ["model.residual_weight=1.0"])  # without model.feature_stats
+    with pytest.raises(ConfigError, match="model.residual_weight"):
+        load_config(None, ["model.feature_stats=true", "model.residual_weight=-1"])
+    generator = build_generator(load_config(None, TINY + ["model.feature_stats=true",
+                                                          "model.residual_weight=0.5"]))
+    assert generator.residual_weight == 0.5

@@ -30,7 +30,9 @@ def build_generator(cfg: AnoSegConfig, *, map_decoder: bool = True) -> AnoSegGen
                                 normal_stats=cfg.model.normal_stats and map_decoder,
                                 upsample=cfg.model.upsample,
                                 feature_stats=cfg.model.feature_stats and map_decoder,
-                                compare_head=cfg.model.compare_head and map_decoder)
+                                compare_head=cfg.model.compare_head and map_decoder,
+                                residual_weight=(cfg.model.residual_weight if map_decoder
+                                                 else 0.0))
     if cfg.model.init_weights:
         path = Path(cfg.model.init_weights)
         if not path.is_file():

@@ -312,14 +312,20 @@ class AnoSegGenerator(nn.Module):
         compare_head: a :class:`ComparisonHead` on the input and its reconstruction whose
             logit is added to the map head's (needs both decoders); the forward pass then
             always runs the reconstruction decoder.
+        residual_weight: with ``feature_stats``, the weight of a third signal in the combined
+            logit: the reconstruction residual ``|x - x_hat|`` (mean over the channels),
+            z-scored on the held-out images (0 = off; needs the reconstruction decoder).
     """
 
     def __init__(self, *, image_size: Union[int, Tuple[int, int]], width: float = 1.0,
                  coord_channels: bool = True, map_decoder: bool = True,
                  reconstruction: bool = True, map_skips: int = 0,
                  normal_stats: bool = False, upsample: str = "transpose",
-                 feature_stats: bool = False, compare_head: bool = False) -> None:
+                 feature_stats: bool = False, compare_head: bool = False,
+                 residual_weight: float = 0.0) -> None:
         super().__init__()
+        assert residual_weight == 0.0 or (feature_stats and map_decoder and reconstruction), (
+            "residual_weight needs feature_stats and both decoders")
         assert not compare_head or (map_decoder and reconstruction), (
             "compare_head needs both the map and the reconstruction decoder")
         assert all(s % ENCODER_STRIDE == 0 and 64 <= s <= 512 for s in side_pair(image_size)), (
@@ -361,6 +367,10 @@ class AnoSegGenerator(nn.Module):
             # (logit mean, logit std, distance mean, distance std) on held-out normal images
             self.register_buffer("fstats_scale", torch.tensor([0.0, 1.0, 0.0, 1.0]))
             self.register_buffer("fstats_fitted", torch.zeros(()))
+            self.residual_weight = float(residual_weight)
+            if self.residual_weight:
+                # (residual mean, residual std) on the held-out normal images
+                self.register_buffer("fstats_res_scale", torch.tensor([0.0, 1.0]))
             # a Python copy of fstats_fitted, so forward does not branch on a tensor (export)
             self.fstats_ready = False
             self.register_load_state_dict_post_hook(_sync_fstats_ready)
@@ -381,15 +391,28 @@ class AnoSegGenerator(nn.Module):
         features = levels[-1]
         recon = (self.reconstruction_decoder(features)
                  if self.reconstruction_decoder is not None
-                 and (reconstruct or self.map_decoder is None or self.compare is not None)
+                 and (reconstruct or self.map_decoder is None or self.compare is not None
+                      or self._uses_residual())
                  else None)
         normality = logit = None
         if self.map_decoder is not None:
             logit = self._map_logit(images, levels, recon)
             if self.feature_stats and not self.training and self.fstats_ready:
-                logit = -self.combined_anomaly_logit(-logit, levels)
+                logit = -self.combined_anomaly_logit(
+                    -logit, levels, self.residual(images, recon) if self._uses_residual()
+                    else None)
             normality = torch.sigmoid(logit)
         return GeneratorOutput(normality, recon, logit)
+
+    def _uses_residual(self) -> bool:
+        """Whether the combined logit (eval mode, fitted statistics) reads the residual."""
+        return (self.feature_stats and bool(getattr(self, "residual_weight", 0.0))
+                and not self.training and self.fstats_ready)
+
+    @staticmethod
+    def residual(images: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, H, W)`` the reconstruction residual ``|x - x_hat|``, mean over channels."""
+        return (images.float() - recon.float()).abs().mean(1, keepdim=True)
 
     def _map_logit(self, images: torch.Tensor, levels: List[torch.Tensor],
                    recon: Optional[torch.Tensor]) -> torch.Tensor:
@@ -431,13 +454,19 @@ class AnoSegGenerator(nn.Module):
         return F.conv2d(F.pad(dist, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
 
     def combined_anomaly_logit(self, anomaly_logit: torch.Tensor,
-                               levels: List[torch.Tensor]) -> torch.Tensor:
+                               levels: List[torch.Tensor],
+                               residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The map head's anomaly logit plus the feature distance, each z-scored with
-        ``fstats_scale``, minus :data:`FEATURE_STATS_OFFSET`."""
+        ``fstats_scale``, minus :data:`FEATURE_STATS_OFFSET`; plus ``residual_weight`` times
+        the z-scored ``residual`` (:meth:`residual`) when it is given."""
         lm, ls, dm, ds = self.fstats_scale
         dist = self.feature_distance(levels, anomaly_logit.shape[-2:])
-        return ((anomaly_logit.float() - lm) / ls + (dist - dm) / ds
-                - FEATURE_STATS_OFFSET)
+        combined = ((anomaly_logit.float() - lm) / ls + (dist - dm) / ds
+                    - FEATURE_STATS_OFFSET)
+        if residual is not None:
+            rm, rs = self.fstats_res_scale
+            combined = combined + self.residual_weight * (residual - rm) / rs
+        return combined
 
     def _inputs(self, images: torch.Tensor,
                 spans: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -495,20 +524,27 @@ class AnoSegGenerator(nn.Module):
                                                         device=cov.device)
             self.fstats_mean.copy_(mean.float())
             self.fstats_icov.copy_(torch.linalg.inv(cov).float())
-            logits, dists = [], []
+            logits, dists, residuals = [], [], []
+            with_residual = bool(getattr(self, "residual_weight", 0.0))
             for images in holdout_batches:
                 levels = self.encoder.features(self._inputs(images))
                 recon = (self.reconstruction_decoder(levels[-1])
-                         if self.compare is not None else None)
+                         if self.compare is not None or with_residual else None)
                 logit = self._map_logit(images, levels, recon)
                 logits.append((-logit.float()).flatten())
                 dists.append(self.feature_distance(levels, images.shape[-2:]).flatten())
+                if with_residual:
+                    residuals.append(self.residual(images, recon).flatten())
             if not logits:
                 raise ValueError("feature statistics need at least 1 held-out image")
             logit, dist = torch.cat(logits).double(), torch.cat(dists).double()
             self.fstats_scale.copy_(torch.stack([
                 logit.mean(), logit.std().clamp_min(1e-6),
                 dist.mean(), dist.std().clamp_min(1e-6)]).float())
+            if with_residual:
+                res = torch.cat(residuals).double()
+                self.fstats_res_scale.copy_(torch.stack([
+                    res.mean(), res.std().clamp_min(1e-6)]).float())
             self.fstats_fitted.fill_(1.0)
             self.fstats_ready = True
         finally:
