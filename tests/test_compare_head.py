@@ -10,7 +10,7 @@ from anoseg.config import load_config
 from anoseg.data.training_data import make_sample, synthetic_batch
 from anoseg.errors import ConfigError
 from anoseg.models.factory import build_generator
-from anoseg.models.generator import AnoSegGenerator
+from anoseg.models.generator import AnoSegGenerator, soft_knee
 from anoseg.training import create_train_state, train_step
 
 CPU = torch.device("cpu")
@@ -140,8 +140,15 @@ def test_the_residual_is_a_third_z_scored_signal():
         images = _normal_images(2, 3)
         a, b = with_res(images, reconstruct=False), plain.eval()(images, reconstruct=False)
         recon = with_res(images).reconstruction
-    expected = -b.map_logit + 2.0 * (AnoSegGenerator.residual(images, recon) - rm) / rs
+    # the plain model's combined logit, before its knee, plus the weighted z-scored residual
+    lm, ls, dm, ds = plain.fstats_scale
+    with torch.no_grad():
+        levels = plain.encoder.features(plain._inputs(images))
+        head = -plain._map_logit(images, levels, None)
+        linear = (head - lm) / ls + (plain.feature_distance(levels, (64, 64)) - dm) / ds - 4.0
+    expected = soft_knee(linear + 2.0 * (AnoSegGenerator.residual(images, recon) - rm) / rs)
     assert torch.allclose(-a.map_logit, expected, atol=1e-4)
+    assert not torch.allclose(-a.map_logit, -b.map_logit, atol=1e-2)
     with_res.train()  # training never sees the statistics, so no residual either
     plain.train()
     with torch.no_grad():

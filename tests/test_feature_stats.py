@@ -2,13 +2,15 @@
 signal summed with the map head's logit at inference (fitted when training stops)."""
 
 import copy
+import math
 
 import pytest
 import torch
 
 from anoseg.config import load_config
 from anoseg.errors import ConfigError
-from anoseg.models.generator import FEATURE_STATS_OFFSET, AnoSegGenerator
+from anoseg.models.generator import (COMBINED_LOGIT_KNEE, FEATURE_STATS_OFFSET,
+                                     AnoSegGenerator, soft_knee)
 
 
 def _normal_images(n, seed, size=64):
@@ -32,9 +34,22 @@ def test_fit_then_forward_is_consistent_on_the_held_out_images():
     with torch.no_grad():
         out = g.eval()(holdout)
     anomaly_logit = -out.map_logit
-    # both signals are z-scored on exactly these images: their sum has mean 0
-    assert anomaly_logit.mean().item() == pytest.approx(-FEATURE_STATS_OFFSET, abs=1e-3)
+    # both signals are z-scored on exactly these images: their sum has mean 0 (the knee only
+    # bends the few values above COMBINED_LOGIT_KNEE, so undo it before averaging)
+    linear = torch.where(anomaly_logit > COMBINED_LOGIT_KNEE,
+                         COMBINED_LOGIT_KNEE + torch.expm1(anomaly_logit - COMBINED_LOGIT_KNEE),
+                         anomaly_logit)
+    assert linear.mean().item() == pytest.approx(-FEATURE_STATS_OFFSET, abs=1e-3)
     assert torch.allclose(out.normality_map, torch.sigmoid(out.map_logit))
+
+
+def test_the_knee_keeps_the_order_and_the_sigmoid_from_saturating():
+    x = torch.tensor([-20.0, 0.0, COMBINED_LOGIT_KNEE, 5.0, 17.0, 100.0, 1000.0, 1e4])
+    y = soft_knee(x)
+    assert torch.equal(y[:3], x[:3])  # unchanged up to the knee
+    assert (y.diff() > 0).all()  # strictly increasing
+    assert y[-2].item() == pytest.approx(COMBINED_LOGIT_KNEE + math.log(1 + 1000 - 4), rel=1e-6)
+    assert (torch.sigmoid(y) < 1.0).all() and len(set(torch.sigmoid(y).tolist())) == len(y)
 
 
 def test_feature_distance_marks_a_changed_square():

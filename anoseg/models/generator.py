@@ -40,8 +40,19 @@ FEATURE_STATS_SIGMA = 1.0
 FEATURE_STATS_OFFSET = 4.0
 """Subtracted from the summed z-scores of the two signals, so a typical normal pixel's
 combined anomaly logit is about -4 (anomaly probability ~0.02) and maps look quiet."""
+COMBINED_LOGIT_KNEE = 4.0
+"""Above this value the combined anomaly logit of ``feature_stats`` grows logarithmically
+(:func:`soft_knee`): the order is kept, and the sigmoid map with it (float32's sigmoid is
+exactly 1 from a logit of about 17, and a map of ties has no best threshold)."""
 COMPARE_CHANNELS = 16
 """Width of the comparison head (``compare_head``), whatever ``width`` is."""
+
+
+def soft_knee(logit: torch.Tensor, knee: float = COMBINED_LOGIT_KNEE) -> torch.Tensor:
+    """``logit`` up to ``knee``, ``knee + log(1 + logit - knee)`` above it: continuous, strictly
+    increasing, and far from the sigmoid's saturation (a logit of 1000 becomes 10.9)."""
+    excess = (logit - knee).clamp_min(0.0)
+    return torch.where(logit > knee, knee + torch.log(1.0 + excess), logit)
 
 
 def scaled(channels: int, width: float) -> int:
@@ -458,7 +469,8 @@ class AnoSegGenerator(nn.Module):
                                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The map head's anomaly logit plus the feature distance, each z-scored with
         ``fstats_scale``, minus :data:`FEATURE_STATS_OFFSET`; plus ``residual_weight`` times
-        the z-scored ``residual`` (:meth:`residual`) when it is given."""
+        the z-scored ``residual`` (:meth:`residual`) when it is given; through
+        :func:`soft_knee` (above :data:`COMBINED_LOGIT_KNEE` it grows logarithmically)."""
         lm, ls, dm, ds = self.fstats_scale
         dist = self.feature_distance(levels, anomaly_logit.shape[-2:])
         combined = ((anomaly_logit.float() - lm) / ls + (dist - dm) / ds
@@ -466,7 +478,7 @@ class AnoSegGenerator(nn.Module):
         if residual is not None:
             rm, rs = self.fstats_res_scale
             combined = combined + self.residual_weight * (residual - rm) / rs
-        return combined
+        return soft_knee(combined)
 
     def _inputs(self, images: torch.Tensor,
                 spans: Optional[torch.Tensor] = None) -> torch.Tensor:
