@@ -364,31 +364,36 @@ class AnoSegGenerator(nn.Module):
         self.compare = ComparisonHead() if compare_head else None
         self.feature_stats = feature_stats and map_decoder
         if self.feature_stats:
-            height, width_px = side_pair(image_size)
-            fine = self.encoder.feature_channels[:2]  # stem (stride 2), layer1 (stride 4)
-            total = sum(fine)
-            keep = min(total, FEATURE_STATS_MAX_CHANNELS)
-            picked = (torch.arange(total) if keep == total else
-                      torch.randperm(total, generator=torch.Generator().manual_seed(0))[:keep]
-                      .sort().values)
-            locations = (height // 2) * (width_px // 2)
-            self.register_buffer("fstats_channels", picked)
-            self.register_buffer("fstats_mean", torch.zeros(locations, keep))
-            self.register_buffer("fstats_icov", torch.eye(keep).repeat(locations, 1, 1))
-            # (logit mean, logit std, distance mean, distance std) on held-out normal images
-            self.register_buffer("fstats_scale", torch.tensor([0.0, 1.0, 0.0, 1.0]))
-            self.register_buffer("fstats_fitted", torch.zeros(()))
-            self.residual_weight = float(residual_weight)
-            if self.residual_weight:
-                # (residual mean, residual std) on the held-out normal images
-                self.register_buffer("fstats_res_scale", torch.tensor([0.0, 1.0]))
-            # a Python copy of fstats_fitted, so forward does not branch on a tensor (export)
-            self.fstats_ready = False
-            self.register_load_state_dict_post_hook(_sync_fstats_ready)
-            radius = int(math.ceil(3 * FEATURE_STATS_SIGMA))
-            taps = torch.exp(-torch.arange(-radius, radius + 1, dtype=torch.float32) ** 2
-                             / (2 * FEATURE_STATS_SIGMA ** 2))
-            self.register_buffer("fstats_kernel", taps / taps.sum(), persistent=False)
+            self._init_feature_stats(image_size, residual_weight)
+
+    def _init_feature_stats(self, image_size: Union[int, Tuple[int, int]],
+                            residual_weight: float) -> None:
+        """The buffers of ``feature_stats`` (unfitted), and its residual's when weighted."""
+        height, width_px = side_pair(image_size)
+        fine = self.encoder.feature_channels[:2]  # stem (stride 2), layer1 (stride 4)
+        total = sum(fine)
+        keep = min(total, FEATURE_STATS_MAX_CHANNELS)
+        picked = (torch.arange(total) if keep == total else
+                  torch.randperm(total, generator=torch.Generator().manual_seed(0))[:keep]
+                  .sort().values)
+        locations = (height // 2) * (width_px // 2)
+        self.register_buffer("fstats_channels", picked)
+        self.register_buffer("fstats_mean", torch.zeros(locations, keep))
+        self.register_buffer("fstats_icov", torch.eye(keep).repeat(locations, 1, 1))
+        # (logit mean, logit std, distance mean, distance std) on held-out normal images
+        self.register_buffer("fstats_scale", torch.tensor([0.0, 1.0, 0.0, 1.0]))
+        self.register_buffer("fstats_fitted", torch.zeros(()))
+        self.residual_weight = float(residual_weight)
+        if self.residual_weight:
+            # (residual mean, residual std) on the held-out normal images
+            self.register_buffer("fstats_res_scale", torch.tensor([0.0, 1.0]))
+        # a Python copy of fstats_fitted, so forward does not branch on a tensor (export)
+        self.fstats_ready = False
+        self.register_load_state_dict_post_hook(_sync_fstats_ready)
+        radius = int(math.ceil(3 * FEATURE_STATS_SIGMA))
+        taps = torch.exp(-torch.arange(-radius, radius + 1, dtype=torch.float32) ** 2
+                         / (2 * FEATURE_STATS_SIGMA ** 2))
+        self.register_buffer("fstats_kernel", taps / taps.sum(), persistent=False)
 
     def forward(self, images: torch.Tensor, spans: Optional[torch.Tensor] = None, *,
                 reconstruct: bool = True) -> GeneratorOutput:
