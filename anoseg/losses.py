@@ -99,7 +99,9 @@ def generator_adversarial_loss(fake_logits: torch.Tensor) -> torch.Tensor:
 
 
 def reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """L_rec: mean absolute error between ``x_hat`` and ``x`` (all pixels are normal here)."""
+    """Mean absolute error between ``x_hat`` and ``x`` over every pixel: the detector's L_rec
+    (all its pixels are normal), and L_Re with ``train.rec_target: clean`` (``x`` the image
+    before synthesis)."""
     return F.l1_loss(reconstruction, images)
 
 

@@ -137,6 +137,10 @@ def train_step(state: TrainState, batch: Dict[str, torch.Tensor], cfg: TrainConf
     if recon is not None:
         if cfg.rec_target == "clean":
             # reconstruct the image before synthesis, on every pixel (DRAEM's target)
+            if "clean" not in batch:
+                raise ValueError("train.rec_target=clean needs the batch's 'clean' images "
+                                 "(SyntheticAnomalyDataset(keep_clean=True), "
+                                 "synthetic_batch(keep_clean=True))")
             clean = batch["clean"].to(device, non_blocking=True).float()
             losses["rec"] = reconstruction_loss(recon, clean)
         else:
@@ -397,7 +401,8 @@ def _dataset_and_state(cfg: AnoSegConfig, data: DataRecord, device: torch.device
     images, placements = training_images([Path(p) for p in data.split.train], cfg, progress)
     dataset = SyntheticAnomalyDataset(images, cfg.data.image_size, cfg.synthesis,
                                       geometry=Geometry.from_config(cfg.data),
-                                      placements=placements)
+                                      placements=placements,
+                                      keep_clean=cfg.train.rec_target == "clean")
     state = create_train_state(cfg, device, distributed=distributed)
     if ckpt is not None:
         restore_train_state(state, ckpt)

@@ -71,10 +71,14 @@ def test_the_heads_loss_does_not_reach_the_reconstruction_decoder():
 def test_samples_carry_the_image_before_synthesis():
     image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(4))
     cfg = load_config(None, TINY).synthesis
-    sample = make_sample(image, cfg, torch.Generator().manual_seed(5), anomaly_ratio=1.0)
+    sample = make_sample(image, cfg, torch.Generator().manual_seed(5), anomaly_ratio=1.0,
+                         keep_clean=True)
     assert torch.equal(sample["clean"], image)
     assert not torch.equal(sample["image"], image)
-    batch = synthetic_batch(image[None].repeat(3, 1, 1, 1), cfg, seed=0, anomaly_ratio=1.0)
+    plain = make_sample(image, cfg, torch.Generator().manual_seed(5), anomaly_ratio=1.0)
+    assert "clean" not in plain and torch.equal(plain["image"], sample["image"])
+    batch = synthetic_batch(image[None].repeat(3, 1, 1, 1), cfg, seed=0, anomaly_ratio=1.0,
+                            keep_clean=True)
     assert batch["clean"].shape == batch["image"].shape
     assert torch.equal(batch["clean"][1], image)
 
@@ -83,7 +87,7 @@ def test_training_reconstructs_the_clean_image_on_every_pixel():
     cfg = load_config(None, TINY + ["train.adversarial=false"])
     state = create_train_state(cfg, CPU)
     images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(6))
-    batch = synthetic_batch(images, cfg.synthesis, seed=7, anomaly_ratio=1.0)
+    batch = synthetic_batch(images, cfg.synthesis, seed=7, anomaly_ratio=1.0, keep_clean=True)
     assert (batch["normality"] < 0.5).any()
     # a target far from the input, so the loss can only match if it reads ``clean``
     batch["clean"] = torch.zeros_like(batch["clean"])
@@ -98,12 +102,33 @@ def test_training_reconstructs_the_clean_image_on_every_pixel():
     assert losses["rec"] == pytest.approx(float(expected), rel=1e-5)
 
 
+def test_the_clean_target_without_clean_images_says_so():
+    cfg = load_config(None, TINY + ["train.adversarial=false"])
+    state = create_train_state(cfg, CPU)
+    batch = synthetic_batch(torch.rand(2, 3, 64, 64), cfg.synthesis, seed=0)
+    with pytest.raises(ValueError, match="train.rec_target=clean"):
+        train_step(state, batch, cfg.train, device=CPU)
+
+
+def test_a_run_with_the_clean_target_trains_and_fits(tmp_path, make_mvtec):
+    from anoseg.inference import load_model
+    from anoseg.training import train
+
+    root = make_mvtec(n_train=10, image_hw=(64, 64))
+    cfg = load_config(None, TINY + ["model.feature_stats=true", "model.residual_weight=1",
+                                    "train.steps=2", "data.num_workers=0",
+                                    f"data.root={root}", "data.category=widget"])
+    train(cfg, tmp_path / "run", progress=False)
+    generator = load_model(tmp_path / "run", "cpu").generator
+    assert generator.fstats_ready and float(generator.fstats_res_scale[1]) > 0
+
+
 def test_the_masked_target_ignores_the_clean_image():
     cfg = load_config(None, TINY[:-1] + ["train.adversarial=false"])
     assert cfg.train.rec_target == "masked"
     state = create_train_state(cfg, CPU)
     images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(6))
-    batch = synthetic_batch(images, cfg.synthesis, seed=7, anomaly_ratio=1.0)
+    batch = synthetic_batch(images, cfg.synthesis, seed=7, anomaly_ratio=1.0, keep_clean=True)
     batch["clean"] = torch.zeros_like(batch["clean"])
     state.generator.train()
     with torch.no_grad():

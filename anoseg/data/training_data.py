@@ -58,13 +58,14 @@ def synthesize_in_box(image: torch.Tensor, box: Optional[Box], cfg: SynthesisCon
 
 
 def make_sample(image: torch.Tensor, cfg: SynthesisConfig, generator: torch.Generator,
-                anomaly_ratio: float, box: Optional[Box] = None) -> Dict[str, torch.Tensor]:
+                anomaly_ratio: float, box: Optional[Box] = None, *,
+                keep_clean: bool = False) -> Dict[str, torch.Tensor]:
     """With probability ``anomaly_ratio`` a synthetic anomaly of ``image`` (inside ``box``, the
     image's pixels, when it does not fill the tensor), else ``image``.
 
-    Returns ``{"image", "normality", "synthetic", "clean"}``; the normality mask is ``(1, H,
-    W)``, ``clean`` the image before synthesis (the reconstruction target of
-    ``model.compare_head``).
+    Returns ``{"image", "normality", "synthetic"}``; the normality mask is ``(1, H, W)``. With
+    ``keep_clean`` also ``"clean"``, the image before synthesis (the reconstruction target of
+    ``train.rec_target: clean``).
     """
     clean = image
     synthetic = torch.rand((), generator=generator).item() < anomaly_ratio
@@ -72,8 +73,10 @@ def make_sample(image: torch.Tensor, cfg: SynthesisConfig, generator: torch.Gene
         image, normality, synthetic = synthesize_in_box(image, box, cfg, generator)
     else:
         normality = torch.ones(1, *image.shape[1:], dtype=image.dtype)
-    return {"image": image, "normality": normality, "synthetic": torch.tensor(synthetic),
-            "clean": clean}
+    sample = {"image": image, "normality": normality, "synthetic": torch.tensor(synthetic)}
+    if keep_clean:
+        sample["clean"] = clean
+    return sample
 
 
 class StepSampler(Sampler):
@@ -146,17 +149,20 @@ class SyntheticAnomalyDataset(Dataset):
             of ``geometry.image_hw``.
         placements: the cached canvases' placements (default: each fills its canvas).
 
-    ``dataset[(index, seed)]`` returns ``{"image", "normality", "synthetic", "clean"}``: the float image
+    ``dataset[(index, seed)]`` returns ``{"image", "normality", "synthetic"}``: the float image
     ``(3, H, W)`` in ``[0, 1]``, its normality mask ``(1, H, W)`` (all ones for a normal
-    image) and whether it is synthetic; under tiling with ``coords=image`` also ``span``
+    image) and whether it is synthetic; with ``keep_clean`` also ``clean``, the image before
+    synthesis (``train.rec_target: clean``); under tiling with ``coords=image`` also ``span``
     (``(4,)``: the tile's coordinates in the image,
     :func:`anoseg.models.generator.spanned_coordinate_channels`).
     """
 
     def __init__(self, images: Union[torch.Tensor, Sequence[torch.Tensor], Sequence[Path]],
                  image_size, cfg: SynthesisConfig, *, geometry: Optional[Geometry] = None,
-                 placements: Optional[List[Placement]] = None) -> None:
+                 placements: Optional[List[Placement]] = None,
+                 keep_clean: bool = False) -> None:
         self.images = images
+        self.keep_clean = keep_clean
         self.image_size = image_size
         self.cfg = cfg
         self.geometry = geometry if geometry is not None else Geometry.of(image_size)
@@ -202,7 +208,8 @@ class SyntheticAnomalyDataset(Dataset):
         index, sample_seed = key
         generator = torch.Generator().manual_seed(int(sample_seed))
         image, box, span = self.view(int(index), generator)
-        sample = make_sample(image, self.cfg, generator, self.cfg.anomaly_ratio, box)
+        sample = make_sample(image, self.cfg, generator, self.cfg.anomaly_ratio, box,
+                             keep_clean=self.keep_clean)
         if span is not None:
             sample["span"] = span
         return sample
@@ -241,16 +248,18 @@ def make_train_loader(dataset: SyntheticAnomalyDataset, sampler: StepSampler, ba
 
 
 def synthetic_batch(images: torch.Tensor, cfg: SynthesisConfig, seed: int,
-                    anomaly_ratio: Optional[float] = None) -> Dict[str, torch.Tensor]:
+                    anomaly_ratio: Optional[float] = None, *,
+                    keep_clean: bool = False) -> Dict[str, torch.Tensor]:
     """Synthesize one batch in the calling process (for notebooks, tests and the detector).
 
     Args:
         images: float ``(B, 3, S, S)`` in ``[0, 1]``.
         seed: seed of the first sample; sample ``i`` uses ``seed + i``.
         anomaly_ratio: override of ``cfg.anomaly_ratio`` (1.0 = every image synthetic).
+        keep_clean: also return ``clean``, the images before synthesis.
     """
     ratio = cfg.anomaly_ratio if anomaly_ratio is None else anomaly_ratio
-    samples = [make_sample(image, cfg, torch.Generator().manual_seed(seed + i), ratio)
+    samples = [make_sample(image, cfg, torch.Generator().manual_seed(seed + i), ratio,
+                           keep_clean=keep_clean)
                for i, image in enumerate(images.cpu())]
-    return {key: torch.stack([s[key] for s in samples]).to(images.device)
-            for key in ("image", "normality", "synthetic", "clean")}
+    return {key: torch.stack([s[key] for s in samples]).to(images.device) for key in samples[0]}

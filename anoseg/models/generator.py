@@ -363,11 +363,11 @@ class AnoSegGenerator(nn.Module):
                                               upsample=upsample) if reconstruction else None
         self.compare = ComparisonHead() if compare_head else None
         self.feature_stats = feature_stats and map_decoder
+        self.residual_weight = float(residual_weight)
         if self.feature_stats:
-            self._init_feature_stats(image_size, residual_weight)
+            self._init_feature_stats(image_size)
 
-    def _init_feature_stats(self, image_size: Union[int, Tuple[int, int]],
-                            residual_weight: float) -> None:
+    def _init_feature_stats(self, image_size: Union[int, Tuple[int, int]]) -> None:
         """The buffers of ``feature_stats`` (unfitted), and its residual's when weighted."""
         height, width_px = side_pair(image_size)
         fine = self.encoder.feature_channels[:2]  # stem (stride 2), layer1 (stride 4)
@@ -383,7 +383,6 @@ class AnoSegGenerator(nn.Module):
         # (logit mean, logit std, distance mean, distance std) on held-out normal images
         self.register_buffer("fstats_scale", torch.tensor([0.0, 1.0, 0.0, 1.0]))
         self.register_buffer("fstats_fitted", torch.zeros(()))
-        self.residual_weight = float(residual_weight)
         if self.residual_weight:
             # (residual mean, residual std) on the held-out normal images
             self.register_buffer("fstats_res_scale", torch.tensor([0.0, 1.0]))
@@ -404,26 +403,20 @@ class AnoSegGenerator(nn.Module):
             reconstruct: run the reconstruction decoder (inference needs only the map).
         """
         levels = self.encoder.features(self._inputs(images, spans))
-        features = levels[-1]
-        recon = (self.reconstruction_decoder(features)
-                 if self.reconstruction_decoder is not None
-                 and (reconstruct or self.map_decoder is None or self.compare is not None
-                      or self._uses_residual())
-                 else None)
+        combine = self.feature_stats and not self.training and self.fstats_ready
+        with_residual = combine and self.residual_weight > 0
+        needs_recon = (reconstruct or self.map_decoder is None or self.compare is not None
+                       or with_residual)
+        recon = (self.reconstruction_decoder(levels[-1])
+                 if self.reconstruction_decoder is not None and needs_recon else None)
         normality = logit = None
         if self.map_decoder is not None:
             logit = self._map_logit(images, levels, recon)
-            if self.feature_stats and not self.training and self.fstats_ready:
-                logit = -self.combined_anomaly_logit(
-                    -logit, levels, self.residual(images, recon) if self._uses_residual()
-                    else None)
+            if combine:
+                residual = self.residual(images, recon) if with_residual else None
+                logit = -self.combined_anomaly_logit(-logit, levels, residual)
             normality = torch.sigmoid(logit)
         return GeneratorOutput(normality, recon, logit)
-
-    def _uses_residual(self) -> bool:
-        """Whether the combined logit (eval mode, fitted statistics) reads the residual."""
-        return (self.feature_stats and bool(getattr(self, "residual_weight", 0.0))
-                and not self.training and self.fstats_ready)
 
     @staticmethod
     def residual(images: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
@@ -542,7 +535,7 @@ class AnoSegGenerator(nn.Module):
             self.fstats_mean.copy_(mean.float())
             self.fstats_icov.copy_(torch.linalg.inv(cov).float())
             logits, dists, residuals = [], [], []
-            with_residual = bool(getattr(self, "residual_weight", 0.0))
+            with_residual = self.residual_weight > 0
             for images in holdout_batches:
                 levels = self.encoder.features(self._inputs(images))
                 recon = (self.reconstruction_decoder(levels[-1])
