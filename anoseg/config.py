@@ -219,6 +219,10 @@ class ModelConfig:
     """U-Net skip connections from the encoder into the map decoder, 0-4 (0 = the paper's
     Table 6; 2 = strides 16 and 8; 4 = down to stride 2). A departure for small defects: without
     them the map is decoded from stride-32 features (docs/experiments.md)."""
+    rec_skips: int = 0
+    """U-Net skip connections into the reconstruction decoder, 0-2 (0 = the paper; 1 = stride
+    16; 2 = strides 16 and 8). Only with ``train.rec_target: clean``: with the paper's masked
+    target the decoder could copy the anomaly through them (docs/experiments.md)."""
     normal_stats: bool = False
     """Feed the generator the input's per-pixel z-score against the normal training images'
     mean and standard deviation (three more input channels; not in the paper): a "what is
@@ -542,6 +546,9 @@ def _validate_model(m: ModelConfig) -> None:
     """The ``model`` section's checks."""
     _check(0.0 < m.width <= 4.0, "model.width", m.width, "a multiplier in (0, 4]")
     _check(0 <= m.map_skips <= 4, "model.map_skips", m.map_skips, "an integer from 0 to 4")
+    _check(0 <= m.rec_skips <= 2, "model.rec_skips", m.rec_skips, "an integer from 0 to 2")
+    _check(m.rec_skips == 0 or m.reconstruction, "model.rec_skips", m.rec_skips,
+           "0 with model.reconstruction=false")
     _check(m.upsample in UPSAMPLE_MODES, "model.upsample", m.upsample,
            f"one of {', '.join(UPSAMPLE_MODES)}")
     _check(0.0 <= m.residual_weight <= 100.0, "model.residual_weight", m.residual_weight,
@@ -579,6 +586,9 @@ def _validate_train(t: TrainConfig, m: ModelConfig) -> None:
            "'l1', 'balanced_l1' or 'focal'")
     _check(t.rec_target in REC_TARGETS, "train.rec_target", t.rec_target,
            f"one of {', '.join(REC_TARGETS)}")
+    _check(m.rec_skips == 0 or t.rec_target == "clean", "model.rec_skips", m.rec_skips,
+           "0 unless train.rec_target is 'clean' (with the masked target the skips let the "
+           "reconstruction copy the anomaly)")
     _check(0.0 <= t.seg_focal_gamma <= 10.0, "train.seg_focal_gamma", t.seg_focal_gamma,
            "a value in [0, 10]")
     _check(0.0 < t.seg_anomaly_weight <= 1000.0, "train.seg_anomaly_weight",

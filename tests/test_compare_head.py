@@ -196,3 +196,34 @@ def test_config_and_factory():
     generator = build_generator(load_config(None, TINY + ["model.feature_stats=true",
                                                           "model.residual_weight=0.5"]))
     assert generator.residual_weight == 0.5
+
+
+def test_rec_skips_feed_the_encoders_finer_maps_to_the_reconstruction():
+    torch.manual_seed(0)
+    skipped = AnoSegGenerator(image_size=64, width=0.125, map_skips=2, rec_skips=2).eval()
+    assert skipped.reconstruction_decoder.skip_channels[:2] == \
+        skipped.encoder.feature_channels[-2::-1][:2]
+    images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    changed = images.clone()
+    changed[:, :, 0:4, 0:4] = 1.0 - changed[:, :, 0:4, 0:4]
+    with torch.no_grad():
+        levels, moved = (skipped.encoder.features(skipped._inputs(x)) for x in (images, changed))
+        a, b = skipped.reconstruct(levels), skipped.reconstruct(moved)
+        held = [lv.clone() for lv in moved]
+        held[-3] = levels[-3]  # all maps of the changed image but the stride-8 one
+        c = skipped.reconstruct(held)
+    assert a.shape == images.shape
+    assert not torch.equal(b, c)  # the stride-8 skip reaches the output
+    plain = AnoSegGenerator(image_size=64, width=0.125, map_skips=2)
+    assert plain.reconstruction_decoder.skip_channels == [0] * 5
+
+
+def test_rec_skips_config():
+    assert load_config(None, []).model.rec_skips == 0
+    generator = build_generator(load_config(None, TINY + ["model.rec_skips=1"]))
+    assert generator.rec_skips == 1
+    assert generator.reconstruction_decoder.skip_channels[0] > 0
+    with pytest.raises(ConfigError, match="model.rec_skips"):
+        load_config(None, TINY + ["model.rec_skips=3"])
+    with pytest.raises(ConfigError, match="model.rec_skips"):
+        load_config(None, TINY[:-1] + ["model.rec_skips=1"])  # the masked target

@@ -27,6 +27,7 @@ def build_generator(cfg: AnoSegConfig, *, map_decoder: bool = True) -> AnoSegGen
                                 map_decoder=map_decoder,
                                 reconstruction=cfg.model.reconstruction or not map_decoder,
                                 map_skips=cfg.model.map_skips,
+                                rec_skips=cfg.model.rec_skips,
                                 normal_stats=cfg.model.normal_stats and map_decoder,
                                 upsample=cfg.model.upsample,
                                 feature_stats=cfg.model.feature_stats and map_decoder,

@@ -309,7 +309,12 @@ class AnoSegGenerator(nn.Module):
         reconstruction: build the reconstruction decoder (off for the ablation base model).
         map_skips: number of U-Net skip connections from the encoder into the map decoder,
             0-4 (0 = the paper; 1 = stride 16; 2 = strides 16 and 8; ... 4 = down to stride 2).
-            The reconstruction decoder never has any (it would learn the identity).
+            The reconstruction decoder has none unless ``rec_skips`` says so.
+        rec_skips: skip connections into the reconstruction decoder, 0-2 (0 = the paper;
+            1 = stride 16; 2 = strides 16 and 8). With the masked target of L_Re they would
+            let the decoder copy its input; with ``train.rec_target: clean`` the pasted
+            regions must be inpainted from their surroundings, so the skips sharpen the
+            reconstruction of normal detail without copying the anomaly.
         upsample: ``transpose`` (the paper's transposed convolutions) or ``bilinear``
             (bilinear upsampling then a 3x3 convolution, in both decoders).
         normal_stats: three more input channels (not in the paper): the input's per-pixel,
@@ -333,7 +338,7 @@ class AnoSegGenerator(nn.Module):
                  reconstruction: bool = True, map_skips: int = 0,
                  normal_stats: bool = False, upsample: str = "transpose",
                  feature_stats: bool = False, compare_head: bool = False,
-                 residual_weight: float = 0.0) -> None:
+                 residual_weight: float = 0.0, rec_skips: int = 0) -> None:
         super().__init__()
         assert residual_weight == 0.0 or (feature_stats and map_decoder and reconstruction), (
             "residual_weight needs feature_stats and both decoders")
@@ -344,6 +349,7 @@ class AnoSegGenerator(nn.Module):
         assert map_decoder or reconstruction, "the generator needs at least one decoder"
         self.image_size = image_size
         assert 0 <= map_skips <= 4, f"map_skips must be 0..4, got {map_skips}"
+        assert 0 <= rec_skips <= 2, f"rec_skips must be 0..2, got {rec_skips}"
         self.coord_channels = coord_channels
         self.map_skips = map_skips if map_decoder else 0
         self.normal_stats = normal_stats
@@ -359,8 +365,11 @@ class AnoSegGenerator(nn.Module):
         self.map_decoder = Decoder(in_channels=enc, out_channels=1, width=width,
                                    skip_channels=skip_channels,
                                    upsample=upsample) if map_decoder else None
-        self.reconstruction_decoder = Decoder(in_channels=enc, out_channels=3, width=width,
-                                              upsample=upsample) if reconstruction else None
+        self.rec_skips = rec_skips if reconstruction else 0
+        self.reconstruction_decoder = Decoder(
+            in_channels=enc, out_channels=3, width=width, upsample=upsample,
+            skip_channels=self.encoder.feature_channels[-2::-1][:self.rec_skips],
+        ) if reconstruction else None
         self.compare = ComparisonHead() if compare_head else None
         self.feature_stats = feature_stats and map_decoder
         self.residual_weight = float(residual_weight)
@@ -407,7 +416,7 @@ class AnoSegGenerator(nn.Module):
         with_residual = combine and self.residual_weight > 0
         needs_recon = (reconstruct or self.map_decoder is None or self.compare is not None
                        or with_residual)
-        recon = (self.reconstruction_decoder(levels[-1])
+        recon = (self.reconstruct(levels)
                  if self.reconstruction_decoder is not None and needs_recon else None)
         normality = logit = None
         if self.map_decoder is not None:
@@ -417,6 +426,10 @@ class AnoSegGenerator(nn.Module):
                 logit = -self.combined_anomaly_logit(-logit, levels, residual)
             normality = torch.sigmoid(logit)
         return GeneratorOutput(normality, recon, logit)
+
+    def reconstruct(self, levels: List[torch.Tensor]) -> torch.Tensor:
+        """The reconstruction decoder on the encoder maps ``levels`` (with ``rec_skips``)."""
+        return self.reconstruction_decoder(levels[-1], levels[-2::-1][:self.rec_skips])
 
     @staticmethod
     def residual(images: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
@@ -538,7 +551,7 @@ class AnoSegGenerator(nn.Module):
             with_residual = self.residual_weight > 0
             for images in holdout_batches:
                 levels = self.encoder.features(self._inputs(images))
-                recon = (self.reconstruction_decoder(levels[-1])
+                recon = (self.reconstruct(levels)
                          if self.compare is not None or with_residual else None)
                 logit = self._map_logit(images, levels, recon)
                 logits.append((-logit.float()).flatten())
