@@ -33,7 +33,8 @@ from anoseg.data.geometry import Geometry, crop, group_by_shape
 from anoseg.galleries import DEFAULT_GALLERY_SIZE, GalleryCollector
 from anoseg.html_report import REPORT_FILE, CategoryReport, write_report
 from anoseg.inference import (LoadedDetector, LoadedModel, detector_scores, load_ensemble,
-                              load_model, predict_placed, run_detector)
+                              load_model, predict_placed, run_detector,
+                              SIGNAL_IMAGE_SCORE, signal_image_scores)
 from anoseg.metrics import IMAGE_SCORES, SegmentationMetrics, image_auroc
 from anoseg.reporting import (DETECTOR_KEY, MEAN_KEYS, format_image_score_table,
                               format_markdown_table,
@@ -284,6 +285,23 @@ def _gallery_scorer(model: LoadedModel, dataset: Any, *, batch_size: int):
     return score
 
 
+def _batch_image_scores(model: LoadedModel, batch: Dict[str, Any],
+                        logits: Sequence[torch.Tensor], batch_size: int) -> Dict[str, np.ndarray]:
+    """The cheap image scores of a test batch's anomaly logits, plus
+    :data:`~anoseg.inference.SIGNAL_IMAGE_SCORE` where the model has a fitted signal image
+    map (:func:`~anoseg.inference.signal_image_scores`)."""
+    from anoseg.data.mvtec import placement_of
+
+    scores = logit_image_scores(logits)
+    if model.config.eval.resolution == "model":
+        signals = signal_image_scores(
+            model.generator, batch["image"], [placement_of(r) for r in batch["placement"]],
+            Geometry.from_config(model.config.data), batch_size=batch_size)
+        if signals is not None:
+            scores[SIGNAL_IMAGE_SCORE] = signals
+    return scores
+
+
 def _stream_test_set(model: LoadedModel, dataset: Any, test_pass: "_TestPass",
                      writer: _PictureWriter, *, batch_size: int, num_workers: int,
                      progress: bool, detector: Optional[LoadedDetector],
@@ -300,7 +318,8 @@ def _stream_test_set(model: LoadedModel, dataset: Any, test_pass: "_TestPass",
             maps, logits, masks = scored_batch(model, batch, batch_size=batch_size)
             detector_part = None if detector is None else detector_scores(
                 detector, model.generator, batch["image"], batch_size=batch_size).numpy()
-            scores = test_pass.update(batch, maps, masks, logit_image_scores(logits),
+            scores = test_pass.update(batch, maps, masks,
+                                      _batch_image_scores(model, batch, logits, batch_size),
                                       detector_part)
             writer.write(batch, maps, logits, masks,
                          _picture_sources(batch, model.config.eval.resolution))

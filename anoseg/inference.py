@@ -18,13 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from torch import nn
 
 from anoseg.checkpoint import load_checkpoint
 from anoseg.config import AnoSegConfig, config_from_dict
 from anoseg.errors import CheckpointError, ConfigError
-from anoseg.data.geometry import (Geometry, Placement, blend_window, tile_span,
+from anoseg.data.geometry import (Geometry, Placement, blend_window, crop, tile_span,
                                   to_resolution, window_starts)
 from anoseg.models.detector import AnoSegDetector
 from anoseg.models.factory import build_detector, build_generator
@@ -188,6 +189,33 @@ def predict_anomaly_scores(generator: nn.Module, images: torch.Tensor, *,
     return torch.cat(maps), torch.cat(logits)
 
 
+SIGNAL_IMAGE_SCORE = "signals_max"
+"""The name of the image score of :func:`signal_image_scores` in ``anoseg-eval``'s table."""
+
+
+@torch.no_grad()
+def signal_image_scores(generator: nn.Module, canvases: Union[torch.Tensor, Sequence[torch.Tensor]],
+                        placements: Sequence[Placement], geometry: Geometry, *,
+                        batch_size: int = 16) -> Optional[np.ndarray]:
+    """Per image, the maximum over its box of the generator's ``signal_image_map`` (float64
+    ``(B,)``; the largest image-level z-score of the ``feature_stats`` signals), or ``None``
+    where the generator has none fitted or the images are tiled (the windows' maps are not
+    combined for it)."""
+    has = getattr(generator, "has_signal_image_map", None)
+    if geometry.tiled or has is None or not has():
+        return None
+    generator.eval()
+    device = next(generator.parameters()).device
+    batch = canvases if isinstance(canvases, torch.Tensor) else torch.stack(list(canvases))
+    out = []
+    for start in range(0, batch.shape[0], batch_size):
+        chunk = _as_float_images(batch[start:start + batch_size].to(device))
+        maps = generator.signal_image_map(chunk)[:, 0].float().cpu()
+        out += [float(crop(m, placement).amax())
+                for m, placement in zip(maps, placements[start:start + batch_size])]
+    return np.asarray(out, dtype=np.float64)
+
+
 @torch.no_grad()
 def sliding_window_scores(generator: nn.Module, canvas: torch.Tensor, placement: Placement,
                           geometry: Geometry, *, batch_size: int = 16,
@@ -328,6 +356,14 @@ class AnoSegEnsemble(nn.Module):
         return GeneratorOutput(mean([o.normality_map for o in outs]),
                                mean([o.reconstruction for o in outs]),
                                mean([o.map_logit for o in outs]))
+
+    def has_signal_image_map(self) -> bool:
+        """Whether every member has a fitted signal image map."""
+        return all(getattr(m, "has_signal_image_map", lambda: False)() for m in self.members)
+
+    def signal_image_map(self, images: torch.Tensor) -> torch.Tensor:
+        """The members' signal image maps, averaged."""
+        return torch.stack([m.signal_image_map(images) for m in self.members]).mean(0)
 
 
 def load_ensemble(checkpoints: Sequence[Union[str, Path]],

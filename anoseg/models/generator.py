@@ -392,6 +392,9 @@ class AnoSegGenerator(nn.Module):
         # (logit mean, logit std, distance mean, distance std) on held-out normal images
         self.register_buffer("fstats_scale", torch.tensor([0.0, 1.0, 0.0, 1.0]))
         self.register_buffer("fstats_fitted", torch.zeros(()))
+        # (mean, std) of the held-out images' per-image maxima of the head's anomaly logit,
+        # the feature distance and the residual (zeros: not fitted, e.g. an older checkpoint)
+        self.register_buffer("fstats_image_scale", torch.zeros(3, 2))
         if self.residual_weight:
             # (residual mean, residual std) on the held-out normal images
             self.register_buffer("fstats_res_scale", torch.tensor([0.0, 1.0]))
@@ -402,6 +405,13 @@ class AnoSegGenerator(nn.Module):
         taps = torch.exp(-torch.arange(-radius, radius + 1, dtype=torch.float32) ** 2
                          / (2 * FEATURE_STATS_SIGMA ** 2))
         self.register_buffer("fstats_kernel", taps / taps.sum(), persistent=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before the signal image map have no fstats_image_scale
+        key = prefix + "fstats_image_scale"
+        if self.feature_stats and key not in state_dict:
+            state_dict[key] = torch.zeros(3, 2)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, images: torch.Tensor, spans: Optional[torch.Tensor] = None, *,
                 reconstruct: bool = True) -> GeneratorOutput:
@@ -444,6 +454,40 @@ class AnoSegGenerator(nn.Module):
         if self.compare is not None:
             logit = logit + self.compare(images.to(logit.dtype), recon).to(logit.dtype)
         return logit
+
+    def _signals(self, images: torch.Tensor) -> List[torch.Tensor]:
+        """``(B, 1, H, W)`` each: the head's anomaly logit, the feature distance and (when the
+        run weights it) the residual, uncalibrated."""
+        levels = self.encoder.features(self._inputs(images))
+        with_residual = self.residual_weight > 0
+        recon = (self.reconstruct(levels)
+                 if self.compare is not None or with_residual else None)
+        out = [-self._map_logit(images, levels, recon).float(),
+               self.feature_distance(levels, images.shape[-2:])]
+        if with_residual:
+            out.append(self.residual(images, recon))
+        return out
+
+    def has_signal_image_map(self) -> bool:
+        """Whether :meth:`signal_image_map` is fitted (``feature_stats``, fitted by this
+        version of :meth:`fit_feature_stats`)."""
+        return bool(self.feature_stats and self.fstats_ready
+                    and self.fstats_image_scale[0, 1] > 0)
+
+    @torch.no_grad()
+    def signal_image_map(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, H, W)``, for image scores: at each pixel the largest of the signals of
+        ``feature_stats`` (head logit, feature distance, residual), each z-scored against the
+        *per-image maxima* of that signal over the held-out normal images. Its maximum over an
+        image is the largest of the signals' image-level z-scores: a signal whose peak varies
+        a lot from one normal image to the next (the residual on every copper edge) counts for
+        little, one whose normal peaks are steady counts for much (docs/evaluation.md)."""
+        if not self.has_signal_image_map():
+            raise ValueError("the signal image map needs fitted feature_stats "
+                             "(fit_feature_stats)")
+        scale = self.fstats_image_scale
+        return torch.stack([(sig - scale[i, 0]) / scale[i, 1]
+                            for i, sig in enumerate(self._signals(images))]).amax(0)
 
     def stats_channels(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` the clipped z-score of ``images`` against the normal statistics,
@@ -547,19 +591,22 @@ class AnoSegGenerator(nn.Module):
                                                         device=cov.device)
             self.fstats_mean.copy_(mean.float())
             self.fstats_icov.copy_(torch.linalg.inv(cov).float())
-            logits, dists, residuals = [], [], []
+            logits, dists, residuals, peaks = [], [], [], []
             with_residual = self.residual_weight > 0
             for images in holdout_batches:
-                levels = self.encoder.features(self._inputs(images))
-                recon = (self.reconstruct(levels)
-                         if self.compare is not None or with_residual else None)
-                logit = self._map_logit(images, levels, recon)
-                logits.append((-logit.float()).flatten())
-                dists.append(self.feature_distance(levels, images.shape[-2:]).flatten())
+                signals = self._signals(images)
+                logits.append(signals[0].flatten())
+                dists.append(signals[1].flatten())
                 if with_residual:
-                    residuals.append(self.residual(images, recon).flatten())
+                    residuals.append(signals[2].flatten())
+                peaks.append(torch.stack([sig.flatten(1).amax(1) for sig in signals], 1))
             if not logits:
                 raise ValueError("feature statistics need at least 1 held-out image")
+            self.fstats_image_scale.zero_()
+            peak = torch.cat(peaks).double()
+            if len(peak) >= 2:  # one held-out image has no spread of maxima
+                self.fstats_image_scale[:peak.shape[1]].copy_(torch.stack(
+                    [peak.mean(0), peak.std(0).clamp_min(1e-6)], 1).float())
             logit, dist = torch.cat(logits).double(), torch.cat(dists).double()
             self.fstats_scale.copy_(torch.stack([
                 logit.mean(), logit.std().clamp_min(1e-6),
