@@ -164,3 +164,97 @@ def test_a_crash_leaves_an_unfitted_checkpoint_that_resume_completes(tmp_path, m
 def test_feature_stats_is_refused_with_tiling():
     with pytest.raises(ConfigError, match="model.feature_stats"):
         load_config(None, ["model.feature_stats=true", "data.tiling.enabled=true"]).validate()
+
+
+def test_the_signal_image_map_z_scores_each_signals_image_maxima_on_the_held_out_images():
+    g, holdout = _fitted(reconstruction=True, compare_head=True, residual_weight=1.0)
+    g.eval()
+    assert g.has_signal_image_map()
+    with torch.no_grad():
+        signals = g._signals(holdout)
+        image_map = g.signal_image_map(holdout)
+    assert len(signals) == 3 and image_map.shape == (len(holdout), 1, 64, 64)
+    z = []
+    for i, sig in enumerate(signals):
+        peaks = sig.flatten(1).amax(1).double()
+        z_i = (peaks - g.fstats_image_scale[i, 0]) / g.fstats_image_scale[i, 1]
+        assert z_i.mean().item() == pytest.approx(0.0, abs=1e-3)  # float32 buffers
+        assert z_i.std().item() == pytest.approx(1.0, abs=1e-3)
+        z.append(z_i)
+    # the map's maximum is the largest of the signals' image-level z-scores
+    expected = torch.stack(z).amax(0)
+    assert torch.allclose(image_map.flatten(1).amax(1).double(), expected, atol=1e-4)
+    changed = holdout[:1].clone()
+    changed[:, :, 20:30, 20:30] = 1.0 - changed[:, :, 20:30, 20:30]
+    with torch.no_grad():
+        score = g.signal_image_map(changed).amax()
+    assert score > expected.max()
+
+
+def test_the_signal_image_map_without_the_residual_has_two_signals():
+    g, holdout = _fitted()
+    assert torch.all(g.fstats_image_scale[:2, 1] > 0) and torch.all(g.fstats_image_scale[2] == 0)
+    with torch.no_grad():
+        assert g.eval().signal_image_map(holdout).shape == (len(holdout), 1, 64, 64)
+
+
+def test_a_checkpoint_from_before_the_signal_image_map_loads_without_it():
+    from anoseg.data.geometry import Geometry, Placement
+    from anoseg.inference import signal_image_scores
+
+    g, holdout = _fitted()
+    state = {k: v for k, v in g.state_dict().items() if k != "fstats_image_scale"}
+    old = AnoSegGenerator(image_size=64, width=0.125, map_skips=2, feature_stats=True)
+    old.load_state_dict(state)  # strict: the missing buffer is filled as "not fitted"
+    assert old.fstats_ready and not old.has_signal_image_map()
+    with pytest.raises(ValueError, match="signal image map"):
+        old.signal_image_map(holdout)
+    full = [Placement((64, 64), (64, 64), (0, 0, 64, 64))] * len(holdout)
+    assert signal_image_scores(old, holdout, full, Geometry((64, 64), "stretch")) is None
+    scores = signal_image_scores(g.eval(), holdout, full, Geometry((64, 64), "stretch"))
+    with torch.no_grad():
+        assert scores == pytest.approx(g.signal_image_map(holdout).flatten(1).amax(1).tolist())
+
+
+def test_signal_image_scores_read_only_the_images_box():
+    from anoseg.data.geometry import Geometry, Placement
+    from anoseg.inference import signal_image_scores
+
+    g, holdout = _fitted()
+    g.eval()
+    changed = holdout[:1].clone()
+    changed[:, :, 50:60, 50:60] = 1.0  # a bright square in what the placement calls padding
+    geometry = Geometry((64, 64), "keep_aspect")
+    inside = Placement((40, 64), (64, 64), (0, 0, 40, 64))
+    with torch.no_grad():
+        image_map = g.signal_image_map(changed)[0, 0]
+    got = signal_image_scores(g, changed, [inside], geometry)
+    assert got[0] == pytest.approx(image_map[:40].max().item())
+    assert got[0] < image_map.max().item()
+
+
+def test_the_evaluation_reports_the_signal_image_score(tmp_path, make_mvtec):
+    import numpy as np
+
+    from anoseg.data.geometry import Geometry
+    from anoseg.data.mvtec import MVTecTestDataset, placement_of
+    from anoseg.evaluation import evaluate_run
+    from anoseg.inference import SIGNAL_IMAGE_SCORE, load_model, signal_image_scores
+    from anoseg.metrics import image_auroc
+    from anoseg.training import train
+
+    root = make_mvtec(n_train=10, n_test_good=3, defects={"crack": 3}, image_hw=(64, 64))
+    # three held-out images: the maxima of one have no spread
+    train(load_config(None, _tiny_run_overrides(root) + ["data.holdout_fraction=0.3"]),
+          tmp_path / "run", progress=False)
+    result = evaluate_run(tmp_path / "run", output_dir=tmp_path / "eval", device="cpu",
+                          progress=False).results["widget"]
+    model = load_model(tmp_path / "run", "cpu")
+    dataset = MVTecTestDataset(root, "widget", 64)
+    items = [dataset[i] for i in range(len(dataset))]
+    scores = signal_image_scores(model.generator, torch.stack([it["image"] for it in items]),
+                                 [placement_of(it["placement"]) for it in items],
+                                 Geometry.from_config(model.config.data))
+    labels = np.array([bool(it["label"]) for it in items])
+    assert result.image_auroc_scores[SIGNAL_IMAGE_SCORE] == pytest.approx(
+        image_auroc(labels, scores))
