@@ -9,6 +9,7 @@ The public API is small::
     maps = anoseg.predict_anomaly_maps(model.generator, images)   # (B, H, W), 1 = anomalous
     # images of any size, as the run's data.image_size / resize / tiling place them:
     # anoseg.predict_placed(model.generator, canvases, placements, anoseg.Geometry.from_config(cfg.data))
+    #   -> one ScoredMap(anomaly, logit, signal) per image
     metrics = anoseg.SegmentationMetrics()              # streaming metrics on any method's maps
     anoseg.train_detector("runs/demo")                  # image-level detector, AnoSeg frozen
     scores = anoseg.detector_scores(anoseg.load_detector("runs/demo"), model.generator, images)

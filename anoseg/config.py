@@ -441,6 +441,10 @@ class AnoSegConfig:
         _validate_train(self.train, self.model)
         _validate_eval(self.eval)
         _validate_detector(self.detector)
+        _check(self.eval.image_score != "signals_max" or self.model.feature_stats,
+               "eval.image_score", self.eval.image_score,
+               "not signals_max without model.feature_stats: true (its signals are the "
+               "feature statistics')")
         _check(not (self.model.feature_stats and self.data.tiling.enabled),
                "model.feature_stats", self.model.feature_stats,
                "false with data.tiling (per-location statistics of whole images; a tile at a "
@@ -623,8 +627,9 @@ TRAIN_LOGGERS = ("none", "tensorboard")
 """Values of ``train.logger``."""
 
 IMAGE_SCORE_CHOICES = ("max", "blur3_max", "blur5_max", "top10_mean", "top1pct_mean",
-                       "detector")
-"""Values of ``eval.image_score``: the names of :data:`anoseg.metrics.IMAGE_SCORES`, and
+                       "signals_max", "detector")
+"""Values of ``eval.image_score``: the names of :data:`anoseg.metrics.IMAGE_SCORES`,
+``signals_max`` (:data:`anoseg.metrics.SIGNAL_IMAGE_SCORE`; needs ``model.feature_stats``) and
 ``detector``."""
 
 

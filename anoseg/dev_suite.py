@@ -172,7 +172,7 @@ def model_scores(runs: List[Path], root: Path, category: str,
     geometry = Geometry.from_config(model.config.data)
 
     def map_fn(images, placements):
-        return [m for m, _ in predict_placed(model.generator, images, placements, geometry,
+        return [s.anomaly for s in predict_placed(model.generator, images, placements, geometry,
                                              resolution=resolution)]
 
     return score_test_set(map_fn, root, category, geometry, resolution=resolution)

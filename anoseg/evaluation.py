@@ -32,9 +32,8 @@ from anoseg.errors import ConfigError
 from anoseg.data.geometry import Geometry, crop, group_by_shape
 from anoseg.galleries import DEFAULT_GALLERY_SIZE, GalleryCollector
 from anoseg.html_report import REPORT_FILE, CategoryReport, write_report
-from anoseg.inference import (LoadedDetector, LoadedModel, detector_scores, load_ensemble,
-                              load_model, predict_placed, run_detector,
-                              SIGNAL_IMAGE_SCORE, signal_image_scores)
+from anoseg.inference import (LoadedDetector, LoadedModel, ScoredMap, detector_scores,
+                              load_ensemble, load_model, predict_placed, run_detector)
 from anoseg.metrics import IMAGE_SCORES, SegmentationMetrics, image_auroc
 from anoseg.reporting import (DETECTOR_KEY, MEAN_KEYS, format_image_score_table,
                               format_markdown_table,
@@ -44,7 +43,7 @@ from anoseg.run_dir import RunDir, safe_name
 from anoseg.runtime import resolve_device
 from anoseg.threshold import (cached_label_free_threshold, compute_label_free_threshold,
                               headline_image_score, holdout_image_paths, image_threshold_for,
-                              logit_image_scores, resolve_eval_data_root)
+                              resolve_eval_data_root, scored_image_scores)
 from anoseg.visualize import (FLOAT_MAPS_README, MAPS_README, PLOT_SKIPPED_MESSAGE,
                               enlarged_overlay,
                               save_float_map, save_iou_curve_plot, save_map_png, save_png,
@@ -242,8 +241,8 @@ def evaluate_category(model: LoadedModel, data_root: PathLike, category: str, *,
 
 
 def scored_batch(model: LoadedModel, batch: Dict[str, Any], *, batch_size: int
-                 ) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]:
-    """``(maps, logits, masks)`` of a test batch (:class:`~anoseg.data.mvtec.MVTecTestDataset`
+                 ) -> Tuple[List[ScoredMap], List[torch.Tensor]]:
+    """``(scored maps, masks)`` of a test batch (:class:`~anoseg.data.mvtec.MVTecTestDataset`
     items, :func:`~anoseg.data.mvtec.collate_samples`): per image, at ``eval.resolution``,
     padding cut off (``docs/evaluation.md``)."""
     from anoseg.data.mvtec import placement_of
@@ -251,11 +250,11 @@ def scored_batch(model: LoadedModel, batch: Dict[str, Any], *, batch_size: int
     geometry = Geometry.from_config(model.config.data)
     resolution = model.config.eval.resolution
     placements = [placement_of(row) for row in batch["placement"]]
-    pairs = predict_placed(model.generator, batch["image"], placements, geometry,
-                           batch_size=batch_size, resolution=resolution)
+    scored = predict_placed(model.generator, batch["image"], placements, geometry,
+                            batch_size=batch_size, resolution=resolution)
     masks = [batch["mask"][i][0] if resolution == "native" else crop(batch["mask"][i][0], p)
              for i, p in enumerate(placements)]
-    return [m for m, _ in pairs], [g for _, g in pairs], masks
+    return scored, masks
 
 
 def _picture_sources(batch: Dict[str, Any], resolution: str) -> List[Any]:
@@ -278,28 +277,12 @@ def _gallery_scorer(model: LoadedModel, dataset: Any, *, batch_size: int):
 
     def score(indices: Sequence[int]):
         batch = collate_samples([dataset[i] for i in indices])
-        maps, _, masks = scored_batch(model, batch, batch_size=batch_size)
+        scored, masks = scored_batch(model, batch, batch_size=batch_size)
+        maps = [item.anomaly for item in scored]
         sources = _picture_sources(batch, model.config.eval.resolution)
         return maps, masks, [source() for source in sources]
 
     return score
-
-
-def _batch_image_scores(model: LoadedModel, batch: Dict[str, Any],
-                        logits: Sequence[torch.Tensor], batch_size: int) -> Dict[str, np.ndarray]:
-    """The cheap image scores of a test batch's anomaly logits, plus
-    :data:`~anoseg.inference.SIGNAL_IMAGE_SCORE` where the model has a fitted signal image
-    map (:func:`~anoseg.inference.signal_image_scores`)."""
-    from anoseg.data.mvtec import placement_of
-
-    scores = logit_image_scores(logits)
-    if model.config.eval.resolution == "model":
-        signals = signal_image_scores(
-            model.generator, batch["image"], [placement_of(r) for r in batch["placement"]],
-            Geometry.from_config(model.config.data), batch_size=batch_size)
-        if signals is not None:
-            scores[SIGNAL_IMAGE_SCORE] = signals
-    return scores
 
 
 def _stream_test_set(model: LoadedModel, dataset: Any, test_pass: "_TestPass",
@@ -315,11 +298,12 @@ def _stream_test_set(model: LoadedModel, dataset: Any, test_pass: "_TestPass",
     with tqdm(total=len(dataset), desc=f"eval {dataset.category}", unit="img",
               disable=not progress, dynamic_ncols=True) as bar:
         for batch in loader:
-            maps, logits, masks = scored_batch(model, batch, batch_size=batch_size)
+            scored, masks = scored_batch(model, batch, batch_size=batch_size)
+            maps, logits = [s.anomaly for s in scored], [s.logit for s in scored]
             detector_part = None if detector is None else detector_scores(
                 detector, model.generator, batch["image"], batch_size=batch_size).numpy()
             scores = test_pass.update(batch, maps, masks,
-                                      _batch_image_scores(model, batch, logits, batch_size),
+                                      scored_image_scores(scored),
                                       detector_part)
             writer.write(batch, maps, logits, masks,
                          _picture_sources(batch, model.config.eval.resolution))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -140,9 +140,10 @@ def _as_float_images(images: torch.Tensor) -> torch.Tensor:
 
 
 def _scores(generator: nn.Module, chunk: torch.Tensor, spans: Optional[torch.Tensor],
-            amp_dtype: Optional[torch.dtype]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(anomaly maps, anomaly logits)`` float32 ``(B, H, W)`` on the CPU of one forward
-    pass over ``chunk`` (already on the generator's device)."""
+            amp_dtype: Optional[torch.dtype]
+            ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """``(anomaly maps, anomaly logits, signal image maps or None)`` float32 ``(B, H, W)`` on
+    the CPU of one forward pass over ``chunk`` (already on the generator's device)."""
     with autocast(chunk.device, amp_dtype):
         out = _forward(generator, chunk, spans)
     anomaly = normality_to_anomaly(out.normality_map.float())[:, 0].cpu()
@@ -151,7 +152,21 @@ def _scores(generator: nn.Module, chunk: torch.Tensor, spans: Optional[torch.Ten
         logit = torch.logit(anomaly.double(), eps=1e-12).float()
     else:
         logit = normality_logit_to_anomaly_logit(map_logit.float())[:, 0].cpu()
-    return anomaly, logit
+    signal = getattr(out, "signal_map", None)
+    return anomaly, logit, None if signal is None else signal.float()[:, 0].cpu()
+
+
+class ScoredMap(NamedTuple):
+    """One image's scores from :func:`predict_placed`."""
+
+    anomaly: torch.Tensor
+    """float32 ``(h, w)`` anomaly map in ``[0, 1]`` (the pixel metrics and thresholds)."""
+    logit: torch.Tensor
+    """float32 ``(h, w)`` anomaly logit, unbounded (the cheap image scores)."""
+    signal: Optional[torch.Tensor] = None
+    """float32 signal image map over the image's box at the model's resolution (whatever the
+    resolution of the other two; :data:`SIGNAL_IMAGE_SCORE` is its maximum), or ``None``
+    where the generator has none fitted or the images are tiled."""
 
 
 @torch.no_grad()
@@ -176,44 +191,28 @@ def predict_anomaly_scores(generator: nn.Module, images: torch.Tensor, *,
     never tied by saturation: the image scores use them). A generator that returns no logit
     gets ``logit(map)`` computed in float64 (saturated pixels stay tied there).
     """
+    maps, logits, _ = _batched_scores(generator, images, batch_size, amp_dtype)
+    return maps, logits
+
+
+def _batched_scores(generator: nn.Module, images: torch.Tensor, batch_size: int,
+                    amp_dtype: Optional[torch.dtype]
+                    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """:func:`_scores` over ``images`` in chunks of ``batch_size``, concatenated (signal
+    maps: ``None`` unless every chunk has them)."""
     generator.eval()
     device = next(generator.parameters()).device
-    maps, logits = [], []
+    maps, logits, signals = [], [], []
     for start in range(0, images.shape[0], batch_size):
         chunk = _as_float_images(images[start:start + batch_size].to(device))
-        anomaly, logit = _scores(generator, chunk, None, amp_dtype)
+        anomaly, logit, signal = _scores(generator, chunk, None, amp_dtype)
         maps.append(anomaly)
         logits.append(logit)
+        signals.append(signal)
     if not maps:
-        return torch.empty(0), torch.empty(0)
-    return torch.cat(maps), torch.cat(logits)
-
-
-SIGNAL_IMAGE_SCORE = "signals_max"
-"""The name of the image score of :func:`signal_image_scores` in ``anoseg-eval``'s table."""
-
-
-@torch.no_grad()
-def signal_image_scores(generator: nn.Module, canvases: Union[torch.Tensor, Sequence[torch.Tensor]],
-                        placements: Sequence[Placement], geometry: Geometry, *,
-                        batch_size: int = 16) -> Optional[np.ndarray]:
-    """Per image, the maximum over its box of the generator's ``signal_image_map`` (float64
-    ``(B,)``; the largest image-level z-score of the ``feature_stats`` signals), or ``None``
-    where the generator has none fitted or the images are tiled (the windows' maps are not
-    combined for it)."""
-    has = getattr(generator, "has_signal_image_map", None)
-    if geometry.tiled or has is None or not has():
-        return None
-    generator.eval()
-    device = next(generator.parameters()).device
-    batch = canvases if isinstance(canvases, torch.Tensor) else torch.stack(list(canvases))
-    out = []
-    for start in range(0, batch.shape[0], batch_size):
-        chunk = _as_float_images(batch[start:start + batch_size].to(device))
-        maps = generator.signal_image_map(chunk)[:, 0].float().cpu()
-        out += [float(crop(m, placement).amax())
-                for m, placement in zip(maps, placements[start:start + batch_size])]
-    return np.asarray(out, dtype=np.float64)
+        return torch.empty(0), torch.empty(0), None
+    signal = None if any(s is None for s in signals) else torch.cat(signals)
+    return torch.cat(maps), torch.cat(logits), signal
 
 
 @torch.no_grad()
@@ -259,7 +258,8 @@ def sliding_window_scores(generator: nn.Module, canvas: torch.Tensor, placement:
         if geometry.coords == "image":
             spans = torch.tensor([tile_span(placement, t, x, (tile_h, tile_w))
                                   for t, x in part]).to(device)
-        maps, logits = _scores(generator, _as_float_images(tiles.to(device)), spans, amp_dtype)
+        maps, logits, _ = _scores(generator, _as_float_images(tiles.to(device)), spans,
+                                  amp_dtype)
         for (t, x), anomaly, logit in zip(part, maps, logits):
             sums[0, t:t + tile_h, x:x + tile_w] += weight * anomaly
             sums[1, t:t + tile_h, x:x + tile_w] += weight * logit
@@ -272,10 +272,11 @@ def sliding_window_scores(generator: nn.Module, canvas: torch.Tensor, placement:
 def predict_placed(generator: nn.Module, canvases: Union[torch.Tensor, Sequence[torch.Tensor]],
                    placements: Sequence[Placement], geometry: Geometry, *,
                    batch_size: int = 16, amp_dtype: Optional[torch.dtype] = None,
-                   resolution: str = "model") -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    """``(anomaly map, anomaly logit)`` of each image, float32 ``(h, w)``: its box of the
-    canvas (padding cut off) at the model's resolution (the tiling's working scale), or with
-    ``resolution="native"`` resized to the image's own size.
+                   resolution: str = "model") -> List[ScoredMap]:
+    """The :class:`ScoredMap` of each image: its anomaly map and logit, float32 ``(h, w)``, over
+    its box of the canvas (padding cut off) at the model's resolution (the tiling's working
+    scale), or with ``resolution="native"`` resized to the image's own size; and its signal
+    image map over the box at the model's resolution (not under tiling).
 
     Args:
         canvases: the images on their canvases (:func:`load_placed_images`; uint8 or float),
@@ -287,24 +288,24 @@ def predict_placed(generator: nn.Module, canvases: Union[torch.Tensor, Sequence[
         resolution: ``model`` or ``native`` (``eval.resolution``).
     """
     if geometry.tiled:
-        pairs = [sliding_window_scores(generator, canvas, placement, geometry,
-                                       batch_size=batch_size, amp_dtype=amp_dtype)
-                 for canvas, placement in zip(canvases, placements)]
+        triples = [(*sliding_window_scores(generator, canvas, placement, geometry,
+                                           batch_size=batch_size, amp_dtype=amp_dtype), None)
+                   for canvas, placement in zip(canvases, placements)]
     else:
         batch = canvases if isinstance(canvases, torch.Tensor) else torch.stack(list(canvases))
-        maps, logits = predict_anomaly_scores(generator, batch, batch_size=batch_size,
-                                              amp_dtype=amp_dtype)
-        pairs = list(zip(maps, logits))
-    return [(to_resolution(anomaly, placement, resolution),
-             to_resolution(logit, placement, resolution))
-            for (anomaly, logit), placement in zip(pairs, placements)]
+        maps, logits, signals = _batched_scores(generator, batch, batch_size, amp_dtype)
+        triples = list(zip(maps, logits, [None] * len(maps) if signals is None else signals))
+    return [ScoredMap(to_resolution(anomaly, placement, resolution),
+                      to_resolution(logit, placement, resolution),
+                      None if signal is None else crop(signal, placement))
+            for (anomaly, logit, signal), placement in zip(triples, placements)]
 
 
 def scored_images(model: LoadedModel, paths: Sequence[Path], *, batch_size: int = 16,
                   resolution: Optional[str] = None, amp_dtype: Optional[torch.dtype] = None
-                  ) -> Iterator[List[Tuple[torch.Tensor, torch.Tensor]]]:
+                  ) -> Iterator[List[ScoredMap]]:
     """:func:`predict_placed` over image files, a chunk at a time: yields one list of
-    ``(anomaly map, anomaly logit)`` per chunk of ``batch_size`` images (one image under
+    :class:`ScoredMap` per chunk of ``batch_size`` images (one image under
     tiling, whose windows are batched instead), at ``resolution`` (default the model's
     ``eval.resolution``)."""
     geometry = Geometry.from_config(model.config.data)
@@ -336,7 +337,7 @@ def load_placed_images(paths: Sequence[Path], geometry: Geometry
 
 class AnoSegEnsemble(nn.Module):
     """Several generators of one category used as one: their normality maps (and
-    reconstructions, and map logits) are averaged. Independently seeded short runs disagree
+    reconstructions, map logits and signal image maps) are averaged. Independently seeded short runs disagree
     most where they are wrong, so the mean map is steadier than any one run (``docs/experiments.md``)."""
 
     def __init__(self, members: Sequence[nn.Module]) -> None:
@@ -355,7 +356,8 @@ class AnoSegEnsemble(nn.Module):
 
         return GeneratorOutput(mean([o.normality_map for o in outs]),
                                mean([o.reconstruction for o in outs]),
-                               mean([o.map_logit for o in outs]))
+                               mean([o.map_logit for o in outs]),
+                               mean([o.signal_map for o in outs]))
 
     def has_signal_image_map(self) -> bool:
         """Whether every member has a fitted signal image map."""

@@ -51,6 +51,7 @@ __all__ = [
     "top_k_mean_image_score",
     "top_fraction_mean_image_score",
     "IMAGE_SCORES",
+    "SIGNAL_IMAGE_SCORE",
     "image_scores",
     "image_score_threshold",
     "image_auroc",
@@ -301,6 +302,11 @@ IMAGE_SCORES: Dict[str, ImageScoreFn] = {
     "top1pct_mean": lambda maps: top_fraction_mean_image_score(maps, 0.01),
 }
 """The cheap image scores, by name (``eval.image_score``): each maps (N, H, W) maps to (N,)."""
+
+SIGNAL_IMAGE_SCORE = "signals_max"
+"""The name (``eval.image_score``) of the maximum of a generator's signal image map (its
+``feature_stats`` signals z-scored against the held-out images' per-image maxima): the same
+max as ``max``, of a different map, which the model computes."""
 
 
 def image_scores(anomaly_maps: ArrayLike, names: Optional[Sequence[str]] = None

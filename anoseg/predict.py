@@ -28,7 +28,7 @@ from anoseg.inference import (LoadedDetector, LoadedModel, detector_scores, load
 from anoseg.run_dir import RunDir, safe_name
 from anoseg.runtime import resolve_device
 from anoseg.threshold import (cached_label_free_threshold, headline_image_score,
-                              holdout_image_paths, image_threshold_for, logit_image_scores)
+                              holdout_image_paths, image_threshold_for, scored_image_scores)
 from anoseg.visualize import (MAPS_README, enlarged_overlay, save_float_map, save_map_png,
                               save_mask_png, save_png)
 
@@ -158,9 +158,9 @@ def _predict_chunk(model: LoadedModel, chunk: Sequence[Path], *, batch_size: int
     pairs = predict_placed(model.generator, canvases, placements, geometry,
                            batch_size=batch_size)
     score_res = model.config.eval.resolution
-    logits = [resize_to_source(g, p) if score_res == "native" else g
-              for (_, g), p in zip(pairs, placements)]
-    by_name = logit_image_scores(logits)
+    logits = [resize_to_source(s.logit, p) if score_res == "native" else s.logit
+              for s, p in zip(pairs, placements)]
+    by_name = scored_image_scores(pairs, logits)
     del logits
     if detector is not None:
         images = torch.stack(canvases).float().div_(255.0)
@@ -168,7 +168,7 @@ def _predict_chunk(model: LoadedModel, chunk: Sequence[Path], *, batch_size: int
                                               batch_size=batch_size).numpy()
     rows = []
     for index, (path, canvas, placement) in enumerate(zip(chunk, canvases, placements)):
-        anomaly, logit = pairs[index]
+        anomaly, logit = pairs[index].anomaly, pairs[index].logit
         if map_resolution == "native":
             anomaly, logit = resize_to_source(anomaly, placement), resize_to_source(
                 logit, placement)

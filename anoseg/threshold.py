@@ -22,9 +22,10 @@ from tqdm.auto import tqdm
 from anoseg.atomic import write_json
 from anoseg.errors import DataError
 from anoseg.data.geometry import Geometry, group_by_shape
-from anoseg.inference import (LoadedDetector, LoadedModel, detector_scores,
+from anoseg.inference import (LoadedDetector, LoadedModel, ScoredMap, detector_scores,
                               load_placed_images, scored_images)
-from anoseg.metrics import IMAGE_SCORES, NormalScoreQuantile, image_score_threshold, image_scores
+from anoseg.metrics import (IMAGE_SCORES, SIGNAL_IMAGE_SCORE, NormalScoreQuantile,
+                            image_score_threshold, image_scores)
 from anoseg.run_dir import DataRecord, RunDir, TrainingSplit
 
 PathLike = Union[str, Path]
@@ -117,7 +118,7 @@ def compute_label_free_threshold(model: LoadedModel, normal_image_paths: Sequenc
     with tqdm(total=len(paths), desc="label-free threshold", unit="img", disable=not progress,
               leave=False) as bar:
         for pairs in scored_images(model, paths, batch_size=batch_size):
-            maps = [anomaly for anomaly, _ in pairs]
+            maps = [scored.anomaly for scored in pairs]
             for group in group_by_shape(maps):  # padding is cut off: sizes may differ
                 estimator.update(torch.stack([maps[i] for i in group]))
             bar.update(len(pairs))
@@ -187,8 +188,8 @@ def cached_label_free_threshold(model: LoadedModel, checkpoint_path: PathLike,
 
 def holdout_image_scores(model: LoadedModel, normal_image_paths: Sequence[PathLike], *,
                          batch_size: int = 16, progress: bool = False) -> Dict[str, List[float]]:
-    """Every cheap image score (:data:`anoseg.metrics.IMAGE_SCORES`, on the anomaly logit map)
-    of each of ``normal_image_paths``: score name -> one value per image, in order.
+    """Every cheap image score (:func:`scored_image_scores`) of each of
+    ``normal_image_paths``: score name -> one value per image, in order.
 
     Raises:
         DataError: No images, or one is unreadable.
@@ -196,13 +197,13 @@ def holdout_image_scores(model: LoadedModel, normal_image_paths: Sequence[PathLi
     paths = [Path(p) for p in normal_image_paths]
     if not paths:
         raise DataError("no held-out normal images to choose a label-free image threshold on")
-    scores: Dict[str, List[float]] = {name: [] for name in IMAGE_SCORES}
+    scores: Dict[str, List[float]] = {name: [] for name in image_score_names(model)}
     with tqdm(total=len(paths), desc="image threshold", unit="img", disable=not progress,
               leave=False) as bar:
-        for pairs in scored_images(model, paths, batch_size=batch_size):
-            for name, values in logit_image_scores([logit for _, logit in pairs]).items():
+        for scored in scored_images(model, paths, batch_size=batch_size):
+            for name, values in scored_image_scores(scored).items():
                 scores[name].extend(float(v) for v in values)
-            bar.update(len(pairs))
+            bar.update(len(scored))
     return scores
 
 
@@ -214,6 +215,31 @@ def logit_image_scores(logits: Sequence[torch.Tensor]) -> Dict[str, np.ndarray]:
         for name, values in image_scores(torch.stack([logits[i] for i in group])).items():
             out[name][group] = values
     return out
+
+
+def scored_image_scores(scored: Sequence[ScoredMap],
+                        logits: Optional[Sequence[torch.Tensor]] = None
+                        ) -> Dict[str, np.ndarray]:
+    """:func:`logit_image_scores` of the images' logits (or of ``logits``, e.g. resized), plus
+    :data:`~anoseg.metrics.SIGNAL_IMAGE_SCORE` (each signal image map's maximum) when every
+    image has one."""
+    out = logit_image_scores([s.logit for s in scored] if logits is None else logits)
+    if scored and all(s.signal is not None for s in scored):
+        out[SIGNAL_IMAGE_SCORE] = np.asarray([float(s.signal.amax()) for s in scored],
+                                             dtype=np.float64)
+    return out
+
+
+def has_signal_score(model: LoadedModel) -> bool:
+    """Whether the run's generator gives :data:`~anoseg.metrics.SIGNAL_IMAGE_SCORE` (fitted
+    signal image map; not under tiling)."""
+    has = getattr(model.generator, "has_signal_image_map", None)
+    return bool(has is not None and has() and not model.config.data.tiling.enabled)
+
+
+def image_score_names(model: LoadedModel) -> List[str]:
+    """The image scores :func:`holdout_image_scores` computes for the run."""
+    return [*IMAGE_SCORES, *([SIGNAL_IMAGE_SCORE] if has_signal_score(model) else [])]
 
 
 def image_threshold_cache_path(checkpoint_path: PathLike) -> Path:
@@ -246,9 +272,10 @@ def cached_holdout_image_scores(model: LoadedModel, checkpoint_path: Optional[Pa
     try:
         cached = json.loads(cache.read_text())
         scores = cached["scores"]
-        if ({k: cached.get(k) for k in key} == key and set(scores) == set(IMAGE_SCORES)
+        names = image_score_names(model)
+        if ({k: cached.get(k) for k in key} == key and set(scores) == set(names)
                 and all(len(v) == len(paths) for v in scores.values())):
-            return {name: [float(v) for v in scores[name]] for name in IMAGE_SCORES}, True
+            return {name: [float(v) for v in scores[name]] for name in names}, True
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
     scores = holdout_image_scores(model, paths, batch_size=batch_size, progress=progress)
@@ -272,11 +299,17 @@ def label_free_image_threshold(holdout_scores: Dict[str, Sequence[float]], score
 def headline_image_score(model: LoadedModel, detector: Optional[LoadedDetector],
                          warnings: List[str]) -> str:
     """``eval.image_score``, or ``max`` (with a warning) when it is ``detector`` and the run
-    has no usable detector."""
+    has no usable detector, or ``signals_max`` and the run has no fitted signal image map (a
+    checkpoint from before it)."""
     name = model.config.eval.image_score
     if name == "detector" and detector is None:
         warnings.append("eval.image_score=detector but the run has no usable detector: the "
                         "image score is the map max")
+        return "max"
+    if name == SIGNAL_IMAGE_SCORE and not has_signal_score(model):
+        warnings.append("eval.image_score=signals_max but the run's generator has no fitted "
+                        "signal image map (refit its feature statistics): the image score is "
+                        "the map max")
         return "max"
     return name
 

@@ -79,13 +79,13 @@ def _torchscript_run(path: Path):
     return files, run
 
 
-def _compare(run, images, want_maps, want_scores, rtol=1e-5):
+def _compare(run, images, want_maps, want_scores, rtol=1e-5, atol=1e-5):
     """The exported outputs at batch sizes 1 and 3 against the PyTorch path's."""
     for rows in (slice(0, 1), slice(0, 3), slice(1, 4)):
         got_map, got_score = run(images[rows])
         assert got_map.shape == tuple(want_maps[rows].shape) and got_map.dtype == np.float32
         assert np.abs(got_map - want_maps[rows].numpy()).max() <= MAP_TOLERANCE
-        np.testing.assert_allclose(got_score, want_scores[rows], rtol=rtol, atol=1e-5)
+        np.testing.assert_allclose(got_score, want_scores[rows], rtol=rtol, atol=atol)
 
 
 def test_torch_image_scores_equal_the_metrics():
@@ -141,6 +141,25 @@ def test_ensemble_exports_its_averaged_map(runs, test_images, tmp_path):
     meta = read_export_metadata(output)
     assert meta["image_score"] == "blur3_max" and len(meta["members"]) == 2
     assert meta["image_threshold"] is not None  # the members share their held-out images
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_signals_max_exports_from_the_same_pass(fmt, runs, test_images, tmp_path):
+    output = tmp_path / f"signals.{'onnx' if fmt == 'onnx' else 'pt'}"
+    args = ["--run", *map(str, runs), "--ensemble"] if fmt == "torchscript" else [
+        "--run", str(runs[0])]
+    assert export_main([*args, "--format", fmt, "--output", str(output), "--image-score",
+                        "signals_max", "--no-progress"]) == 0
+    model = (load_ensemble(runs, device="cpu") if fmt == "torchscript"
+             else load_model(runs[0], device="cpu"))
+    assert model.generator.has_signal_image_map()
+    maps, _ = predict_anomaly_scores(model.generator, test_images)
+    with torch.no_grad():
+        want = model.generator.signal_image_map(test_images).flatten(1).amax(1).numpy()
+    run = _onnx_run(output)[1] if fmt == "onnx" else _torchscript_run(output)[1]
+    _compare(run, test_images, maps, want, atol=1e-4)  # export.SCORE_TOLERANCE's units
+    meta = read_export_metadata(output)
+    assert meta["image_score"] == "signals_max" and meta["image_threshold"] is not None
 
 
 def test_detector_exports_with_its_score(runs, test_images, tmp_path):

@@ -167,6 +167,8 @@ def test_feature_stats_is_refused_with_tiling():
 
 
 def test_the_signal_image_map_z_scores_each_signals_image_maxima_on_the_held_out_images():
+    from anoseg.models.generator import IMAGE_SCALE_STD_FLOOR
+
     g, holdout = _fitted(reconstruction=True, compare_head=True, residual_weight=1.0)
     g.eval()
     assert g.has_signal_image_map()
@@ -179,7 +181,10 @@ def test_the_signal_image_map_z_scores_each_signals_image_maxima_on_the_held_out
         peaks = sig.flatten(1).amax(1).double()
         z_i = (peaks - g.fstats_image_scale[i, 0]) / g.fstats_image_scale[i, 1]
         assert z_i.mean().item() == pytest.approx(0.0, abs=1e-3)  # float32 buffers
-        assert z_i.std().item() == pytest.approx(1.0, abs=1e-3)
+        # the std of the maxima, floored at a fraction of the signal's pixel std
+        floor = IMAGE_SCALE_STD_FLOOR * sig.flatten().double().std().item()
+        assert g.fstats_image_scale[i, 1].item() == pytest.approx(
+            max(peaks.std().item(), floor), rel=1e-3)
         z.append(z_i)
     # the map's maximum is the largest of the signals' image-level z-scores
     expected = torch.stack(z).amax(0)
@@ -198,9 +203,22 @@ def test_the_signal_image_map_without_the_residual_has_two_signals():
         assert g.eval().signal_image_map(holdout).shape == (len(holdout), 1, 64, 64)
 
 
+def test_the_forward_pass_returns_the_signal_image_map_of_the_same_pass():
+    g, holdout = _fitted()
+    g.eval()
+    with torch.no_grad():
+        out = g(holdout, reconstruct=False)
+        assert out.signal_map is not None
+        assert torch.allclose(out.signal_map, g.signal_image_map(holdout), atol=1e-5)
+        # the combined map is the combination of the same signals
+        signals = g._signals(holdout)
+        assert torch.allclose(out.map_logit, -g.combined_anomaly_logit(signals), atol=1e-5)
+        assert g.train()(holdout).signal_map is None  # training mode: no inference signals
+
+
 def test_a_checkpoint_from_before_the_signal_image_map_loads_without_it():
     from anoseg.data.geometry import Geometry, Placement
-    from anoseg.inference import signal_image_scores
+    from anoseg.inference import predict_placed
 
     g, holdout = _fitted()
     state = {k: v for k, v in g.state_dict().items() if k != "fstats_image_scale"}
@@ -210,15 +228,18 @@ def test_a_checkpoint_from_before_the_signal_image_map_loads_without_it():
     with pytest.raises(ValueError, match="signal image map"):
         old.signal_image_map(holdout)
     full = [Placement((64, 64), (64, 64), (0, 0, 64, 64))] * len(holdout)
-    assert signal_image_scores(old, holdout, full, Geometry((64, 64), "stretch")) is None
-    scores = signal_image_scores(g.eval(), holdout, full, Geometry((64, 64), "stretch"))
+    geometry = Geometry((64, 64), "stretch")
+    assert all(s.signal is None for s in predict_placed(old, holdout, full, geometry))
+    scored = predict_placed(g.eval(), holdout, full, geometry)
     with torch.no_grad():
-        assert scores == pytest.approx(g.signal_image_map(holdout).flatten(1).amax(1).tolist())
+        assert [float(s.signal.amax()) for s in scored] == pytest.approx(
+            g.signal_image_map(holdout).flatten(1).amax(1).tolist(), abs=1e-5)
 
 
-def test_signal_image_scores_read_only_the_images_box():
+def test_the_signal_score_reads_only_the_images_box():
     from anoseg.data.geometry import Geometry, Placement
-    from anoseg.inference import signal_image_scores
+    from anoseg.inference import ScoredMap, predict_placed
+    from anoseg.threshold import scored_image_scores
 
     g, holdout = _fitted()
     g.eval()
@@ -228,33 +249,63 @@ def test_signal_image_scores_read_only_the_images_box():
     inside = Placement((40, 64), (64, 64), (0, 0, 40, 64))
     with torch.no_grad():
         image_map = g.signal_image_map(changed)[0, 0]
-    got = signal_image_scores(g, changed, [inside], geometry)
-    assert got[0] == pytest.approx(image_map[:40].max().item())
+    scored = predict_placed(g, changed, [inside], geometry)
+    got = scored_image_scores(scored)["signals_max"]
+    assert got[0] == pytest.approx(image_map[:40].max().item(), abs=1e-5)
     assert got[0] < image_map.max().item()
+    # without a signal map on every image, there is no signals_max
+    mixed = [scored[0], ScoredMap(scored[0].anomaly, scored[0].logit, None)]
+    assert "signals_max" not in scored_image_scores(mixed)
 
 
-def test_the_evaluation_reports_the_signal_image_score(tmp_path, make_mvtec):
+def test_signals_max_is_the_headline_score_of_eval_predict_and_the_threshold(
+        tmp_path, make_mvtec):
+    import csv
+
     import numpy as np
 
     from anoseg.data.geometry import Geometry
     from anoseg.data.mvtec import MVTecTestDataset, placement_of
     from anoseg.evaluation import evaluate_run
-    from anoseg.inference import SIGNAL_IMAGE_SCORE, load_model, signal_image_scores
+    from anoseg.inference import load_model, predict_placed
     from anoseg.metrics import image_auroc
+    from anoseg.predict import predict_run
+    from anoseg.threshold import holdout_image_paths, holdout_image_scores
     from anoseg.training import train
 
     root = make_mvtec(n_train=10, n_test_good=3, defects={"crack": 3}, image_hw=(64, 64))
-    # three held-out images: the maxima of one have no spread
-    train(load_config(None, _tiny_run_overrides(root) + ["data.holdout_fraction=0.3"]),
-          tmp_path / "run", progress=False)
+    train(load_config(None, _tiny_run_overrides(root) + [
+        "data.holdout_fraction=0.3", "eval.image_score=signals_max"]),
+        tmp_path / "run", progress=False)
     result = evaluate_run(tmp_path / "run", output_dir=tmp_path / "eval", device="cpu",
                           progress=False).results["widget"]
     model = load_model(tmp_path / "run", "cpu")
     dataset = MVTecTestDataset(root, "widget", 64)
     items = [dataset[i] for i in range(len(dataset))]
-    scores = signal_image_scores(model.generator, torch.stack([it["image"] for it in items]),
-                                 [placement_of(it["placement"]) for it in items],
-                                 Geometry.from_config(model.config.data))
+    scored = predict_placed(model.generator, torch.stack([it["image"] for it in items]),
+                            [placement_of(it["placement"]) for it in items],
+                            Geometry.from_config(model.config.data))
+    scores = np.array([float(s.signal.amax()) for s in scored])
     labels = np.array([bool(it["label"]) for it in items])
-    assert result.image_auroc_scores[SIGNAL_IMAGE_SCORE] == pytest.approx(
-        image_auroc(labels, scores))
+    assert result.image_auroc_scores["signals_max"] == pytest.approx(image_auroc(labels, scores))
+    assert result.image_auroc == pytest.approx(image_auroc(labels, scores))
+    # the label-free image threshold is a quantile of the held-out images' signals_max
+    holdout = holdout_image_scores(model, holdout_image_paths(model, run_dir=tmp_path / "run"))
+    assert len(holdout["signals_max"]) == 3
+    test_dirs = sorted((root / "widget" / "test").iterdir())
+    report = predict_run(tmp_path / "run", test_dirs, tmp_path / "pred",
+                         device="cpu", progress=False)
+    assert report.image_score == "signals_max"
+    assert report.image_threshold <= max(holdout["signals_max"]) + 1e-6
+    assert report.image_threshold >= min(holdout["signals_max"]) - 1e-6
+    rows = list(csv.DictReader((tmp_path / "pred" / "scores.csv").open()))
+    by_path = {row["path"]: float(row["image_score"]) for row in rows}
+    for item, value in zip(items, scores):
+        assert by_path[str(item["path"])] == pytest.approx(value, rel=1e-4, abs=1e-4)
+
+
+def test_signals_max_needs_feature_stats():
+    from anoseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="eval.image_score"):
+        load_config(None, ["eval.image_score=signals_max", "model.feature_stats=false"])

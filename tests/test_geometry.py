@@ -296,7 +296,9 @@ def test_tiled_maps_of_the_test_set_match_the_sliding_window(runs, strips):
     dataset = MVTecTestDataset(strips, "strip", geometry)
     item = dataset[0]
     placement = geometry.place(HW)
-    (anomaly, logit), = predict_placed(model.generator, [item["image"]], [placement], geometry)
+    (anomaly, logit, signal), = predict_placed(model.generator, [item["image"]], [placement],
+                                               geometry)
+    assert signal is None  # no signal image map under tiling
     full, full_logit = sliding_window_scores(model.generator, item["image"], placement,
                                              geometry)
     assert torch.equal(anomaly, crop(full, placement)) and anomaly.shape == (60, 200)

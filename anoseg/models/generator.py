@@ -48,6 +48,11 @@ COMPARE_CHANNELS = 16
 """Width of the comparison head (``compare_head``), whatever ``width`` is."""
 
 
+IMAGE_SCALE_STD_FLOOR = 0.1
+"""The std of a signal's held-out image maxima (``fstats_image_scale``) is at least this
+fraction of the signal's pixel std on the same images."""
+
+
 def soft_knee(logit: torch.Tensor, knee: float = COMBINED_LOGIT_KNEE) -> torch.Tensor:
     """``logit`` up to ``knee``, ``knee + log(1 + logit - knee)`` above it: continuous, strictly
     increasing, and far from the sigmoid's saturation (a logit of 1000 becomes 10.9)."""
@@ -254,6 +259,8 @@ class Decoder(nn.Module):
 def _sync_fstats_ready(module: nn.Module, incompatible_keys) -> None:
     """After ``load_state_dict``: ``fstats_ready`` follows the loaded ``fstats_fitted``."""
     module.fstats_ready = bool(module.fstats_fitted)
+    module.fstats_image_ready = bool(module.fstats_ready
+                                     and module.fstats_image_scale[0, 1] > 0)
 
 
 class ComparisonHead(nn.Module):
@@ -296,6 +303,9 @@ class GeneratorOutput(NamedTuple):
     """``(B, 1, H, W)`` the map head's pre-sigmoid output (``normality_map =
     sigmoid(map_logit)``; high = normal); ``None`` without a map decoder. Inference only: no
     loss uses it."""
+    signal_map: Optional[torch.Tensor] = None
+    """``(B, 1, H, W)`` the signal image map (:meth:`AnoSegGenerator.signal_image_map`; high =
+    anomalous) from the same pass, in eval mode once it is fitted; otherwise ``None``."""
 
 
 class AnoSegGenerator(nn.Module):
@@ -400,6 +410,7 @@ class AnoSegGenerator(nn.Module):
             self.register_buffer("fstats_res_scale", torch.tensor([0.0, 1.0]))
         # a Python copy of fstats_fitted, so forward does not branch on a tensor (export)
         self.fstats_ready = False
+        self.fstats_image_ready = False  # and of fstats_image_scale being fitted
         self.register_load_state_dict_post_hook(_sync_fstats_ready)
         radius = int(math.ceil(3 * FEATURE_STATS_SIGMA))
         taps = torch.exp(-torch.arange(-radius, radius + 1, dtype=torch.float32) ** 2
@@ -428,14 +439,16 @@ class AnoSegGenerator(nn.Module):
                        or with_residual)
         recon = (self.reconstruct(levels)
                  if self.reconstruction_decoder is not None and needs_recon else None)
-        normality = logit = None
+        normality = logit = signal_map = None
         if self.map_decoder is not None:
             logit = self._map_logit(images, levels, recon)
             if combine:
-                residual = self.residual(images, recon) if with_residual else None
-                logit = -self.combined_anomaly_logit(-logit, levels, residual)
+                signals = self._signals_of(images, levels, recon, logit)
+                logit = -self.combined_anomaly_logit(signals)
+                if self.fstats_image_ready:
+                    signal_map = self._signal_z_max(signals)
             normality = torch.sigmoid(logit)
-        return GeneratorOutput(normality, recon, logit)
+        return GeneratorOutput(normality, recon, logit, signal_map)
 
     def reconstruct(self, levels: List[torch.Tensor]) -> torch.Tensor:
         """The reconstruction decoder on the encoder maps ``levels`` (with ``rec_skips``)."""
@@ -455,24 +468,34 @@ class AnoSegGenerator(nn.Module):
             logit = logit + self.compare(images.to(logit.dtype), recon).to(logit.dtype)
         return logit
 
-    def _signals(self, images: torch.Tensor) -> List[torch.Tensor]:
-        """``(B, 1, H, W)`` each: the head's anomaly logit, the feature distance and (when the
-        run weights it) the residual, uncalibrated."""
-        levels = self.encoder.features(self._inputs(images))
-        with_residual = self.residual_weight > 0
-        recon = (self.reconstruct(levels)
-                 if self.compare is not None or with_residual else None)
-        out = [-self._map_logit(images, levels, recon).float(),
-               self.feature_distance(levels, images.shape[-2:])]
-        if with_residual:
+    def _signals_of(self, images: torch.Tensor, levels: List[torch.Tensor],
+                    recon: Optional[torch.Tensor], map_logit: torch.Tensor
+                    ) -> List[torch.Tensor]:
+        """``(B, 1, H, W)`` each, uncalibrated: the head's anomaly logit (from the normality
+        logit ``map_logit``), the feature distance and (when the run weights it) the
+        residual, from one pass's encoder maps ``levels`` and reconstruction ``recon``."""
+        out = [-map_logit.float(), self.feature_distance(levels, images.shape[-2:])]
+        if self.residual_weight > 0:
             out.append(self.residual(images, recon))
         return out
+
+    def _signals(self, images: torch.Tensor) -> List[torch.Tensor]:
+        """:meth:`_signals_of` of a forward pass over ``images`` (fitting reads them)."""
+        levels = self.encoder.features(self._inputs(images))
+        recon = (self.reconstruct(levels)
+                 if self.compare is not None or self.residual_weight > 0 else None)
+        return self._signals_of(images, levels, recon, self._map_logit(images, levels, recon))
+
+    def _signal_z_max(self, signals: List[torch.Tensor]) -> torch.Tensor:
+        """At each pixel the largest of ``signals`` z-scored with ``fstats_image_scale``."""
+        scale = self.fstats_image_scale
+        return torch.stack([(sig - scale[i, 0]) / scale[i, 1]
+                            for i, sig in enumerate(signals)]).amax(0)
 
     def has_signal_image_map(self) -> bool:
         """Whether :meth:`signal_image_map` is fitted (``feature_stats``, fitted by this
         version of :meth:`fit_feature_stats`)."""
-        return bool(self.feature_stats and self.fstats_ready
-                    and self.fstats_image_scale[0, 1] > 0)
+        return bool(self.feature_stats and self.fstats_image_ready)
 
     @torch.no_grad()
     def signal_image_map(self, images: torch.Tensor) -> torch.Tensor:
@@ -481,13 +504,12 @@ class AnoSegGenerator(nn.Module):
         *per-image maxima* of that signal over the held-out normal images. Its maximum over an
         image is the largest of the signals' image-level z-scores: a signal whose peak varies
         a lot from one normal image to the next (the residual on every copper edge) counts for
-        little, one whose normal peaks are steady counts for much (docs/evaluation.md)."""
+        little, one whose normal peaks are steady counts for much (docs/evaluation.md). The
+        forward pass returns the same map as ``signal_map`` (in eval mode)."""
         if not self.has_signal_image_map():
             raise ValueError("the signal image map needs fitted feature_stats "
                              "(fit_feature_stats)")
-        scale = self.fstats_image_scale
-        return torch.stack([(sig - scale[i, 0]) / scale[i, 1]
-                            for i, sig in enumerate(self._signals(images))]).amax(0)
+        return self._signal_z_max(self._signals(images))
 
     def stats_channels(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` the clipped z-score of ``images`` against the normal statistics,
@@ -519,20 +541,17 @@ class AnoSegGenerator(nn.Module):
         dist = F.conv2d(F.pad(dist, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
         return F.conv2d(F.pad(dist, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
 
-    def combined_anomaly_logit(self, anomaly_logit: torch.Tensor,
-                               levels: List[torch.Tensor],
-                               residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The map head's anomaly logit plus the feature distance, each z-scored with
-        ``fstats_scale``, minus :data:`FEATURE_STATS_OFFSET`; plus ``residual_weight`` times
-        the z-scored ``residual`` (:meth:`residual`) when it is given; through
-        :func:`soft_knee` (above :data:`COMBINED_LOGIT_KNEE` it grows logarithmically)."""
+    def combined_anomaly_logit(self, signals: List[torch.Tensor]) -> torch.Tensor:
+        """The combined anomaly logit of the signals of :meth:`_signals_of`: the map head's
+        anomaly logit plus the feature distance, each z-scored with ``fstats_scale``, minus
+        :data:`FEATURE_STATS_OFFSET`; plus ``residual_weight`` times the z-scored residual
+        when there is one; through :func:`soft_knee` (above :data:`COMBINED_LOGIT_KNEE` it
+        grows logarithmically)."""
         lm, ls, dm, ds = self.fstats_scale
-        dist = self.feature_distance(levels, anomaly_logit.shape[-2:])
-        combined = ((anomaly_logit.float() - lm) / ls + (dist - dm) / ds
-                    - FEATURE_STATS_OFFSET)
-        if residual is not None:
+        combined = (signals[0] - lm) / ls + (signals[1] - dm) / ds - FEATURE_STATS_OFFSET
+        if len(signals) > 2:
             rm, rs = self.fstats_res_scale
-            combined = combined + self.residual_weight * (residual - rm) / rs
+            combined = combined + self.residual_weight * (signals[2] - rm) / rs
         return soft_knee(combined)
 
     def _inputs(self, images: torch.Tensor,
@@ -559,6 +578,7 @@ class AnoSegGenerator(nn.Module):
             raise ValueError("this generator was built without feature_stats")
         self.fstats_fitted.fill_(0.0)
         self.fstats_ready = False
+        self.fstats_image_ready = False
 
     @torch.no_grad()
     def fit_feature_stats(self, train_batches: Iterable[torch.Tensor],
@@ -602,21 +622,28 @@ class AnoSegGenerator(nn.Module):
                 peaks.append(torch.stack([sig.flatten(1).amax(1) for sig in signals], 1))
             if not logits:
                 raise ValueError("feature statistics need at least 1 held-out image")
-            self.fstats_image_scale.zero_()
-            peak = torch.cat(peaks).double()
-            if len(peak) >= 2:  # one held-out image has no spread of maxima
-                self.fstats_image_scale[:peak.shape[1]].copy_(torch.stack(
-                    [peak.mean(0), peak.std(0).clamp_min(1e-6)], 1).float())
             logit, dist = torch.cat(logits).double(), torch.cat(dists).double()
             self.fstats_scale.copy_(torch.stack([
                 logit.mean(), logit.std().clamp_min(1e-6),
                 dist.mean(), dist.std().clamp_min(1e-6)]).float())
+            res = torch.cat(residuals).double() if with_residual else None
+            pixel_std = [logit.std(), dist.std()] + ([res.std()] if with_residual else [])
+            self.fstats_image_scale.zero_()
+            peak = torch.cat(peaks).double()
+            if len(peak) >= 2:  # one held-out image has no spread of maxima
+                # floored at IMAGE_SCALE_STD_FLOOR of the signal's pixel std: where every
+                # held-out maximum is the same (a head that has not learned yet), the z-score
+                # would turn float noise into the image score
+                floor = IMAGE_SCALE_STD_FLOOR * torch.stack(pixel_std)
+                self.fstats_image_scale[:peak.shape[1]].copy_(torch.stack(
+                    [peak.mean(0), torch.maximum(peak.std(0), floor).clamp_min(1e-6)],
+                    1).float())
             if with_residual:
-                res = torch.cat(residuals).double()
                 self.fstats_res_scale.copy_(torch.stack([
                     res.mean(), res.std().clamp_min(1e-6)]).float())
             self.fstats_fitted.fill_(1.0)
             self.fstats_ready = True
+            self.fstats_image_ready = bool(self.fstats_image_scale[0, 1] > 0)
         finally:
             self.train(was_training)
 
