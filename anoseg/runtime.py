@@ -156,6 +156,19 @@ def init_distributed(device_name: str) -> DistributedContext:
     return DistributedContext(rank, local_rank, world_size)
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group, if this process joined one (a no-op otherwise).
+
+    Every rank calls it once its work is done: a gloo process that exits with the group
+    still open can abort at interpreter shutdown ("terminate called without an active
+    exception"), failing the whole torchrun job after training succeeded.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def process_device(ctx: DistributedContext, device_name: str) -> torch.device:
     """This process's device: its own GPU under a CUDA torchrun job, else
     :func:`resolve_device`."""

@@ -97,8 +97,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+def _main_then_leave_group(argv: Optional[Sequence[str]] = None) -> int:
+    """:func:`main`, then leave a torchrun job's process group on every rank."""
+    from anoseg.runtime import shutdown_distributed
+
+    try:
+        return main(argv)
+    finally:
+        shutdown_distributed()
+
+
 def entry_point() -> None:
-    sys.exit(run_cli(main))
+    sys.exit(run_cli(_main_then_leave_group))
 
 
 if __name__ == "__main__":
