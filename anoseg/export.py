@@ -42,12 +42,12 @@ from anoseg.config import image_hw
 from anoseg.errors import ConfigError, ExportError
 from anoseg.extras import require, require_extra
 from anoseg.metrics import SIGNAL_IMAGE_SCORE
-from anoseg.inference import (LoadedDetector, LoadedModel, load_ensemble, load_images,
-                              load_model, normality_logit_to_anomaly_logit,
-                              normality_to_anomaly, run_detector)
+from anoseg.inference import (LoadedDetector, LoadedModel, load_images, load_runs,
+                              normality_logit_to_anomaly_logit, normality_to_anomaly,
+                              run_detector)
 from anoseg.run_dir import EXPORT_DIR, RunDir
-from anoseg.threshold import (cached_label_free_threshold, compute_label_free_threshold,
-                              headline_image_score, holdout_image_paths, image_threshold_for)
+from anoseg.threshold import (headline_image_score, holdout_image_paths, image_threshold_for,
+                              model_label_free_threshold)
 
 PathLike = Union[str, Path]
 
@@ -176,15 +176,6 @@ def default_export_path(checkpoint_path: PathLike, fmt: str) -> Path:
     return folder / DEFAULT_FILE_NAMES[fmt]
 
 
-def _load(checkpoints: List[Path], ensemble: bool, weights: str) -> LoadedModel:
-    if len(checkpoints) > 1 and not ensemble:
-        raise ConfigError(f"{len(checkpoints)} runs given: pass --ensemble to export them as "
-                          "one model (their maps averaged), or export one run at a time")
-    if ensemble:
-        return load_ensemble(checkpoints, "cpu", weights=weights)
-    return load_model(checkpoints[0], "cpu", weights=weights)
-
-
 def _thresholds(model: LoadedModel, checkpoint: Path, score: str,
                 detector: Optional[LoadedDetector], holdout: Sequence[Path], *,
                 batch_size: int, progress: bool) -> Tuple[Optional[float], Optional[float]]:
@@ -192,12 +183,8 @@ def _thresholds(model: LoadedModel, checkpoint: Path, score: str,
     single run, as ``anoseg-eval`` and ``anoseg-predict`` use them); ``None`` without any."""
     if not holdout:
         return None, None
-    if model.is_ensemble:
-        pixel = compute_label_free_threshold(model, holdout, batch_size=batch_size,
-                                             progress=progress)
-    else:
-        pixel, _ = cached_label_free_threshold(model, checkpoint, holdout,
-                                               batch_size=batch_size, progress=progress)
+    pixel, _ = model_label_free_threshold(model, checkpoint, holdout, batch_size=batch_size,
+                                          progress=progress)
     image = image_threshold_for(model, holdout, score,
                                 None if model.is_ensemble else checkpoint, detector,
                                 batch_size=batch_size, progress=progress)
@@ -278,7 +265,7 @@ def export_run(runs: Union[PathLike, Sequence[PathLike]], fmt: str,
     checkpoints = [resolve_checkpoint(r) for r in listed]
     if ensemble and output is None and len(checkpoints) > 1:
         raise ConfigError("an ensemble is exported to one file: pass --output FILE")
-    model = _load(checkpoints, ensemble, weights)
+    model = load_runs(checkpoints, "cpu", ensemble=ensemble, weights=weights)
     if model.config.data.tiling.enabled:
         raise ExportError(f"{checkpoints[0]}: a run with data.tiling is not exported: its "
                           "maps come from a sliding window over the whole image, which the "

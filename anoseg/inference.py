@@ -406,6 +406,25 @@ def load_ensemble(checkpoints: Sequence[Union[str, Path]],
                        members=tuple(str(c) for c in checkpoints))
 
 
+def load_runs(checkpoints: Sequence[Union[str, Path]],
+              device: Union[str, torch.device, None] = None, *, ensemble: bool = False,
+              weights: str = "auto") -> LoadedModel:
+    """One run (:func:`load_model`), or with ``ensemble`` several runs as one model
+    (:func:`load_ensemble`): what ``anoseg-predict`` and ``anoseg-export`` load.
+
+    Raises:
+        ConfigError: No run, or several without ``ensemble``.
+    """
+    if not checkpoints:
+        raise ConfigError("no run folder or checkpoint given")
+    if len(checkpoints) > 1 and not ensemble:
+        raise ConfigError(f"{len(checkpoints)} runs given: pass --ensemble to use them as one "
+                          "model (their maps averaged), or give one run")
+    if ensemble:
+        return load_ensemble(checkpoints, device, weights=weights)
+    return load_model(checkpoints[0], device, weights=weights)
+
+
 # --------------------------------------------------------------------------- the detector
 
 

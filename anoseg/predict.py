@@ -23,12 +23,12 @@ from anoseg.atomic import atomic_write_text, write_json
 from anoseg.checkpoint import resolve_checkpoint
 from anoseg.errors import ConfigError, DataError
 from anoseg.data.geometry import Geometry, Placement, crop, resize_to_source
-from anoseg.inference import (LoadedDetector, LoadedModel, detector_scores, load_model,
-                              load_placed_images, predict_placed, run_detector)
+from anoseg.inference import (LoadedDetector, LoadedModel, detector_scores, load_placed_images,
+                              load_runs, predict_placed, run_detector)
 from anoseg.run_dir import RunDir, safe_name
 from anoseg.runtime import resolve_device
-from anoseg.threshold import (cached_label_free_threshold, headline_image_score,
-                              holdout_image_paths, image_threshold_for, scored_image_scores)
+from anoseg.threshold import (headline_image_score, holdout_image_paths, image_threshold_for,
+                              model_label_free_threshold, scored_image_scores)
 from anoseg.visualize import (MAPS_README, enlarged_overlay, save_float_map, save_map_png,
                               save_mask_png, save_png)
 
@@ -271,21 +271,24 @@ def _write_report(model: LoadedModel, output_dir: Path, rows: List[Dict[str, Any
         "image_size": list(size) if isinstance(size, (tuple, list)) else size,
         "resize": data.resize, "tiling": dataclasses.asdict(data.tiling),
         "map_resolution": map_resolution, "score_resolution": model.config.eval.resolution,
+        "ensemble": list(model.members) or None,
         "n_images": len(rows), "n_anomalous": report.n_anomalous,
         "n_pass": len(rows) - report.n_anomalous})
     return report
 
 
-def predict_run(checkpoint: PathLike, inputs: Sequence[PathLike], output_dir: PathLike, *,
-                threshold: Optional[float] = None, batch_size: Optional[int] = None,
+def predict_run(checkpoint: Union[PathLike, Sequence[PathLike]], inputs: Sequence[PathLike],
+                output_dir: PathLike, *, threshold: Optional[float] = None,
+                batch_size: Optional[int] = None,
                 device: Union[None, str, torch.device] = None, data_root: Optional[PathLike] = None,
                 progress: bool = True, image_threshold: Optional[float] = None,
                 image_score: Optional[str] = None, map_resolution: str = "native",
-                resolution: Optional[str] = None) -> PredictionReport:
-    """Load a run or checkpoint and :func:`predict_images` on files and folders of images.
+                resolution: Optional[str] = None, ensemble: bool = False) -> PredictionReport:
+    """Load a run or checkpoint (or several as one model) and :func:`predict_images` on files
+    and folders of images.
 
     Args:
-        checkpoint: Run folder or checkpoint file.
+        checkpoint: Run folder or checkpoint file, or several with ``ensemble``.
         inputs: Image files and folders (see :func:`collect_image_paths`).
         output_dir: Where to write.
         threshold: Pixel threshold of the masks; default: the label-free threshold from the
@@ -303,6 +306,10 @@ def predict_run(checkpoint: PathLike, inputs: Sequence[PathLike], output_dir: Pa
             size the maps, masks and overlays are written at.
         resolution: Override the run's ``eval.resolution``, where the image scores and the
             label-free thresholds are computed.
+        ensemble: The runs are members of one model, their maps averaged
+            (:func:`anoseg.inference.load_ensemble`; train them with the same
+            ``data.split_seed``): the thresholds come from the images every member held out,
+            computed each time, not cached; no detector.
 
     Raises:
         AnoSegError: Bad inputs; a threshold not given and the run has no held-out images.
@@ -311,9 +318,11 @@ def predict_run(checkpoint: PathLike, inputs: Sequence[PathLike], output_dir: Pa
         raise ConfigError(f"threshold {threshold!r} is invalid; expected a score in [0, 1]")
     if image_threshold is not None and not math.isfinite(image_threshold):
         raise ConfigError(f"image threshold {image_threshold!r} is invalid; expected a number")
-    checkpoint_path = resolve_checkpoint(checkpoint)
+    listed = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
+    checkpoints = [resolve_checkpoint(c) for c in listed]
     image_paths = collect_image_paths(inputs)
-    model = load_model(checkpoint_path, resolve_device(device))
+    model = load_runs(checkpoints, resolve_device(device), ensemble=ensemble)
+    checkpoint_path = checkpoints[0]
     if image_score is not None:
         model.config.eval.image_score = image_score
     if resolution is not None:
@@ -322,27 +331,33 @@ def predict_run(checkpoint: PathLike, inputs: Sequence[PathLike], output_dir: Pa
     batch_size = batch_size or model.config.eval.batch_size
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
-    detector, warning = run_detector(checkpoint_path, model, model.device)
-    notes = [] if warning is None else [warning]
+    detector, notes = None, []
+    if not model.is_ensemble:
+        detector, warning = run_detector(checkpoint_path, model, model.device)
+        notes += [] if warning is None else [warning]
     score = headline_image_score(model, detector, notes)
     for note in notes:
         print(f"warning: {note}")
     holdout: List[Path] = []
     if threshold is None or image_threshold is None:
-        run = RunDir.of_checkpoint(checkpoint_path)
+        run = None if model.is_ensemble else RunDir.of_checkpoint(checkpoint_path)
         holdout = holdout_image_paths(model, data_root, run.path if run is not None else None)
         if not holdout:
-            raise DataError(f"run {checkpoint_path} has no held-out normal images "
-                            "(data.holdout_fraction = 0), so there is no label-free threshold; "
-                            "pass --threshold and --image-threshold")
+            what = ("the ensemble's members share no held-out normal image (train them with "
+                    "the same data.split_seed)" if model.is_ensemble else
+                    f"run {checkpoint_path} has no held-out normal images "
+                    "(data.holdout_fraction = 0)")
+            raise DataError(f"{what}, so there is no label-free threshold; pass --threshold "
+                            "and --image-threshold")
     source = image_source = "given"
     if threshold is None:
-        threshold, from_cache = cached_label_free_threshold(
+        threshold, from_cache = model_label_free_threshold(
             model, checkpoint_path, holdout, batch_size=batch_size, progress=progress)
         source = "holdout (cached)" if from_cache else "holdout"
     if image_threshold is None:
-        image_threshold = image_threshold_for(model, holdout, score, checkpoint_path, detector,
-                                              batch_size=batch_size, progress=progress)
+        image_threshold = image_threshold_for(
+            model, holdout, score, None if model.is_ensemble else checkpoint_path, detector,
+            batch_size=batch_size, progress=progress)
         image_source = "holdout"
     return predict_images(model, image_paths, output_dir, threshold=threshold,
                           image_threshold=image_threshold, batch_size=batch_size,

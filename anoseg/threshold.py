@@ -314,6 +314,19 @@ def headline_image_score(model: LoadedModel, detector: Optional[LoadedDetector],
     return name
 
 
+def model_label_free_threshold(model: LoadedModel, checkpoint_path: PathLike,
+                               holdout_paths: Sequence[PathLike], *, batch_size: int,
+                               progress: bool) -> Tuple[float, bool]:
+    """The label-free pixel threshold on ``holdout_paths``: a single run's cached beside
+    ``checkpoint_path`` (:func:`cached_label_free_threshold`), an ensemble's computed each time
+    (the cache beside a member's checkpoint is that member's). ``(threshold, from_cache)``."""
+    if model.is_ensemble:
+        return compute_label_free_threshold(model, holdout_paths, batch_size=batch_size,
+                                            progress=progress), False
+    return cached_label_free_threshold(model, checkpoint_path, holdout_paths,
+                                       batch_size=batch_size, progress=progress)
+
+
 def image_threshold_for(model: LoadedModel, holdout_paths: Sequence[Path], score: str,
                         cache_for: Optional[PathLike], detector: Optional[LoadedDetector], *,
                         batch_size: int, progress: bool) -> Optional[float]:

@@ -2,6 +2,7 @@
 data.split_seed."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,3 +89,50 @@ def test_ensemble_of_different_splits_skips_label_free_columns(members, demo_roo
     assert result["label_free_threshold"] is None
     assert any("data.split_seed" in w for w in result["warnings"])
     assert not any("holdout_fraction = 0" in w for w in result["warnings"])
+
+
+def test_predict_ensemble_uses_the_averaged_map_and_the_shared_holdout(members, demo_root,
+                                                                      tmp_path):
+    import csv
+
+    import numpy as np
+
+    from anoseg.cli.predict import main as predict_main
+    from anoseg.inference import scored_images
+    from anoseg.threshold import (compute_label_free_threshold, holdout_image_paths,
+                                  image_threshold_for)
+
+    images = sorted((demo_root / "demo_texture" / "test").rglob("*.png"))[:3]
+    out = tmp_path / "pred"
+    flags = [f"--checkpoint={m}" for m in members]
+    assert predict_main(flags + ["--ensemble", *map(str, images), "--map-resolution", "model",
+                                 "--output-dir", str(out), "--no-progress"]) == 0
+    model = load_ensemble(members, device="cpu")
+    holdout = holdout_image_paths(model)
+    assert holdout  # the members share their split
+    info = json.loads((out / "prediction.json").read_text())
+    assert info["ensemble"] == [str(m / "checkpoints" / "last.pt") for m in members]
+    assert info["threshold"] == pytest.approx(compute_label_free_threshold(model, holdout))
+    score = model.config.eval.image_score
+    assert info["image_threshold"] == pytest.approx(image_threshold_for(
+        model, holdout, score, None, None, batch_size=16, progress=False))
+    # the written logit maps are the ensemble's, not the first member's
+    with (out / "scores.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [Path(r["path"]).name for r in rows] == [p.name for p in images]
+    written = np.load(out / rows[0]["logit_map"])
+    ensemble_map = next(scored_images(model, images[:1]))[0].logit.numpy()
+    single_map = next(scored_images(anoseg.load_model(members[0], device="cpu"),
+                                    images[:1]))[0].logit.numpy()
+    assert not np.allclose(ensemble_map, single_map, atol=1e-4)
+    np.testing.assert_allclose(written, ensemble_map, atol=1e-5)
+
+
+def test_predict_several_runs_need_ensemble(members, demo_root, tmp_path):
+    from anoseg.cli.predict import main as predict_main
+
+    image = sorted((demo_root / "demo_texture" / "test").rglob("*.png"))[0]
+    with pytest.raises(ConfigError, match="2 runs given: pass --ensemble"):
+        predict_main(["--checkpoint", str(members[0]), str(image),
+                      "--checkpoint", str(members[1]), "--output-dir", str(tmp_path / "pred"),
+                      "--no-progress"])

@@ -28,8 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "and a pass/fail decision (is_anomalous). The mask threshold and the image "
                     "threshold are the run's label-free thresholds (from its held-out normal "
                     "images) unless --threshold / --image-threshold are given.")
-    parser.add_argument("--checkpoint", required=True, metavar="CKPT_OR_RUN",
-                        help="checkpoint file (.pt) or run folder")
+    parser.add_argument("--checkpoint", required=True, action="append", metavar="CKPT_OR_RUN",
+                        help="checkpoint file (.pt) or run folder; repeat it with --ensemble "
+                             "for several runs as one model")
+    parser.add_argument("--ensemble", action="store_true",
+                        help="the runs are members of one model (same category and "
+                             "data.split_seed): average their maps, as anoseg-eval --ensemble")
     parser.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER",
                         help="image files and folders of images (PNG, JPEG, BMP, TIFF)")
     parser.add_argument("--output-dir", required=True, help="where to write")
@@ -70,7 +74,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          device=args.device, data_root=args.data_root,
                          progress=not args.no_progress, image_threshold=args.image_threshold,
                          image_score=args.image_score, map_resolution=args.map_resolution,
-                         resolution=args.resolution)
+                         resolution=args.resolution, ensemble=args.ensemble)
     print(report.summary())
     print(f"wrote: {report.output_dir / 'scores.csv'} and maps/, overlays/, masks/ in "
           f"{report.output_dir}")
