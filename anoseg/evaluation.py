@@ -178,7 +178,7 @@ def evaluate_category(model: LoadedModel, data_root: PathLike, category: str, *,
         holdout_paths: Normal images for the threshold; default: the run's holdout, from
             ``model.checkpoint["split"]`` (moved under ``data_root`` if the dataset moved).
         threshold_cache_for: A checkpoint path: reuse/write its cached threshold
-            (:func:`cached_label_free_threshold`).
+            (:func:`cached_label_free_threshold`; an ensemble's is computed, never cached).
         detector: A :class:`anoseg.inference.LoadedDetector` trained on ``model``: adds
             ``image_auroc_detector``, the image AUROC of its scores (eq. 5).
         gallery: A :class:`anoseg.galleries.GalleryCollector`: fed each batch, then it picks
@@ -646,7 +646,7 @@ def _evaluate_checkpoint(model: LoadedModel, checkpoint_path: Path, category: st
         checkpoint_path, model, device)
     result = evaluate_category(
         model, root, category, batch_size=batch_size or model.config.eval.batch_size,
-        holdout_paths=holdout, threshold_cache_for=None if ensemble else checkpoint_path,
+        holdout_paths=holdout, threshold_cache_for=checkpoint_path,
         detector=detector, **options)
     if detector_warning is not None:
         result.warnings.append(detector_warning)

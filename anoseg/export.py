@@ -46,8 +46,8 @@ from anoseg.inference import (LoadedDetector, LoadedModel, load_images, load_run
                               normality_logit_to_anomaly_logit, normality_to_anomaly,
                               run_detector)
 from anoseg.run_dir import EXPORT_DIR, RunDir
-from anoseg.threshold import (headline_image_score, holdout_image_paths, image_threshold_for,
-                              model_label_free_threshold)
+from anoseg.threshold import (cached_label_free_threshold, headline_image_score,
+                              holdout_image_paths, image_threshold_for)
 
 PathLike = Union[str, Path]
 
@@ -183,10 +183,9 @@ def _thresholds(model: LoadedModel, checkpoint: Path, score: str,
     single run, as ``anoseg-eval`` and ``anoseg-predict`` use them); ``None`` without any."""
     if not holdout:
         return None, None
-    pixel, _ = model_label_free_threshold(model, checkpoint, holdout, batch_size=batch_size,
-                                          progress=progress)
-    image = image_threshold_for(model, holdout, score,
-                                None if model.is_ensemble else checkpoint, detector,
+    pixel, _ = cached_label_free_threshold(model, checkpoint, holdout, batch_size=batch_size,
+                                           progress=progress)
+    image = image_threshold_for(model, holdout, score, checkpoint, detector,
                                 batch_size=batch_size, progress=progress)
     return pixel, image
 

@@ -27,8 +27,8 @@ from anoseg.inference import (LoadedDetector, LoadedModel, detector_scores, load
                               load_runs, predict_placed, run_detector)
 from anoseg.run_dir import RunDir, safe_name
 from anoseg.runtime import resolve_device
-from anoseg.threshold import (headline_image_score, holdout_image_paths, image_threshold_for,
-                              model_label_free_threshold, scored_image_scores)
+from anoseg.threshold import (cached_label_free_threshold, headline_image_score,
+                              holdout_image_paths, image_threshold_for, scored_image_scores)
 from anoseg.visualize import (MAPS_README, enlarged_overlay, save_float_map, save_map_png,
                               save_mask_png, save_png)
 
@@ -351,13 +351,12 @@ def predict_run(checkpoint: Union[PathLike, Sequence[PathLike]], inputs: Sequenc
                             "and --image-threshold")
     source = image_source = "given"
     if threshold is None:
-        threshold, from_cache = model_label_free_threshold(
+        threshold, from_cache = cached_label_free_threshold(
             model, checkpoint_path, holdout, batch_size=batch_size, progress=progress)
         source = "holdout (cached)" if from_cache else "holdout"
     if image_threshold is None:
-        image_threshold = image_threshold_for(
-            model, holdout, score, None if model.is_ensemble else checkpoint_path, detector,
-            batch_size=batch_size, progress=progress)
+        image_threshold = image_threshold_for(model, holdout, score, checkpoint_path, detector,
+                                              batch_size=batch_size, progress=progress)
         image_source = "holdout"
     return predict_images(model, image_paths, output_dir, threshold=threshold,
                           image_threshold=image_threshold, batch_size=batch_size,

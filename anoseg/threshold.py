@@ -158,7 +158,8 @@ def cached_label_free_threshold(model: LoadedModel, checkpoint_path: PathLike,
     The cache is used only if the checkpoint file (size, modification time, step), the weights
     (EMA or raw), the image size, the quantile and the list of held-out images are unchanged;
     otherwise the threshold is recomputed and the cache rewritten (silently skipped if the
-    folder is read-only).
+    folder is read-only). An ensemble is never cached: the file beside its first member's
+    checkpoint is that member's.
 
     Returns:
         ``(threshold, came_from_cache)``.
@@ -166,6 +167,9 @@ def cached_label_free_threshold(model: LoadedModel, checkpoint_path: PathLike,
     checkpoint_path = Path(checkpoint_path)
     paths = [Path(p) for p in normal_image_paths]
     quantile = model.config.eval.threshold_quantile if quantile is None else float(quantile)
+    if model.is_ensemble:
+        return compute_label_free_threshold(model, paths, quantile=quantile,
+                                            batch_size=batch_size, progress=progress), False
     key = _cache_key(model, checkpoint_path, paths, quantile)
     cache = threshold_cache_path(checkpoint_path)
     try:
@@ -254,15 +258,15 @@ def cached_holdout_image_scores(model: LoadedModel, checkpoint_path: Optional[Pa
                                 batch_size: int = 16, progress: bool = False
                                 ) -> Tuple[Dict[str, List[float]], bool]:
     """:func:`holdout_image_scores`, cached in :func:`image_threshold_cache_path` (with
-    ``checkpoint_path=None``, not cached) under the same conditions as the pixel threshold's
-    cache (:func:`cached_label_free_threshold`; the quantile is not part of the key: the cache
-    holds the scores, any quantile is taken from them).
+    ``checkpoint_path=None`` or an ensemble, not cached) under the same conditions as the pixel
+    threshold's cache (:func:`cached_label_free_threshold`; the quantile is not part of the key:
+    the cache holds the scores, any quantile is taken from them).
 
     Returns:
         ``(scores by name, came_from_cache)``.
     """
     paths = [Path(p) for p in normal_image_paths]
-    if checkpoint_path is None:
+    if checkpoint_path is None or model.is_ensemble:
         return holdout_image_scores(model, paths, batch_size=batch_size,
                                     progress=progress), False
     checkpoint_path = Path(checkpoint_path)
@@ -314,25 +318,12 @@ def headline_image_score(model: LoadedModel, detector: Optional[LoadedDetector],
     return name
 
 
-def model_label_free_threshold(model: LoadedModel, checkpoint_path: PathLike,
-                               holdout_paths: Sequence[PathLike], *, batch_size: int,
-                               progress: bool) -> Tuple[float, bool]:
-    """The label-free pixel threshold on ``holdout_paths``: a single run's cached beside
-    ``checkpoint_path`` (:func:`cached_label_free_threshold`), an ensemble's computed each time
-    (the cache beside a member's checkpoint is that member's). ``(threshold, from_cache)``."""
-    if model.is_ensemble:
-        return compute_label_free_threshold(model, holdout_paths, batch_size=batch_size,
-                                            progress=progress), False
-    return cached_label_free_threshold(model, checkpoint_path, holdout_paths,
-                                       batch_size=batch_size, progress=progress)
-
-
 def image_threshold_for(model: LoadedModel, holdout_paths: Sequence[Path], score: str,
                         cache_for: Optional[PathLike], detector: Optional[LoadedDetector], *,
                         batch_size: int, progress: bool) -> Optional[float]:
     """The label-free *image* threshold: the ``eval.image_threshold_quantile`` of the held-out
-    normal images' ``score`` (cached beside ``cache_for``'s checkpoint for the cheap scores);
-    ``None`` without held-out images."""
+    normal images' ``score`` (cached beside ``cache_for``'s checkpoint for the cheap scores,
+    never for an ensemble); ``None`` without held-out images."""
     if not holdout_paths:
         return None
     quantile = model.config.eval.image_threshold_quantile

@@ -136,3 +136,23 @@ def test_predict_several_runs_need_ensemble(members, demo_root, tmp_path):
         predict_main(["--checkpoint", str(members[0]), str(image),
                       "--checkpoint", str(members[1]), "--output-dir", str(tmp_path / "pred"),
                       "--no-progress"])
+
+
+def test_an_ensemble_never_reads_or_writes_a_members_threshold_cache(members):
+    from anoseg.threshold import (cached_holdout_image_scores, cached_label_free_threshold,
+                                  holdout_image_paths, image_threshold_cache_path,
+                                  threshold_cache_path)
+
+    ckpt = members[0] / "checkpoints" / "last.pt"
+    single = anoseg.load_model(members[0], device="cpu")
+    ensemble = load_ensemble(members, device="cpu")
+    holdout = holdout_image_paths(ensemble)
+    own, _ = cached_label_free_threshold(single, ckpt, holdout)  # member 0's own cache
+    cached_holdout_image_scores(single, ckpt, holdout)
+    files = [threshold_cache_path(ckpt), image_threshold_cache_path(ckpt)]
+    before = [f.read_text() for f in files]
+    value, from_cache = cached_label_free_threshold(ensemble, ckpt, holdout)
+    scores, scores_from_cache = cached_holdout_image_scores(ensemble, ckpt, holdout)
+    assert not from_cache and not scores_from_cache
+    assert value != pytest.approx(own)  # the ensemble's, not member 0's
+    assert [f.read_text() for f in files] == before  # member 0's caches untouched
