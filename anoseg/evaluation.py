@@ -642,8 +642,7 @@ def _evaluate_checkpoint(model: LoadedModel, checkpoint_path: Path, category: st
     run_dir = run.path if run is not None else None
     root = resolve_eval_data_root(model, data_root, run_dir)
     holdout = holdout_image_paths(model, root, None if ensemble else run_dir)
-    detector, detector_warning = (None, None) if ensemble else run_detector(
-        checkpoint_path, model, device)
+    detector, detector_warning = run_detector(checkpoint_path, model, device)
     result = evaluate_category(
         model, root, category, batch_size=batch_size or model.config.eval.batch_size,
         holdout_paths=holdout, threshold_cache_for=checkpoint_path,

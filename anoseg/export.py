@@ -272,11 +272,8 @@ def export_run(runs: Union[PathLike, Sequence[PathLike]], fmt: str,
     if image_score is not None:
         model.config.eval.image_score = image_score
         model.config.validate()
-    notes: List[str] = []
-    detector = None
-    if not model.is_ensemble:
-        detector, warning = run_detector(checkpoints[0], model, "cpu")
-        notes += [warning] if warning else []
+    detector, warning = run_detector(checkpoints[0], model, "cpu")
+    notes: List[str] = [warning] if warning else []
     score = headline_image_score(model, detector, notes)
     run = RunDir.of_checkpoint(checkpoints[0])
     holdout = holdout_image_paths(model, data_root,

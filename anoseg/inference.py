@@ -543,12 +543,15 @@ def detector_scores(detector_bundle: LoadedDetector, anoseg_generator: nn.Module
 def run_detector(checkpoint_path: Union[str, Path], model: LoadedModel,
                  device: Union[None, str, torch.device] = None
                  ) -> Tuple[Optional["LoadedDetector"], Optional[str]]:
-    """The detector of the run holding ``checkpoint_path``, if it has one.
+    """The detector of the run holding ``checkpoint_path``, if it has one; never for an
+    ensemble (a member's detector was trained on that member's maps, not the averaged ones).
 
     Returns:
         ``(LoadedDetector or None, warning or None)``; a detector trained on another segmenter
         checkpoint step is not used, and the warning says so.
     """
+    if model.is_ensemble:
+        return None, None
     run = RunDir.of_checkpoint(checkpoint_path)
     if run is None or not run.detector.has_checkpoint():
         return None, None

@@ -331,10 +331,8 @@ def predict_run(checkpoint: Union[PathLike, Sequence[PathLike]], inputs: Sequenc
     batch_size = batch_size or model.config.eval.batch_size
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
-    detector, notes = None, []
-    if not model.is_ensemble:
-        detector, warning = run_detector(checkpoint_path, model, model.device)
-        notes += [] if warning is None else [warning]
+    detector, warning = run_detector(checkpoint_path, model, model.device)
+    notes = [] if warning is None else [warning]
     score = headline_image_score(model, detector, notes)
     for note in notes:
         print(f"warning: {note}")

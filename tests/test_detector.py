@@ -263,3 +263,14 @@ def test_eval_and_predict_report_the_detector(segmenter_run, trained_detector, d
     assert all(row["detector_score"] > 0 for row in prediction.rows)
     header = (tmp_path / "pred" / "scores.csv").read_text().splitlines()[0]
     assert "detector_score" in header.split(",")
+
+
+def test_run_detector_never_gives_an_ensemble_its_first_members_detector(segmenter_run,
+                                                                          trained_detector):
+    from anoseg.inference import load_ensemble, run_detector
+
+    ckpt = segmenter_run / "checkpoints" / "last.pt"
+    single = anoseg.load_model(segmenter_run, device="cpu")
+    assert run_detector(ckpt, single, "cpu")[0] is not None  # the run has one
+    ensemble = load_ensemble([segmenter_run, segmenter_run], device="cpu")
+    assert run_detector(ckpt, ensemble, "cpu") == (None, None)
