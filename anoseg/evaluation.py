@@ -32,8 +32,10 @@ from anoseg.errors import ConfigError
 from anoseg.data.geometry import Geometry, crop, group_by_shape
 from anoseg.galleries import DEFAULT_GALLERY_SIZE, GalleryCollector
 from anoseg.html_report import REPORT_FILE, CategoryReport, write_report
+from anoseg._version import __version__
 from anoseg.inference import (LoadedDetector, LoadedModel, ScoredMap, detector_scores,
-                              load_ensemble, load_model, predict_placed, run_detector)
+                              calibrate_ensemble, load_ensemble, load_model, predict_placed,
+                              run_detector)
 from anoseg.metrics import IMAGE_SCORES, SegmentationMetrics, image_auroc
 from anoseg.reporting import (DETECTOR_KEY, MEAN_KEYS, format_image_score_table,
                               format_markdown_table,
@@ -482,6 +484,7 @@ def evaluate_run(run_or_checkpoint: Union[PathLike, Sequence[PathLike]],
                  image_score: Optional[str] = None,
                  image_threshold_quantile: Optional[float] = None,
                  resolution: Optional[str] = None,
+                 ensemble_combine: Optional[str] = None,
                  report: bool = False,
                  report_gallery: int = DEFAULT_GALLERY_SIZE) -> EvaluationReport:
     """Evaluate one or several runs (one category each) and write the tables.
@@ -509,9 +512,10 @@ def evaluate_run(run_or_checkpoint: Union[PathLike, Sequence[PathLike]],
             :func:`anoseg.inference.load_ensemble`), evaluated as one row. The label-free
             threshold uses the held-out images no member trained on (none when the members
             used different splits: the label-free columns are then skipped).
-        image_score, image_threshold_quantile, resolution: Override the runs'
-            ``eval.image_score``, ``eval.image_threshold_quantile`` and ``eval.resolution``
-            (``model`` or ``native``: maps scored at each image's own size).
+        image_score, image_threshold_quantile, resolution, ensemble_combine: Override the
+            runs' ``eval.image_score``, ``eval.image_threshold_quantile``, ``eval.resolution``
+            (``model`` or ``native``: maps scored at each image's own size) and
+            ``eval.ensemble_combine`` (``mean`` or ``calibrated``, with ``ensemble``).
         report: Also write ``report.html`` (:mod:`anoseg.html_report`): one self-contained
             page with every table, the thresholds, the IoU curves and galleries of
             ``report_gallery`` pictures each.
@@ -520,6 +524,8 @@ def evaluate_run(run_or_checkpoint: Union[PathLike, Sequence[PathLike]],
         AnoSegError: Bad paths, missing data, several runs of one category, ...
     """
     jobs, output_dir = _plan_jobs(run_or_checkpoint, categories, output_dir, ensemble)
+    overrides = dict(image_score=image_score, image_threshold_quantile=image_threshold_quantile,
+                     resolution=resolution, ensemble_combine=ensemble_combine)
     torch_device = resolve_device(device)
     results: List[CategoryResult] = []
     files: List[Path] = []
@@ -527,9 +533,8 @@ def evaluate_run(run_or_checkpoint: Union[PathLike, Sequence[PathLike]],
     sources: Dict[str, str] = {}
     pages: List[CategoryReport] = []
     for checkpoint_path, category in jobs:
-        model, checkpoint_path = _load_for_eval(
-            checkpoint_path, ensemble, torch_device, weights, image_score=image_score,
-            image_threshold_quantile=image_threshold_quantile, resolution=resolution)
+        model, checkpoint_path = _load_for_eval(checkpoint_path, ensemble, torch_device,
+                                                weights, **overrides)
         category = category or model.config.data.category
         if category in sources:
             raise ConfigError(f"runs {sources[category]} and {checkpoint_path} both evaluate "
@@ -555,8 +560,6 @@ def evaluate_run(run_or_checkpoint: Union[PathLike, Sequence[PathLike]],
         del model
 
     mean, notes = mean_over_categories(results) if len(results) > 1 else (None, [])
-    from anoseg._version import __version__
-
     files[:0] = write_metrics_files(output_dir, results, mean, notes,
                                     extra={"anoseg_version": __version__})
     if report:
@@ -569,8 +572,6 @@ def evaluate_run(run_or_checkpoint: Union[PathLike, Sequence[PathLike]],
 def _write_report(output_dir: Path, pages: Sequence[CategoryReport],
                   mean: Optional[Dict[str, Optional[float]]], notes: Sequence[str]) -> Path:
     """``report.html`` of an evaluation (:func:`anoseg.html_report.write_report`)."""
-    from anoseg._version import __version__
-
     categories = ", ".join(page.result.category for page in pages)
     return write_report(output_dir / REPORT_FILE, pages, mean=mean, notes=notes,
                         title=f"anoseg evaluation: {categories}",
@@ -642,6 +643,8 @@ def _evaluate_checkpoint(model: LoadedModel, checkpoint_path: Path, category: st
     run_dir = run.path if run is not None else None
     root = resolve_eval_data_root(model, data_root, run_dir)
     holdout = holdout_image_paths(model, root, None if ensemble else run_dir)
+    calibrate_ensemble(model, holdout, batch_size=batch_size or model.config.eval.batch_size,
+                       progress=options.get("progress", False))
     detector, detector_warning = run_detector(checkpoint_path, model, device)
     result = evaluate_category(
         model, root, category, batch_size=batch_size or model.config.eval.batch_size,

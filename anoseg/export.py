@@ -42,9 +42,9 @@ from anoseg.config import image_hw
 from anoseg.errors import ConfigError, ExportError
 from anoseg.extras import require, require_extra
 from anoseg.metrics import SIGNAL_IMAGE_SCORE
-from anoseg.inference import (LoadedDetector, LoadedModel, load_images, load_runs,
-                              normality_logit_to_anomaly_logit, normality_to_anomaly,
-                              run_detector)
+from anoseg.inference import (LoadedDetector, LoadedModel, calibrate_ensemble, load_images,
+                              load_runs, normality_logit_to_anomaly_logit,
+                              normality_to_anomaly, run_detector)
 from anoseg.run_dir import EXPORT_DIR, RunDir
 from anoseg.threshold import (cached_label_free_threshold, headline_image_score,
                               holdout_image_paths, image_threshold_for)
@@ -227,7 +227,7 @@ def export_run(runs: Union[PathLike, Sequence[PathLike]], fmt: str,
                output: Optional[PathLike] = None, *, ensemble: bool = False,
                weights: str = "auto", image_score: Optional[str] = None,
                data_root: Optional[PathLike] = None, batch_size: Optional[int] = None,
-               progress: bool = False) -> ExportResult:
+               progress: bool = False, ensemble_combine: Optional[str] = None) -> ExportResult:
     """Export a run (or an ensemble of runs) to one ONNX or TorchScript file, then check it.
 
     The thresholds are the run's label-free ones (its held-out normal images; the cached values
@@ -247,6 +247,9 @@ def export_run(runs: Union[PathLike, Sequence[PathLike]], fmt: str,
         data_root: Where the run's dataset is now, if it moved (for the held-out images).
         batch_size: Images per forward pass for the thresholds (default ``eval.batch_size``).
         progress: Progress bars while the thresholds are computed.
+        ensemble_combine: Override the first member's ``eval.ensemble_combine``; a
+            ``calibrated`` ensemble is fitted on the held-out images first and the file
+            carries its fit.
 
     Raises:
         MissingExtraError: ONNX without the ``export`` extra (before anything is loaded).
@@ -269,15 +272,18 @@ def export_run(runs: Union[PathLike, Sequence[PathLike]], fmt: str,
         raise ExportError(f"{checkpoints[0]}: a run with data.tiling is not exported: its "
                           "maps come from a sliding window over the whole image, which the "
                           "one-window file does not do; use anoseg-predict")
-    if image_score is not None:
-        model.config.eval.image_score = image_score
-        model.config.validate()
-    detector, warning = run_detector(checkpoints[0], model, "cpu")
-    notes: List[str] = [warning] if warning else []
-    score = headline_image_score(model, detector, notes)
+    for key, value in (("image_score", image_score), ("ensemble_combine", ensemble_combine)):
+        if value is not None:
+            setattr(model.config.eval, key, value)
+    model.config.validate()
     run = RunDir.of_checkpoint(checkpoints[0])
     holdout = holdout_image_paths(model, data_root,
                                   run.path if run is not None and not ensemble else None)
+    calibrate_ensemble(model, holdout, batch_size=batch_size or model.config.eval.batch_size,
+                       progress=progress)
+    detector, warning = run_detector(checkpoints[0], model, "cpu")
+    notes: List[str] = [warning] if warning else []
+    score = headline_image_score(model, detector, notes)
     if not holdout:
         notes.append("no held-out normal images: the file stores no label-free thresholds "
                      "(pixel_threshold and image_threshold are null)")

@@ -22,14 +22,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from tqdm.auto import tqdm
+
 from anoseg.checkpoint import load_checkpoint
-from anoseg.config import AnoSegConfig, config_from_dict
-from anoseg.errors import CheckpointError, ConfigError
+from anoseg.config import ENSEMBLE_COMBINES, AnoSegConfig, config_from_dict
+from anoseg.errors import CheckpointError, ConfigError, DataError
 from anoseg.data.geometry import (Geometry, Placement, blend_window, crop, tile_span,
                                   to_resolution, window_starts)
 from anoseg.models.detector import AnoSegDetector
 from anoseg.models.factory import build_detector, build_generator
-from anoseg.models.generator import AnoSegGenerator, GeneratorOutput
+from anoseg.models.generator import (FEATURE_STATS_OFFSET, AnoSegGenerator, GeneratorOutput,
+                                     soft_knee)
 from anoseg.run_dir import (CHECKPOINT_FILE, DETECTOR_DIR, DataRecord, RunDir,
                             TrainingSplit)
 from anoseg.runtime import autocast, resolve_device
@@ -336,16 +339,47 @@ def load_placed_images(paths: Sequence[Path], geometry: Geometry
 
 
 class AnoSegEnsemble(nn.Module):
-    """Several generators of one category used as one: their normality maps (and
-    reconstructions, map logits and signal image maps) are averaged. Independently seeded short runs disagree
-    most where they are wrong, so the mean map is steadier than any one run (``docs/experiments.md``)."""
+    """Several generators of one category used as one.
 
-    def __init__(self, members: Sequence[nn.Module]) -> None:
+    ``combine="mean"``: their normality maps (and reconstructions, map logits and signal image
+    maps) are averaged. Independently seeded short runs disagree most where they are wrong, so
+    the mean map is steadier than any one run (``docs/experiments.md``).
+
+    ``combine="calibrated"``: members of different recipes (a spot specialist beside the
+    general recipe) speak on different scales, so each member's anomaly logit is first put on
+    its held-out normal images' scale, ``q = (a - median) / (quantile_0.999 - median)``, and the
+    members' ``q`` are averaged with weights ``1 / std`` of each member's per-image maxima of
+    ``q`` on those images (a member whose normal images peak unevenly counts less). The joint
+    anomaly logit is ``soft_knee(4 (q_mean - 1))``: a typical normal pixel sits at -4, the
+    normal pixels' 0.999 quantile at 0. :meth:`calibrate` (or :func:`calibrate_ensemble`)
+    fits it; the signal image map is the mean of the members that have one.
+    """
+
+    def __init__(self, members: Sequence[nn.Module], combine: str = "mean") -> None:
         super().__init__()
         if not members:
             raise ConfigError("an ensemble needs at least one member")
         self.members = nn.ModuleList(members)
         self.image_size = getattr(members[0], "image_size", None)
+        self.combine = combine
+        # per member: median, spread (quantile 0.999 - median), weight (sums to 1)
+        self.register_buffer("calibration", torch.zeros(len(members), 3))
+
+    @property
+    def combine(self) -> str:
+        return self._combine
+
+    @combine.setter
+    def combine(self, value: str) -> None:
+        if value not in ENSEMBLE_COMBINES:
+            raise ConfigError(f"ensemble combine {value!r} is invalid; expected one of "
+                              f"{', '.join(ENSEMBLE_COMBINES)}")
+        self._combine = value
+
+    @property
+    def is_calibrated(self) -> bool:
+        """Whether :meth:`calibrate` has fitted the members' scales."""
+        return bool((self.calibration[:, 1] > 0).all())
 
     def forward(self, images: torch.Tensor, spans: Optional[torch.Tensor] = None, *,
                 reconstruct: bool = True) -> GeneratorOutput:
@@ -354,18 +388,101 @@ class AnoSegEnsemble(nn.Module):
         def mean(parts):
             return None if any(p is None for p in parts) else torch.stack(parts).mean(0)
 
-        return GeneratorOutput(mean([o.normality_map for o in outs]),
-                               mean([o.reconstruction for o in outs]),
-                               mean([o.map_logit for o in outs]),
-                               mean([o.signal_map for o in outs]))
+        recon = mean([o.reconstruction for o in outs])
+        if self.combine == "mean":
+            return GeneratorOutput(mean([o.normality_map for o in outs]), recon,
+                                   mean([o.map_logit for o in outs]),
+                                   mean([o.signal_map for o in outs]))
+        if not self.is_calibrated:
+            raise ConfigError("a calibrated ensemble must be fitted on held-out normal images "
+                              "first: anoseg.inference.calibrate_ensemble(model, paths)")
+        logit = -self._calibrated_anomaly_logit([o.map_logit for o in outs])
+        signals = [o.signal_map for o in outs if o.signal_map is not None]
+        return GeneratorOutput(torch.sigmoid(logit), recon, logit,
+                               torch.stack(signals).mean(0) if signals else None)
+
+    def _calibrated_anomaly_logit(self, map_logits: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The joint anomaly logit of the members' normality logits (``combine="calibrated"``)."""
+        joint = None
+        for (median, spread, weight), logit in zip(self.calibration, map_logits):
+            part = weight * (normality_logit_to_anomaly_logit(logit.float()) - median) / spread
+            joint = part if joint is None else joint + part
+        return soft_knee(FEATURE_STATS_OFFSET * (joint - 1.0))
+
+    @torch.no_grad()
+    def calibrate(self, member_logits: Sequence[Sequence[torch.Tensor]]) -> None:
+        """Fit ``combine="calibrated"``: ``member_logits[i]`` holds member ``i``'s anomaly
+        logit maps (any sizes, the image's part only) of the same held-out normal images."""
+        if len(member_logits) != len(self.members):
+            raise ValueError(f"{len(member_logits)} members' logits for an ensemble of "
+                             f"{len(self.members)}")
+        rows = []
+        for maps in member_logits:
+            if not maps:
+                raise DataError("calibrating an ensemble needs at least 1 held-out image")
+            pixels = torch.cat([m.flatten().double() for m in maps])
+            median = float(pixels.median())
+            spread = max(float(torch.quantile(pixels[::max(1, pixels.numel() // 2_000_000)],
+                                              CALIBRATION_QUANTILE)) - median, 1e-6)
+            peaks = torch.tensor([(float(m.max()) - median) / spread for m in maps])
+            spread_of_peaks = float(peaks.std()) if len(peaks) > 1 else 1.0
+            rows.append([median, spread, 1.0 / max(spread_of_peaks, CALIBRATION_MIN_PEAK_STD)])
+        table = torch.tensor(rows, dtype=torch.float32)
+        table[:, 2] /= table[:, 2].sum()
+        self.calibration.copy_(table.to(self.calibration.device))
 
     def has_signal_image_map(self) -> bool:
-        """Whether every member has a fitted signal image map."""
-        return all(getattr(m, "has_signal_image_map", lambda: False)() for m in self.members)
+        """Whether every member (``calibrated``: any member) has a fitted signal image map."""
+        has = [getattr(m, "has_signal_image_map", lambda: False)() for m in self.members]
+        return any(has) if self.combine == "calibrated" else all(has)
 
     def signal_image_map(self, images: torch.Tensor) -> torch.Tensor:
-        """The members' signal image maps, averaged."""
-        return torch.stack([m.signal_image_map(images) for m in self.members]).mean(0)
+        """The members' signal image maps (``calibrated``: those that have one), averaged."""
+        members = [m for m in self.members
+                   if self.combine == "mean" or getattr(m, "has_signal_image_map",
+                                                        lambda: False)()]
+        return torch.stack([m.signal_image_map(images) for m in members]).mean(0)
+
+
+CALIBRATION_QUANTILE = 0.999
+"""A calibrated ensemble maps this quantile of a member's held-out normal pixels to 1."""
+CALIBRATION_MIN_PEAK_STD = 0.05
+"""Floor of the std of a member's calibrated held-out image maxima (its weight is 1 / std)."""
+
+
+def calibrate_ensemble(model: LoadedModel, normal_image_paths: Sequence[Union[str, Path]], *,
+                       batch_size: int = 16, progress: bool = False) -> None:
+    """Set an ensemble's ``combine`` from ``model.config.eval.ensemble_combine`` and, for
+    ``calibrated``, fit it on ``normal_image_paths`` (the held-out images no member trained
+    on; each member's logits at the model's resolution). A single run is left alone.
+
+    Raises:
+        DataError: ``calibrated`` without held-out images.
+    """
+    generator = model.generator
+    if not isinstance(generator, AnoSegEnsemble):
+        return
+    generator.combine = model.config.eval.ensemble_combine
+    if generator.combine != "calibrated":
+        return
+    paths = [Path(p) for p in normal_image_paths]
+    if not paths:
+        raise DataError("eval.ensemble_combine=calibrated needs held-out normal images no "
+                        "member trained on (train the members with the same "
+                        "data.split_seed), or use eval.ensemble_combine=mean")
+    geometry = Geometry.from_config(model.config.data)
+    logits: List[List[torch.Tensor]] = [[] for _ in generator.members]
+    step = 1 if geometry.tiled else batch_size
+    with tqdm(total=len(paths), desc="calibrating the ensemble", unit="img",
+              disable=not progress, leave=False) as bar:
+        for start in range(0, len(paths), step):
+            canvases, placements = load_placed_images(paths[start:start + step], geometry)
+            for i, member in enumerate(generator.members):
+                scored = predict_placed(member, canvases, placements, geometry,
+                                        batch_size=batch_size, resolution="model")
+                logits[i].extend(s.logit for s in scored)
+            bar.update(len(canvases))
+    generator.calibrate(logits)
 
 
 def load_ensemble(checkpoints: Sequence[Union[str, Path]],
@@ -400,7 +517,8 @@ def load_ensemble(checkpoints: Sequence[Union[str, Path]],
     data = DataRecord(TrainingSplit(list(first_data.split.train),
                                     [p for p in holdout_of(first) if p in held_by_all]),
                       first_data.data_root)
-    ensemble = AnoSegEnsemble([m.generator for m in loaded]).to(first.device).eval()
+    ensemble = AnoSegEnsemble([m.generator for m in loaded],
+                              first.config.eval.ensemble_combine).to(first.device).eval()
     return LoadedModel(ensemble, first.config, first.checkpoint, first.device, first.weights,
                        step=sum(m.step or 0 for m in loaded), data=data,
                        members=tuple(str(c) for c in checkpoints))

@@ -23,8 +23,8 @@ from anoseg.atomic import atomic_write_text, write_json
 from anoseg.checkpoint import resolve_checkpoint
 from anoseg.errors import ConfigError, DataError
 from anoseg.data.geometry import Geometry, Placement, crop, resize_to_source
-from anoseg.inference import (LoadedDetector, LoadedModel, detector_scores, load_placed_images,
-                              load_runs, predict_placed, run_detector)
+from anoseg.inference import (LoadedDetector, LoadedModel, calibrate_ensemble, detector_scores,
+                              load_placed_images, load_runs, predict_placed, run_detector)
 from anoseg.run_dir import RunDir, safe_name
 from anoseg.runtime import resolve_device
 from anoseg.threshold import (cached_label_free_threshold, headline_image_score,
@@ -277,13 +277,37 @@ def _write_report(model: LoadedModel, output_dir: Path, rows: List[Dict[str, Any
     return report
 
 
+def _prediction_holdout(model: LoadedModel, checkpoint_path: Path,
+                        data_root: Optional[PathLike], needed: bool) -> List[Path]:
+    """The held-out normal images for the label-free thresholds (when ``needed``) and a
+    calibrated ensemble's fit; empty when neither needs them.
+
+    Raises:
+        DataError: They are needed and the run (or ensemble) has none.
+    """
+    calibrated = model.is_ensemble and model.config.eval.ensemble_combine == "calibrated"
+    if not (needed or calibrated):
+        return []
+    run = None if model.is_ensemble else RunDir.of_checkpoint(checkpoint_path)
+    holdout = holdout_image_paths(model, data_root, run.path if run is not None else None)
+    if not holdout and needed:
+        what = ("the ensemble's members share no held-out normal image (train them with "
+                "the same data.split_seed)" if model.is_ensemble else
+                f"run {checkpoint_path} has no held-out normal images "
+                "(data.holdout_fraction = 0)")
+        raise DataError(f"{what}, so there is no label-free threshold; pass --threshold "
+                        "and --image-threshold")
+    return holdout
+
+
 def predict_run(checkpoint: Union[PathLike, Sequence[PathLike]], inputs: Sequence[PathLike],
                 output_dir: PathLike, *, threshold: Optional[float] = None,
                 batch_size: Optional[int] = None,
                 device: Union[None, str, torch.device] = None, data_root: Optional[PathLike] = None,
                 progress: bool = True, image_threshold: Optional[float] = None,
                 image_score: Optional[str] = None, map_resolution: str = "native",
-                resolution: Optional[str] = None, ensemble: bool = False) -> PredictionReport:
+                resolution: Optional[str] = None, ensemble: bool = False,
+                ensemble_combine: Optional[str] = None) -> PredictionReport:
     """Load a run or checkpoint (or several as one model) and :func:`predict_images` on files
     and folders of images.
 
@@ -310,6 +334,8 @@ def predict_run(checkpoint: Union[PathLike, Sequence[PathLike]], inputs: Sequenc
             (:func:`anoseg.inference.load_ensemble`; train them with the same
             ``data.split_seed``): the thresholds come from the images every member held out,
             computed each time, not cached; no detector.
+        ensemble_combine: Override the first member's ``eval.ensemble_combine`` (``mean`` or
+            ``calibrated``: each member fitted on those images first).
 
     Raises:
         AnoSegError: Bad inputs; a threshold not given and the run has no held-out images.
@@ -323,30 +349,22 @@ def predict_run(checkpoint: Union[PathLike, Sequence[PathLike]], inputs: Sequenc
     image_paths = collect_image_paths(inputs)
     model = load_runs(checkpoints, resolve_device(device), ensemble=ensemble)
     checkpoint_path = checkpoints[0]
-    if image_score is not None:
-        model.config.eval.image_score = image_score
-    if resolution is not None:
-        model.config.eval.resolution = resolution
+    for key, value in (("image_score", image_score), ("resolution", resolution),
+                       ("ensemble_combine", ensemble_combine)):
+        if value is not None:
+            setattr(model.config.eval, key, value)
     model.config.validate()
     batch_size = batch_size or model.config.eval.batch_size
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    holdout = _prediction_holdout(model, checkpoint_path, data_root,
+                                  threshold is None or image_threshold is None)
+    calibrate_ensemble(model, holdout, batch_size=batch_size, progress=progress)
     detector, warning = run_detector(checkpoint_path, model, model.device)
     notes = [] if warning is None else [warning]
     score = headline_image_score(model, detector, notes)
     for note in notes:
         print(f"warning: {note}")
-    holdout: List[Path] = []
-    if threshold is None or image_threshold is None:
-        run = None if model.is_ensemble else RunDir.of_checkpoint(checkpoint_path)
-        holdout = holdout_image_paths(model, data_root, run.path if run is not None else None)
-        if not holdout:
-            what = ("the ensemble's members share no held-out normal image (train them with "
-                    "the same data.split_seed)" if model.is_ensemble else
-                    f"run {checkpoint_path} has no held-out normal images "
-                    "(data.holdout_fraction = 0)")
-            raise DataError(f"{what}, so there is no label-free threshold; pass --threshold "
-                            "and --image-threshold")
     source = image_source = "given"
     if threshold is None:
         threshold, from_cache = cached_label_free_threshold(

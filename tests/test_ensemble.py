@@ -4,6 +4,7 @@ data.split_seed."""
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -156,3 +157,107 @@ def test_an_ensemble_never_reads_or_writes_a_members_threshold_cache(members):
     assert not from_cache and not scores_from_cache
     assert value != pytest.approx(own)  # the ensemble's, not member 0's
     assert [f.read_text() for f in files] == before  # member 0's caches untouched
+
+
+# ------------------------------------------------------------------ calibrated ensembles
+
+
+class _Brightness(torch.nn.Module):
+    """A stand-in member whose anomaly logit is ``scale * brightness + shift``, plus (with
+    ``noise``) a random amount per image on its brightest pixels: unsteady normal peaks."""
+
+    def __init__(self, scale: float, shift: float, noise: float = 0.0) -> None:
+        super().__init__()
+        self.scale, self.shift, self.noise = scale, shift, noise
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives the module a device
+
+    def forward(self, images, spans=None, *, reconstruct=True):
+        from anoseg.models.generator import GeneratorOutput
+
+        anomaly = self.scale * images.mean(1, keepdim=True) + self.shift
+        if self.noise:
+            seed = int(images.sum().item() * 1000) % 10_000
+            gen = torch.Generator().manual_seed(seed)
+            peak = torch.rand(images.shape[0], 1, 1, 1, generator=gen)
+            anomaly = anomaly + self.noise * peak * (images.mean(1, keepdim=True) > 0.9)
+        logit = -anomaly
+        return GeneratorOutput(torch.sigmoid(logit), None, logit, None)
+
+
+def _calibrated(members, normals):
+    from anoseg.inference import AnoSegEnsemble, normality_logit_to_anomaly_logit
+
+    ensemble = AnoSegEnsemble(members, "calibrated")
+    ensemble.calibrate([[normality_logit_to_anomaly_logit(m(normals).map_logit)[i, 0]
+                         for i in range(len(normals))] for m in members])
+    return ensemble
+
+
+def test_calibrated_ensemble_is_blind_to_each_members_scale():
+    normals = torch.rand(8, 3, 16, 16) * 0.8
+    normals[:, :, 4:6, 4:6] = 0.95  # a bright spot on every normal image: steady peaks
+    tests = torch.rand(4, 3, 16, 16)
+    loud = _Brightness(100.0, 50.0)
+    one_scale = _calibrated([_Brightness(1.0, 0.0), _Brightness(1.0, 0.0)], normals)
+    mixed = _calibrated([_Brightness(1.0, 0.0), loud], normals)
+    assert torch.allclose(mixed(tests).map_logit, one_scale(tests).map_logit, atol=1e-4)
+    # the plain mean is the loud member's map: 100x the quiet one's logit
+    from anoseg.inference import AnoSegEnsemble
+
+    plain = AnoSegEnsemble([_Brightness(1.0, 0.0), loud])(tests).map_logit
+    quiet = _Brightness(1.0, 0.0)(tests).map_logit
+    assert torch.allclose(plain, (loud(tests).map_logit + quiet) / 2)
+    assert not torch.allclose(plain, mixed(tests).map_logit, atol=1.0)
+    # a typical normal pixel is quiet, the 0.999 quantile of the normal pixels is at 0
+    anomaly = -mixed(normals).map_logit
+    assert abs(float(anomaly.median()) + 4.0) < 0.05
+    assert abs(float(torch.quantile(anomaly.flatten(), 0.999))) < 0.05
+
+
+def test_calibrated_ensemble_weights_the_member_with_steady_normal_peaks_more():
+    normals = torch.rand(8, 3, 16, 16) * 0.8
+    normals[:, :, 4:6, 4:6] = 0.95
+    steady, unsteady = _Brightness(1.0, 0.0), _Brightness(1.0, 0.0, noise=5.0)
+    ensemble = _calibrated([steady, unsteady], normals)
+    weights = ensemble.calibration[:, 2]
+    assert float(weights.sum()) == pytest.approx(1.0)
+    assert weights[0] > 2 * weights[1]
+
+
+def test_calibrated_ensemble_needs_its_fit_and_a_known_mode():
+    from anoseg.inference import AnoSegEnsemble
+
+    with pytest.raises(ConfigError, match="calibrate_ensemble"):
+        AnoSegEnsemble([_Brightness(1.0, 0.0)], "calibrated")(torch.rand(1, 3, 8, 8))
+    with pytest.raises(ConfigError, match="mean, calibrated"):
+        AnoSegEnsemble([_Brightness(1.0, 0.0)], "median")
+    with pytest.raises(ConfigError, match="eval.ensemble_combine"):
+        load_config(None, ["eval.ensemble_combine=max"])
+
+
+def test_evaluate_and_predict_a_calibrated_ensemble(members, demo_root, tmp_path):
+    from anoseg.predict import predict_run
+
+    plain = evaluate_run(members, output_dir=tmp_path / "mean", progress=False,
+                         ensemble=True).results["demo_texture"]
+    report = evaluate_run(members, output_dir=tmp_path / "cal", progress=False, ensemble=True,
+                          ensemble_combine="calibrated", save_maps=True)
+    result = report.results["demo_texture"]
+    assert 0.0 <= result["pixel_auroc"] <= 1.0
+    assert result["label_free_threshold"] is not None
+    # the label-free pixel threshold flags about 0.1 % of the held-out pixels (not the mean's)
+    assert result["label_free_threshold"] != plain["label_free_threshold"]
+    model = load_ensemble(members, device="cpu")
+    model.config.eval.ensemble_combine = "calibrated"
+    holdout = [Path(p) for p in model.data.split.holdout]
+    anoseg.inference.calibrate_ensemble(model, holdout)
+    assert model.generator.is_calibrated
+    good = sorted((demo_root / "demo_texture" / "test" / "good").iterdir())[:2]
+    out = predict_run(members, good, tmp_path / "pred", ensemble=True,
+                      ensemble_combine="calibrated", progress=False)
+    expected = anoseg.predict_anomaly_maps(
+        model.generator, anoseg.inference.load_images(good, model.config.data.image_size))
+    maps = tmp_path / "cal" / "demo_texture" / "maps" / "good"
+    saved = [torch.from_numpy(np.load(maps / f"{p.stem}.npy")) for p in good]
+    assert torch.allclose(torch.stack(saved), expected, atol=1e-5)
+    assert len(out.rows) == 2

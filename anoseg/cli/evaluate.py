@@ -29,6 +29,29 @@ def _count(text: str) -> int:
     return value
 
 
+def _add_scoring_options(parser: argparse.ArgumentParser) -> None:
+    """``--ensemble``, ``--ensemble-combine``, ``--image-score`` and
+    ``--image-threshold-quantile``."""
+    parser.add_argument("--ensemble", action="store_true",
+                        help="the runs are members of one model (same category): average "
+                             "their maps and evaluate them as one")
+    parser.add_argument("--ensemble-combine", choices=("mean", "calibrated"), default=None,
+                        help="with --ensemble: average the members' maps (mean) or put each "
+                             "on its held-out normal images' scale first (calibrated, for "
+                             "members of different recipes); default: the first member's "
+                             "eval.ensemble_combine")
+    parser.add_argument("--image-score", default=None,
+                        help="headline image score (Image AUROC, image threshold): max, "
+                             "blur3_max, blur5_max, top10_mean, top1pct_mean, signals_max or "
+                             "detector (default: the run's eval.image_score); every cheap "
+                             "score's image "
+                             "AUROC is reported anyway")
+    parser.add_argument("--image-threshold-quantile", type=float, default=None, metavar="Q",
+                        help="label-free image threshold = this quantile of the held-out normal "
+                             "images' image scores (default: the run's "
+                             "eval.image_threshold_quantile, 0.99)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="anoseg-eval",
@@ -65,19 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
                         help="generator weights of a run trained with train.ema_decay: the "
                              "averaged ones (auto, ema) or the last raw iterate (raw)")
-    parser.add_argument("--ensemble", action="store_true",
-                        help="the runs are members of one model (same category): average "
-                             "their maps and evaluate them as one")
-    parser.add_argument("--image-score", default=None,
-                        help="headline image score (Image AUROC, image threshold): max, "
-                             "blur3_max, blur5_max, top10_mean, top1pct_mean, signals_max or "
-                             "detector (default: the run's eval.image_score); every cheap "
-                             "score's image "
-                             "AUROC is reported anyway")
-    parser.add_argument("--image-threshold-quantile", type=float, default=None, metavar="Q",
-                        help="label-free image threshold = this quantile of the held-out normal "
-                             "images' image scores (default: the run's "
-                             "eval.image_threshold_quantile, 0.99)")
+    _add_scoring_options(parser)
     parser.add_argument("--report", action="store_true",
                         help="also write report.html: one self-contained page (no network) "
                              "with the tables, thresholds, IoU curves and galleries of the "
@@ -107,7 +118,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           num_workers=args.num_workers, weights=args.weights,
                           ensemble=args.ensemble, image_score=args.image_score,
                           image_threshold_quantile=args.image_threshold_quantile,
-                          report=args.report, resolution=args.resolution)
+                          report=args.report, resolution=args.resolution,
+                          ensemble_combine=args.ensemble_combine)
     print(report.table, end="")
     if report.image_table:
         print()

@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "anoseg.torchscript.pt; required for an ensemble)")
     parser.add_argument("--ensemble", action="store_true",
                         help="the runs are members of one model: export their averaged maps")
+    parser.add_argument("--ensemble-combine", choices=("mean", "calibrated"), default=None,
+                        help="with --ensemble: how the members' maps are joined, as "
+                             "anoseg-eval --ensemble-combine")
     parser.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
                         help="generator weights of a run trained with train.ema_decay")
     parser.add_argument("--image-score", default=None,
@@ -50,7 +53,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     result = export_run(args.run, args.format, args.output, ensemble=args.ensemble,
                         weights=args.weights, image_score=args.image_score,
                         data_root=args.data_root, batch_size=args.batch_size,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress,
+                        ensemble_combine=args.ensemble_combine)
     for note in result.warnings:
         print(f"warning: {note}")
     meta = result.metadata

@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ensemble", action="store_true",
                         help="the runs are members of one model (same category and "
                              "data.split_seed): average their maps, as anoseg-eval --ensemble")
+    parser.add_argument("--ensemble-combine", choices=("mean", "calibrated"), default=None,
+                        help="with --ensemble: how the members' maps are joined, as "
+                             "anoseg-eval --ensemble-combine")
     parser.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER",
                         help="image files and folders of images (PNG, JPEG, BMP, TIFF)")
     parser.add_argument("--output-dir", required=True, help="where to write")
@@ -74,7 +77,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          device=args.device, data_root=args.data_root,
                          progress=not args.no_progress, image_threshold=args.image_threshold,
                          image_score=args.image_score, map_resolution=args.map_resolution,
-                         resolution=args.resolution, ensemble=args.ensemble)
+                         resolution=args.resolution, ensemble=args.ensemble,
+                         ensemble_combine=args.ensemble_combine)
     print(report.summary())
     print(f"wrote: {report.output_dir / 'scores.csv'} and maps/, overlays/, masks/ in "
           f"{report.output_dir}")
