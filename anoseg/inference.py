@@ -25,7 +25,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from anoseg.checkpoint import load_checkpoint
-from anoseg.config import ENSEMBLE_COMBINES, AnoSegConfig, config_from_dict
+from anoseg.config import (ENSEMBLE_COMBINES, AnoSegConfig, config_diff, config_from_dict,
+                           runtime_keys)
 from anoseg.errors import CheckpointError, ConfigError, DataError
 from anoseg.data.geometry import (Geometry, Placement, blend_window, crop, tile_span,
                                   to_resolution, window_starts)
@@ -346,24 +347,32 @@ class AnoSegEnsemble(nn.Module):
     the mean map is steadier than any one run (``docs/experiments.md``).
 
     ``combine="calibrated"``: members of different recipes (a spot specialist beside the
-    general recipe) speak on different scales, so each member's anomaly logit is first put on
-    its held-out normal images' scale, ``q = (a - median) / (quantile_0.999 - median)``, and the
-    members' ``q`` are averaged with weights ``1 / std`` of each member's per-image maxima of
-    ``q`` on those images (a member whose normal images peak unevenly counts less). The joint
-    anomaly logit is ``soft_knee(4 (q_mean - 1))``: a typical normal pixel sits at -4, the
-    normal pixels' 0.999 quantile at 0. :meth:`calibrate` (or :func:`calibrate_ensemble`)
-    fits it; the signal image map is the mean of the members that have one.
+    general recipe) speak on different scales. ``groups[i]`` names member ``i``'s recipe
+    (:func:`recipe_groups`; default: each member its own); the anomaly logits of one recipe's
+    members are averaged, then each recipe's is put on its held-out normal images' scale,
+    ``q = (a - median) / (quantile_0.999 - median)``, and the recipes' ``q`` are averaged with
+    weights ``1 / std`` of each recipe's per-image maxima of ``q`` on those images (one whose
+    normal images peak unevenly counts less). The joint anomaly logit is
+    ``soft_knee(4 (q_mean - 1))``: a typical normal pixel sits at -4, the normal pixels' 0.999
+    quantile at 0. :meth:`calibrate` (or :func:`calibrate_ensemble`) fits it; the signal image
+    map is the mean of the members that have one.
     """
 
-    def __init__(self, members: Sequence[nn.Module], combine: str = "mean") -> None:
+    def __init__(self, members: Sequence[nn.Module], combine: str = "mean",
+                 groups: Optional[Sequence[int]] = None) -> None:
         super().__init__()
         if not members:
             raise ConfigError("an ensemble needs at least one member")
         self.members = nn.ModuleList(members)
         self.image_size = getattr(members[0], "image_size", None)
         self.combine = combine
-        # per member: median, spread (quantile 0.999 - median), weight (sums to 1)
-        self.register_buffer("calibration", torch.zeros(len(members), 3))
+        groups = list(range(len(members))) if groups is None else [int(g) for g in groups]
+        if len(groups) != len(members) or sorted(set(groups)) != list(range(max(groups) + 1)):
+            raise ConfigError(f"ensemble groups {groups} must number the {len(members)} "
+                              "members' recipes 0, 1, ...")
+        self.groups = groups
+        # per recipe group: median, spread (quantile 0.999 - median), weight (sums to 1)
+        self.register_buffer("calibration", torch.zeros(max(groups) + 1, 3))
 
     @property
     def combine(self) -> str:
@@ -401,11 +410,20 @@ class AnoSegEnsemble(nn.Module):
         return GeneratorOutput(torch.sigmoid(logit), recon, logit,
                                torch.stack(signals).mean(0) if signals else None)
 
+    def _group_means(self, parts: Sequence[Any]) -> List[Any]:
+        """Per recipe group, the mean of its members' ``parts`` (tensors of one shape)."""
+        out = []
+        for group in range(len(self.calibration)):
+            mine = [p for p, g in zip(parts, self.groups) if g == group]
+            out.append(sum(mine[1:], mine[0]) / len(mine))
+        return out
+
     def _calibrated_anomaly_logit(self, map_logits: Sequence[torch.Tensor]) -> torch.Tensor:
         """The joint anomaly logit of the members' normality logits (``combine="calibrated"``)."""
+        anomaly = [normality_logit_to_anomaly_logit(logit.float()) for logit in map_logits]
         joint = None
-        for (median, spread, weight), logit in zip(self.calibration, map_logits):
-            part = weight * (normality_logit_to_anomaly_logit(logit.float()) - median) / spread
+        for (median, spread, weight), logit in zip(self.calibration, self._group_means(anomaly)):
+            part = weight * (logit - median) / spread
             joint = part if joint is None else joint + part
         return soft_knee(FEATURE_STATS_OFFSET * (joint - 1.0))
 
@@ -416,10 +434,13 @@ class AnoSegEnsemble(nn.Module):
         if len(member_logits) != len(self.members):
             raise ValueError(f"{len(member_logits)} members' logits for an ensemble of "
                              f"{len(self.members)}")
+        if not member_logits[0] or len({len(maps) for maps in member_logits}) != 1:
+            raise DataError("calibrating an ensemble needs every member's maps of the same "
+                            "held-out images, at least 1")
+        per_image = [self._group_means([maps[i] for maps in member_logits])
+                     for i in range(len(member_logits[0]))]
         rows = []
-        for maps in member_logits:
-            if not maps:
-                raise DataError("calibrating an ensemble needs at least 1 held-out image")
+        for maps in zip(*per_image):  # one recipe group's maps of every image
             pixels = torch.cat([m.flatten().double() for m in maps])
             median = float(pixels.median())
             spread = max(float(torch.quantile(pixels[::max(1, pixels.numel() // 2_000_000)],
@@ -485,6 +506,29 @@ def calibrate_ensemble(model: LoadedModel, normal_image_paths: Sequence[Union[st
     generator.calibrate(logits)
 
 
+RECIPE_FREE_KEYS = ("train.seed", "data.split_seed")
+"""Config keys that do not make a different recipe (:func:`recipe_groups`), beside the
+run-time keys (:func:`anoseg.config.runtime_keys`)."""
+
+
+def recipe_groups(configs: Sequence[AnoSegConfig]) -> List[int]:
+    """Number the members' recipes: members whose configs differ only in
+    :data:`RECIPE_FREE_KEYS` and run-time keys share a number (0 for the first recipe met, 1
+    for the next, ...). A calibrated ensemble averages each recipe's members first."""
+    skip = (*RECIPE_FREE_KEYS, *runtime_keys())
+    firsts: List[Dict[str, Any]] = []
+    groups = []
+    for config in configs:
+        mine = config.to_dict()
+        found = next((i for i, other in enumerate(firsts)
+                      if not config_diff(other, mine, skip=skip)), None)
+        if found is None:
+            firsts.append(mine)
+            found = len(firsts) - 1
+        groups.append(found)
+    return groups
+
+
 def load_ensemble(checkpoints: Sequence[Union[str, Path]],
                   device: Union[str, torch.device, None] = None, *,
                   weights: str = "auto") -> LoadedModel:
@@ -517,8 +561,8 @@ def load_ensemble(checkpoints: Sequence[Union[str, Path]],
     data = DataRecord(TrainingSplit(list(first_data.split.train),
                                     [p for p in holdout_of(first) if p in held_by_all]),
                       first_data.data_root)
-    ensemble = AnoSegEnsemble([m.generator for m in loaded],
-                              first.config.eval.ensemble_combine).to(first.device).eval()
+    ensemble = AnoSegEnsemble([m.generator for m in loaded], first.config.eval.ensemble_combine,
+                              recipe_groups([m.config for m in loaded])).to(first.device).eval()
     return LoadedModel(ensemble, first.config, first.checkpoint, first.device, first.weights,
                        step=sum(m.step or 0 for m in loaded), data=data,
                        members=tuple(str(c) for c in checkpoints))

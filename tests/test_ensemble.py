@@ -261,3 +261,32 @@ def test_evaluate_and_predict_a_calibrated_ensemble(members, demo_root, tmp_path
     saved = [torch.from_numpy(np.load(maps / f"{p.stem}.npy")) for p in good]
     assert torch.allclose(torch.stack(saved), expected, atol=1e-5)
     assert len(out.rows) == 2
+
+
+def test_recipe_groups_join_seeds_and_part_recipes():
+    from anoseg.inference import recipe_groups
+
+    configs = [load_config(None, ["train.seed=0", "data.split_seed=0"]),
+               load_config(None, ["model.width=0.5"]),
+               load_config(None, ["train.seed=3", "train.time_budget=60", "eval.batch_size=2"])]
+    assert recipe_groups(configs) == [0, 1, 0]
+
+
+def test_calibrated_ensemble_averages_one_recipes_members_first():
+    from anoseg.inference import AnoSegEnsemble, normality_logit_to_anomaly_logit
+
+    normals = torch.rand(8, 3, 16, 16) * 0.8
+    normals[:, :, 4:6, 4:6] = 0.95
+    tests = torch.rand(4, 3, 16, 16)
+    members = [_Brightness(1.0, 0.0), _Brightness(3.0, 1.0, noise=5.0)]
+    ensemble = AnoSegEnsemble(members, "calibrated", groups=[0, 0])
+    ensemble.calibrate([[normality_logit_to_anomaly_logit(m(normals).map_logit)[i, 0]
+                         for i in range(len(normals))] for m in members])
+    assert ensemble.calibration.shape == (1, 3) and float(ensemble.calibration[0, 2]) == 1.0
+    # one recipe: the joint logit is an increasing function of the members' mean logit
+    mean = -AnoSegEnsemble(members)(tests).map_logit.flatten()
+    joint = -ensemble(tests).map_logit.flatten()
+    order = torch.argsort(mean)
+    assert bool((joint[order][1:] >= joint[order][:-1] - 1e-5).all())
+    with pytest.raises(ConfigError, match="groups"):
+        AnoSegEnsemble(members, "calibrated", groups=[0, 2])
