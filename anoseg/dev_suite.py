@@ -123,11 +123,12 @@ def train_once(cfg, run_dir: Union[str, Path], *, progress: bool = False) -> Dic
 
 def train_members(cfg_path: str, overrides: List[str], root: Path, category: str,
                   budget: float, seeds: Sequence[int], run_root: Path,
-                  split_seed: Optional[int] = None) -> List[Path]:
-    """One run per seed under ``run_root/s<seed>``, all with one held-out split (``split_seed``,
-    default the first seed's) and ``budget / len(seeds)`` seconds each (:func:`train_once`)."""
+                  split_seed: int = 0) -> List[Path]:
+    """One run per seed under ``run_root/s<seed>``, all with the held-out split of
+    ``split_seed`` (one split whatever the seeds, so runs of separate calls join as an
+    ensemble) and ``budget / len(seeds)`` seconds each (:func:`train_once`)."""
     runs = []
-    split = seeds[0] if split_seed is None else split_seed
+    split = split_seed
     for seed in seeds:
         run_dir = run_root / f"s{seed}"
         runs.append(run_dir)
@@ -196,19 +197,19 @@ def seed_statistics(per_seed: Sequence[Dict[str, Dict]]) -> Tuple[Dict[str, Dict
 
 def _set_scores(config: str, overrides: Sequence[str], root: Path, category: str,
                 budget: float, seeds: Sequence[int], run_root: Path, resolution: str,
-                separate_seeds: bool) -> Dict[str, Any]:
+                separate_seeds: bool, split_seed: int = 0) -> Dict[str, Any]:
     """Train and score one set: the seeds' ensemble (``budget`` split over them), or with
     ``separate_seeds`` one model per seed with the whole ``budget`` each, scored alone and
     summarised by :func:`seed_statistics`."""
     if not separate_seeds:
         runs = train_members(config, list(overrides), root, category, budget, list(seeds),
-                             run_root)
+                             run_root, split_seed=split_seed)
         return {"model": model_scores(runs, root, category, resolution),
                 "train_seconds": _train_seconds(runs)}
     per_seed, runs = {}, []
     for seed in seeds:
         run = train_members(config, list(overrides), root, category, budget, [seed],
-                            run_root, split_seed=seeds[0])
+                            run_root, split_seed=split_seed)
         runs += run
         per_seed[seed] = model_scores(run, root, category, resolution)
     mean, std = seed_statistics(list(per_seed.values()))
@@ -236,14 +237,16 @@ def suite_sets(real_root: Union[str, Path], suite_root: Union[str, Path],
 def run_suite(sets: Dict[str, Tuple[Path, str]], config: str, overrides: Sequence[str], *,
               budget: float, seeds: Sequence[int], output_dir: Union[str, Path],
               image_size: Any = 128, floor_resize: str = "stretch",
-              resolution: str = "model", separate_seeds: bool = False) -> Dict[str, Dict]:
+              resolution: str = "model", separate_seeds: bool = False,
+              split_seed: int = 0) -> Dict[str, Dict]:
     """Floor, training and scores for every set; ``suite.json`` and ``suite.md`` in
     ``output_dir`` are rewritten after each set (a finished run is not retrained). The floor
     is fitted at ``image_size`` with ``floor_resize``; floor and models are scored at
     ``resolution`` (``native``: every geometry on the same pixels, comparable). With
     ``separate_seeds`` every seed is its own model with the whole ``budget`` (the rows are the
     mean over seeds; ``model_std`` and ``per_seed`` hold the spread and each seed's scores),
-    to tell a change of recipe from seed noise."""
+    to tell a change of recipe from seed noise. Every run holds out the images of
+    ``split_seed``."""
     output = Path(output_dir)
     results: Dict[str, Dict] = {}
     for name, (root, category) in sets.items():
@@ -255,7 +258,7 @@ def run_suite(sets: Dict[str, Tuple[Path, str]], config: str, overrides: Sequenc
             write_json(floor_path, floor)
         start = time.perf_counter()
         results[name] = _set_scores(config, overrides, root, category, budget, seeds,
-                                    output / name, resolution, separate_seeds)
+                                    output / name, resolution, separate_seeds, split_seed)
         results[name]["floor"] = floor
         scores, train_seconds = results[name]["model"], results[name]["train_seconds"]
         print(f"{name}: {time.perf_counter() - start:.0f} s, train {train_seconds:.0f} s; "
@@ -268,6 +271,7 @@ def run_suite(sets: Dict[str, Tuple[Path, str]], config: str, overrides: Sequenc
                                                      "resize": floor_resize},
                                            "budget": budget, "seeds": list(seeds),
                                            "separate_seeds": separate_seeds,
+                                           "split_seed": split_seed,
                                            "results": results})
         atomic_write_text(output / "suite.md", suite_table(results, KEYS))
     return results

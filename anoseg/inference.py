@@ -21,7 +21,6 @@ from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tu
 import numpy as np
 import torch
 from torch import nn
-
 from tqdm.auto import tqdm
 
 from anoseg.checkpoint import load_checkpoint

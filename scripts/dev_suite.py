@@ -64,13 +64,16 @@ def main() -> None:
                         help="train every seed as its own model with the whole --budget and "
                              "report the mean over seeds ± their standard deviation (instead "
                              "of one ensemble): tells a change of recipe from seed noise")
+    parser.add_argument("--split-seed", type=int, default=0,
+                        help="data.split_seed of every run (default 0): one held-out split "
+                             "for all seeds and calls, so runs can be joined with --ensemble")
     args = parser.parse_args()
 
     sets = suite_sets(args.real_root, args.suite_root, args.sets)
     results = run_suite(sets, args.config, args.overrides, budget=args.budget, seeds=args.seeds,
                         output_dir=args.output_dir, image_size=args.image_size,
                         floor_resize=args.floor_resize, resolution=args.resolution,
-                        separate_seeds=args.separate_seeds)
+                        separate_seeds=args.separate_seeds, split_seed=args.split_seed)
     print(suite_table(results, KEYS))
 
 if __name__ == "__main__":

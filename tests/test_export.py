@@ -143,6 +143,23 @@ def test_ensemble_exports_its_averaged_map(runs, test_images, tmp_path):
     assert meta["image_threshold"] is not None  # the members share their held-out images
 
 
+def test_a_calibrated_ensemble_exports_with_its_fit(runs, test_images, tmp_path):
+    from anoseg.inference import calibrate_ensemble
+
+    output = tmp_path / "calibrated.pt"
+    assert export_main(["--run", *map(str, runs), "--ensemble", "--format", "torchscript",
+                        "--output", str(output), "--ensemble-combine", "calibrated",
+                        "--image-score", "max", "--no-progress"]) == 0
+    model = load_ensemble(runs, device="cpu")
+    model.config.eval.ensemble_combine = "calibrated"
+    calibrate_ensemble(model, [Path(p) for p in model.data.split.holdout])
+    maps, logits = predict_anomaly_scores(model.generator, test_images)
+    plain, _ = predict_anomaly_scores(load_ensemble(runs, device="cpu").generator, test_images)
+    assert not torch.allclose(maps, plain, atol=1e-3)  # the file must carry the fit
+    _, run = _torchscript_run(output)
+    _compare(run, test_images, maps, image_scores(logits)["max"])
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_signals_max_exports_from_the_same_pass(fmt, runs, test_images, tmp_path):
     output = tmp_path / f"signals.{'onnx' if fmt == 'onnx' else 'pt'}"
