@@ -366,12 +366,14 @@ class EvalConfig:
     image_threshold_quantile: float = field(default=0.99, metadata=RUNTIME)
     """Label-free image threshold: this quantile of the held-out normal images' image scores;
     an image scoring above it is anomalous (about ``1 - quantile`` of normal images are)."""
-    ensemble_combine: str = field(default="mean", metadata=RUNTIME)
+    ensemble_combine: str = field(default="auto", metadata=RUNTIME)
     """How an ensemble (``--ensemble``; the first member's setting) joins its members' maps:
-    ``mean`` = the plain mean, ``calibrated`` = each member's anomaly logit rescaled on the
-    held-out normal images (median to 0, quantile 0.999 to 1) and weighted by how steady its
-    normal images' peaks are (:func:`anoseg.inference.calibrate_ensemble`): members of
-    different recipes then count alike (``docs/evaluation.md``)."""
+    ``mean`` = the plain mean, ``calibrated`` = the members of each recipe averaged, then each
+    recipe's anomaly logit rescaled on the held-out normal images (median to 0, quantile
+    0.999 to 1) and weighted by how steady its normal images' peaks are
+    (:class:`anoseg.inference.AnoSegEnsemble`): recipes then count alike; ``auto`` =
+    ``calibrated`` for members of several recipes, ``mean`` for seeds of one
+    (``docs/evaluation.md``)."""
     resolution: str = field(default="model", metadata=RUNTIME)
     """Where maps are scored (metrics, image scores, the label-free thresholds): ``model`` =
     at the network's resolution (the image's part of it: padding is cut off), ``native`` = at
@@ -632,7 +634,7 @@ def _validate_train(t: TrainConfig, m: ModelConfig) -> None:
 TRAIN_LOGGERS = ("none", "tensorboard")
 """Values of ``train.logger``."""
 
-ENSEMBLE_COMBINES = ("mean", "calibrated")
+ENSEMBLE_COMBINES = ("auto", "mean", "calibrated")
 """Values of ``eval.ensemble_combine``."""
 
 IMAGE_SCORE_CHOICES = ("max", "blur3_max", "blur5_max", "top10_mean", "top1pct_mean",

@@ -341,13 +341,16 @@ def load_placed_images(paths: Sequence[Path], geometry: Geometry
 class AnoSegEnsemble(nn.Module):
     """Several generators of one category used as one.
 
+    ``combine="auto"`` (the default) is ``calibrated`` when the members are of several
+    recipes (``groups``), ``mean`` otherwise (:attr:`mode`).
+
     ``combine="mean"``: their normality maps (and reconstructions, map logits and signal image
     maps) are averaged. Independently seeded short runs disagree most where they are wrong, so
     the mean map is steadier than any one run (``docs/experiments.md``).
 
     ``combine="calibrated"``: members of different recipes (a spot specialist beside the
     general recipe) speak on different scales. ``groups[i]`` names member ``i``'s recipe
-    (:func:`recipe_groups`; default: each member its own); the anomaly logits of one recipe's
+    (:func:`recipe_groups`; default: all one recipe); the anomaly logits of one recipe's
     members are averaged, then each recipe's is put on its held-out normal images' scale,
     ``q = (a - median) / (quantile_0.999 - median)``, and the recipes' ``q`` are averaged with
     weights ``1 / std`` of each recipe's per-image maxima of ``q`` on those images (one whose
@@ -357,7 +360,7 @@ class AnoSegEnsemble(nn.Module):
     map is the mean of the members that have one.
     """
 
-    def __init__(self, members: Sequence[nn.Module], combine: str = "mean",
+    def __init__(self, members: Sequence[nn.Module], combine: str = "auto",
                  groups: Optional[Sequence[int]] = None) -> None:
         super().__init__()
         if not members:
@@ -365,7 +368,7 @@ class AnoSegEnsemble(nn.Module):
         self.members = nn.ModuleList(members)
         self.image_size = getattr(members[0], "image_size", None)
         self.combine = combine
-        groups = list(range(len(members))) if groups is None else [int(g) for g in groups]
+        groups = [0] * len(members) if groups is None else [int(g) for g in groups]
         if len(groups) != len(members) or sorted(set(groups)) != list(range(max(groups) + 1)):
             raise ConfigError(f"ensemble groups {groups} must number the {len(members)} "
                               "members' recipes 0, 1, ...")
@@ -385,6 +388,13 @@ class AnoSegEnsemble(nn.Module):
         self._combine = value
 
     @property
+    def mode(self) -> str:
+        """``mean`` or ``calibrated``: what ``combine`` means for these members."""
+        if self.combine == "auto":
+            return "calibrated" if len(set(self.groups)) > 1 else "mean"
+        return self.combine
+
+    @property
     def is_calibrated(self) -> bool:
         """Whether :meth:`calibrate` has fitted the members' scales."""
         return bool((self.calibration[:, 1] > 0).all())
@@ -397,7 +407,7 @@ class AnoSegEnsemble(nn.Module):
             return None if any(p is None for p in parts) else torch.stack(parts).mean(0)
 
         recon = mean([o.reconstruction for o in outs])
-        if self.combine == "mean":
+        if self.mode == "mean":
             return GeneratorOutput(mean([o.normality_map for o in outs]), recon,
                                    mean([o.map_logit for o in outs]),
                                    mean([o.signal_map for o in outs]))
@@ -454,12 +464,12 @@ class AnoSegEnsemble(nn.Module):
     def has_signal_image_map(self) -> bool:
         """Whether every member (``calibrated``: any member) has a fitted signal image map."""
         has = [getattr(m, "has_signal_image_map", lambda: False)() for m in self.members]
-        return any(has) if self.combine == "calibrated" else all(has)
+        return any(has) if self.mode == "calibrated" else all(has)
 
     def signal_image_map(self, images: torch.Tensor) -> torch.Tensor:
         """The members' signal image maps (``calibrated``: those that have one), averaged."""
         members = [m for m in self.members
-                   if self.combine == "mean" or getattr(m, "has_signal_image_map",
+                   if self.mode == "mean" or getattr(m, "has_signal_image_map",
                                                         lambda: False)()]
         return torch.stack([m.signal_image_map(images) for m in members]).mean(0)
 
@@ -472,9 +482,10 @@ CALIBRATION_MIN_PEAK_STD = 0.05
 
 def calibrate_ensemble(model: LoadedModel, normal_image_paths: Sequence[Union[str, Path]], *,
                        batch_size: int = 16, progress: bool = False) -> None:
-    """Set an ensemble's ``combine`` from ``model.config.eval.ensemble_combine`` and, for
-    ``calibrated``, fit it on ``normal_image_paths`` (the held-out images no member trained
-    on; each member's logits at the model's resolution). A single run is left alone.
+    """Set an ensemble's ``combine`` from ``model.config.eval.ensemble_combine`` and, when
+    that makes it ``calibrated`` (:attr:`AnoSegEnsemble.mode`), fit it on
+    ``normal_image_paths`` (the held-out images no member trained on; each member's logits at
+    the model's resolution). A single run is left alone.
 
     Raises:
         DataError: ``calibrated`` without held-out images.
@@ -483,13 +494,14 @@ def calibrate_ensemble(model: LoadedModel, normal_image_paths: Sequence[Union[st
     if not isinstance(generator, AnoSegEnsemble):
         return
     generator.combine = model.config.eval.ensemble_combine
-    if generator.combine != "calibrated":
+    if generator.mode != "calibrated":
         return
     paths = [Path(p) for p in normal_image_paths]
     if not paths:
-        raise DataError("eval.ensemble_combine=calibrated needs held-out normal images no "
-                        "member trained on (train the members with the same "
-                        "data.split_seed), or use eval.ensemble_combine=mean")
+        raise DataError("a calibrated ensemble (members of several recipes, or "
+                        "eval.ensemble_combine=calibrated) needs held-out normal images no "
+                        "member trained on: train the members with the same data.split_seed, "
+                        "or pass --ensemble-combine mean")
     geometry = Geometry.from_config(model.config.data)
     logits: List[List[torch.Tensor]] = [[] for _ in generator.members]
     step = 1 if geometry.tiled else batch_size
@@ -505,7 +517,7 @@ def calibrate_ensemble(model: LoadedModel, normal_image_paths: Sequence[Union[st
     generator.calibrate(logits)
 
 
-RECIPE_FREE_KEYS = ("train.seed", "data.split_seed")
+RECIPE_FREE_KEYS = ("train.seed", "data.split_seed", "data.holdout_fraction", "data.root")
 """Config keys that do not make a different recipe (:func:`recipe_groups`), beside the
 run-time keys (:func:`anoseg.config.runtime_keys`)."""
 

@@ -187,7 +187,7 @@ class _Brightness(torch.nn.Module):
 def _calibrated(members, normals):
     from anoseg.inference import AnoSegEnsemble, normality_logit_to_anomaly_logit
 
-    ensemble = AnoSegEnsemble(members, "calibrated")
+    ensemble = AnoSegEnsemble(members, "calibrated", groups=range(len(members)))
     ensemble.calibrate([[normality_logit_to_anomaly_logit(m(normals).map_logit)[i, 0]
                          for i in range(len(normals))] for m in members])
     return ensemble
@@ -229,7 +229,7 @@ def test_calibrated_ensemble_needs_its_fit_and_a_known_mode():
 
     with pytest.raises(ConfigError, match="calibrate_ensemble"):
         AnoSegEnsemble([_Brightness(1.0, 0.0)], "calibrated")(torch.rand(1, 3, 8, 8))
-    with pytest.raises(ConfigError, match="mean, calibrated"):
+    with pytest.raises(ConfigError, match="auto, mean, calibrated"):
         AnoSegEnsemble([_Brightness(1.0, 0.0)], "median")
     with pytest.raises(ConfigError, match="eval.ensemble_combine"):
         load_config(None, ["eval.ensemble_combine=max"])
@@ -290,3 +290,22 @@ def test_calibrated_ensemble_averages_one_recipes_members_first():
     assert bool((joint[order][1:] >= joint[order][:-1] - 1e-5).all())
     with pytest.raises(ConfigError, match="groups"):
         AnoSegEnsemble(members, "calibrated", groups=[0, 2])
+
+
+def test_auto_calibrates_members_of_several_recipes_only(members, demo_root, tmp_path):
+    cfg = load_config(None, TINY + [f"data.root={demo_root}", "data.category=demo_texture",
+                                    "data.split_seed=0", "synthesis.blob_p=0.5"])
+    train(cfg, tmp_path / "other_recipe", progress=False)
+    seeds = load_ensemble(members, device="cpu").generator
+    assert seeds.groups == [0, 0] and seeds.mode == "mean"
+    mixed = load_ensemble([*members, tmp_path / "other_recipe"], device="cpu")
+    assert mixed.generator.groups == [0, 0, 1] and mixed.generator.mode == "calibrated"
+    result = evaluate_run([*members, tmp_path / "other_recipe"], output_dir=tmp_path / "eval",
+                          progress=False, ensemble=True).results["demo_texture"]
+    assert 0.0 <= result["pixel_auroc"] <= 1.0
+    mixed.config.eval.ensemble_combine = "mean"
+    anoseg.inference.calibrate_ensemble(mixed, [])  # mean asked for: nothing to fit
+    assert mixed.generator.mode == "mean"
+    mixed.config.eval.ensemble_combine = "auto"
+    with pytest.raises(anoseg.errors.DataError, match="same data.split_seed"):
+        anoseg.inference.calibrate_ensemble(mixed, [])

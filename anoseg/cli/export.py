@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "anoseg.torchscript.pt; required for an ensemble)")
     parser.add_argument("--ensemble", action="store_true",
                         help="the runs are members of one model: export their averaged maps")
-    parser.add_argument("--ensemble-combine", choices=("mean", "calibrated"), default=None,
+    parser.add_argument("--ensemble-combine", choices=("auto", "mean", "calibrated"),
+                        default=None,
                         help="with --ensemble: how the members' maps are joined, as "
                              "anoseg-eval --ensemble-combine")
     parser.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",

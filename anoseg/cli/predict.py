@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ensemble", action="store_true",
                         help="the runs are members of one model (same category and "
                              "data.split_seed): average their maps, as anoseg-eval --ensemble")
-    parser.add_argument("--ensemble-combine", choices=("mean", "calibrated"), default=None,
+    parser.add_argument("--ensemble-combine", choices=("auto", "mean", "calibrated"),
+                        default=None,
                         help="with --ensemble: how the members' maps are joined, as "
                              "anoseg-eval --ensemble-combine")
     parser.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER",
