@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -19,3 +20,16 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], int],
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def add_ensemble_combine(parser: argparse.ArgumentParser) -> None:
+    """``--ensemble-combine`` (``eval.ensemble_combine``) of the commands that take
+    ``--ensemble``; the choices are :data:`anoseg.config.ENSEMBLE_COMBINES`."""
+    from anoseg.config import ENSEMBLE_COMBINES
+
+    parser.add_argument("--ensemble-combine", choices=ENSEMBLE_COMBINES, default=None,
+                        help="with --ensemble: average the members' maps (mean) or put each "
+                             "recipe's on its held-out normal images' scale first (calibrated); "
+                             "auto: calibrated when the members are of several recipes (e.g. "
+                             "cpu_unseen.yaml and cpu_real.yaml), mean otherwise; default: the "
+                             "first member's eval.ensemble_combine (auto)")

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from anoseg.cli.common import run_cli
+from anoseg.cli.common import add_ensemble_combine, run_cli
 
 
 def _positive_int(text: str) -> int:
@@ -35,13 +35,7 @@ def _add_scoring_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ensemble", action="store_true",
                         help="the runs are members of one model (same category): average "
                              "their maps and evaluate them as one")
-    parser.add_argument("--ensemble-combine", choices=("auto", "mean", "calibrated"),
-                        default=None,
-                        help="with --ensemble: average the members' maps (mean) or put each "
-                             "recipe's on its held-out normal images' scale first (calibrated); "
-                             "auto: calibrated when the members are of several recipes (e.g. "
-                             "cpu_unseen.yaml and cpu_real.yaml), mean otherwise; default: the "
-                             "first member's eval.ensemble_combine (auto)")
+    add_ensemble_combine(parser)
     parser.add_argument("--image-score", default=None,
                         help="headline image score (Image AUROC, image threshold): max, "
                              "blur3_max, blur5_max, top10_mean, top1pct_mean, signals_max or "

@@ -7,7 +7,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from anoseg.cli.common import run_cli
+from anoseg.cli.common import add_ensemble_combine, run_cli
 from anoseg.cli.evaluate import _positive_int
 
 
@@ -29,10 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "anoseg.torchscript.pt; required for an ensemble)")
     parser.add_argument("--ensemble", action="store_true",
                         help="the runs are members of one model: export their averaged maps")
-    parser.add_argument("--ensemble-combine", choices=("auto", "mean", "calibrated"),
-                        default=None,
-                        help="with --ensemble: how the members' maps are joined, as "
-                             "anoseg-eval --ensemble-combine")
+    add_ensemble_combine(parser)
     parser.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
                         help="generator weights of a run trained with train.ema_decay")
     parser.add_argument("--image-score", default=None,

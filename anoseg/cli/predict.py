@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from anoseg.cli.common import run_cli
+from anoseg.cli.common import add_ensemble_combine, run_cli
 from anoseg.cli.evaluate import _positive_int
 
 
@@ -34,10 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ensemble", action="store_true",
                         help="the runs are members of one model (same category and "
                              "data.split_seed): average their maps, as anoseg-eval --ensemble")
-    parser.add_argument("--ensemble-combine", choices=("auto", "mean", "calibrated"),
-                        default=None,
-                        help="with --ensemble: how the members' maps are joined, as "
-                             "anoseg-eval --ensemble-combine")
+    add_ensemble_combine(parser)
     parser.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER",
                         help="image files and folders of images (PNG, JPEG, BMP, TIFF)")
     parser.add_argument("--output-dir", required=True, help="where to write")
