@@ -26,16 +26,16 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from anoseg._version import __version__
 from anoseg.atomic import atomic_write_text
 from anoseg.checkpoint import resolve_checkpoint
 from anoseg.errors import ConfigError
 from anoseg.data.geometry import Geometry, crop, group_by_shape
 from anoseg.galleries import DEFAULT_GALLERY_SIZE, GalleryCollector
 from anoseg.html_report import REPORT_FILE, CategoryReport, write_report
-from anoseg._version import __version__
 from anoseg.inference import (LoadedDetector, LoadedModel, ScoredMap, detector_scores,
-                              calibrate_ensemble, load_ensemble, load_model, predict_placed,
-                              run_detector)
+                              calibrate_ensemble, load_ensemble, load_model, override_eval,
+                              predict_placed, run_detector)
 from anoseg.metrics import IMAGE_SCORES, SegmentationMetrics, image_auroc
 from anoseg.reporting import (DETECTOR_KEY, MEAN_KEYS, format_image_score_table,
                               format_markdown_table,
@@ -515,7 +515,8 @@ def evaluate_run(run_or_checkpoint: Union[PathLike, Sequence[PathLike]],
         image_score, image_threshold_quantile, resolution, ensemble_combine: Override the
             runs' ``eval.image_score``, ``eval.image_threshold_quantile``, ``eval.resolution``
             (``model`` or ``native``: maps scored at each image's own size) and
-            ``eval.ensemble_combine`` (``mean`` or ``calibrated``, with ``ensemble``).
+            ``eval.ensemble_combine`` (``auto``, ``mean`` or ``calibrated``, with
+            ``ensemble``).
         report: Also write ``report.html`` (:mod:`anoseg.html_report`): one self-contained
             page with every table, the thresholds, the IoU curves and galleries of
             ``report_gallery`` pictures each.
@@ -587,16 +588,8 @@ def _load_for_eval(checkpoint_path: Any, ensemble: bool, device: torch.device, w
         checkpoint_path = checkpoint_path[0]
     else:
         model = load_model(checkpoint_path, device, weights=weights)
-    _override_eval(model, **overrides)
+    override_eval(model, **overrides)
     return model, checkpoint_path
-
-
-def _override_eval(model: LoadedModel, **values: Any) -> None:
-    """Set the given (not ``None``) ``eval`` keys of a loaded model's config, validated."""
-    for key, value in values.items():
-        if value is not None:
-            setattr(model.config.eval, key, value)
-    model.config.validate()
 
 
 def _plan_jobs(run_or_checkpoint: Union[PathLike, Sequence[PathLike]],
@@ -643,11 +636,12 @@ def _evaluate_checkpoint(model: LoadedModel, checkpoint_path: Path, category: st
     run_dir = run.path if run is not None else None
     root = resolve_eval_data_root(model, data_root, run_dir)
     holdout = holdout_image_paths(model, root, None if ensemble else run_dir)
-    calibrate_ensemble(model, holdout, batch_size=batch_size or model.config.eval.batch_size,
+    batch_size = batch_size or model.config.eval.batch_size
+    calibrate_ensemble(model, holdout, batch_size=batch_size,
                        progress=options.get("progress", False))
     detector, detector_warning = run_detector(checkpoint_path, model, device)
     result = evaluate_category(
-        model, root, category, batch_size=batch_size or model.config.eval.batch_size,
+        model, root, category, batch_size=batch_size,
         holdout_paths=holdout, threshold_cache_for=checkpoint_path,
         detector=detector, **options)
     if detector_warning is not None:

@@ -44,7 +44,7 @@ from anoseg.extras import require, require_extra
 from anoseg.metrics import SIGNAL_IMAGE_SCORE
 from anoseg.inference import (LoadedDetector, LoadedModel, calibrate_ensemble, load_images,
                               load_runs, normality_logit_to_anomaly_logit,
-                              normality_to_anomaly, run_detector)
+                              normality_to_anomaly, override_eval, run_detector)
 from anoseg.run_dir import EXPORT_DIR, RunDir
 from anoseg.threshold import (cached_label_free_threshold, headline_image_score,
                               holdout_image_paths, image_threshold_for)
@@ -248,7 +248,7 @@ def export_run(runs: Union[PathLike, Sequence[PathLike]], fmt: str,
         batch_size: Images per forward pass for the thresholds (default ``eval.batch_size``).
         progress: Progress bars while the thresholds are computed.
         ensemble_combine: Override the first member's ``eval.ensemble_combine``; a
-            ``calibrated`` ensemble is fitted on the held-out images first and the file
+            calibrated ensemble (:func:`anoseg.inference.ensemble_mode`) is fitted on the held-out images first and the file
             carries its fit.
 
     Raises:
@@ -272,10 +272,7 @@ def export_run(runs: Union[PathLike, Sequence[PathLike]], fmt: str,
         raise ExportError(f"{checkpoints[0]}: a run with data.tiling is not exported: its "
                           "maps come from a sliding window over the whole image, which the "
                           "one-window file does not do; use anoseg-predict")
-    for key, value in (("image_score", image_score), ("ensemble_combine", ensemble_combine)):
-        if value is not None:
-            setattr(model.config.eval, key, value)
-    model.config.validate()
+    override_eval(model, image_score=image_score, ensemble_combine=ensemble_combine)
     run = RunDir.of_checkpoint(checkpoints[0])
     holdout = holdout_image_paths(model, data_root,
                                   run.path if run is not None and not ensemble else None)

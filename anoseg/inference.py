@@ -480,6 +480,26 @@ CALIBRATION_MIN_PEAK_STD = 0.05
 """Floor of the std of a member's calibrated held-out image maxima (its weight is 1 / std)."""
 
 
+def override_eval(model: LoadedModel, **values: Any) -> None:
+    """Set the given (not ``None``) ``eval`` keys of a loaded model's config, validated (the
+    command-line overrides of eval, predict and export)."""
+    for key, value in values.items():
+        if value is not None:
+            setattr(model.config.eval, key, value)
+    model.config.validate()
+
+
+def ensemble_mode(model: LoadedModel) -> Optional[str]:
+    """``mean`` or ``calibrated``: how an ensemble joins its members under its config's
+    ``eval.ensemble_combine`` (set on the ensemble, :attr:`AnoSegEnsemble.mode`); ``None`` for
+    a single run."""
+    generator = model.generator
+    if not isinstance(generator, AnoSegEnsemble):
+        return None
+    generator.combine = model.config.eval.ensemble_combine
+    return generator.mode
+
+
 def calibrate_ensemble(model: LoadedModel, normal_image_paths: Sequence[Union[str, Path]], *,
                        batch_size: int = 16, progress: bool = False) -> None:
     """Set an ensemble's ``combine`` from ``model.config.eval.ensemble_combine`` and, when
@@ -490,12 +510,9 @@ def calibrate_ensemble(model: LoadedModel, normal_image_paths: Sequence[Union[st
     Raises:
         DataError: ``calibrated`` without held-out images.
     """
+    if ensemble_mode(model) != "calibrated":
+        return
     generator = model.generator
-    if not isinstance(generator, AnoSegEnsemble):
-        return
-    generator.combine = model.config.eval.ensemble_combine
-    if generator.mode != "calibrated":
-        return
     paths = [Path(p) for p in normal_image_paths]
     if not paths:
         raise DataError("a calibrated ensemble (members of several recipes, or "

@@ -24,7 +24,8 @@ from anoseg.checkpoint import resolve_checkpoint
 from anoseg.errors import ConfigError, DataError
 from anoseg.data.geometry import Geometry, Placement, crop, resize_to_source
 from anoseg.inference import (LoadedDetector, LoadedModel, calibrate_ensemble, detector_scores,
-                              load_placed_images, load_runs, predict_placed, run_detector)
+                              ensemble_mode, load_placed_images, load_runs, override_eval,
+                              predict_placed, run_detector)
 from anoseg.run_dir import RunDir, safe_name
 from anoseg.runtime import resolve_device
 from anoseg.threshold import (cached_label_free_threshold, headline_image_score,
@@ -285,8 +286,7 @@ def _prediction_holdout(model: LoadedModel, checkpoint_path: Path,
     Raises:
         DataError: They are needed and the run (or ensemble) has none.
     """
-    calibrated = model.is_ensemble and model.config.eval.ensemble_combine == "calibrated"
-    if not (needed or calibrated):
+    if not (needed or ensemble_mode(model) == "calibrated"):
         return []
     run = None if model.is_ensemble else RunDir.of_checkpoint(checkpoint_path)
     holdout = holdout_image_paths(model, data_root, run.path if run is not None else None)
@@ -330,12 +330,12 @@ def predict_run(checkpoint: Union[PathLike, Sequence[PathLike]], inputs: Sequenc
             size the maps, masks and overlays are written at.
         resolution: Override the run's ``eval.resolution``, where the image scores and the
             label-free thresholds are computed.
-        ensemble: The runs are members of one model, their maps averaged
+        ensemble: The runs are members of one model, their maps joined
             (:func:`anoseg.inference.load_ensemble`; train them with the same
             ``data.split_seed``): the thresholds come from the images every member held out,
             computed each time, not cached; no detector.
-        ensemble_combine: Override the first member's ``eval.ensemble_combine`` (``mean`` or
-            ``calibrated``: each member fitted on those images first).
+        ensemble_combine: Override the first member's ``eval.ensemble_combine`` (``auto``,
+            ``mean`` or ``calibrated``; a calibrated ensemble is fitted on those images first).
 
     Raises:
         AnoSegError: Bad inputs; a threshold not given and the run has no held-out images.
@@ -349,11 +349,8 @@ def predict_run(checkpoint: Union[PathLike, Sequence[PathLike]], inputs: Sequenc
     image_paths = collect_image_paths(inputs)
     model = load_runs(checkpoints, resolve_device(device), ensemble=ensemble)
     checkpoint_path = checkpoints[0]
-    for key, value in (("image_score", image_score), ("resolution", resolution),
-                       ("ensemble_combine", ensemble_combine)):
-        if value is not None:
-            setattr(model.config.eval, key, value)
-    model.config.validate()
+    override_eval(model, image_score=image_score, resolution=resolution,
+                  ensemble_combine=ensemble_combine)
     batch_size = batch_size or model.config.eval.batch_size
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")

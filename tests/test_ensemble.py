@@ -303,6 +303,13 @@ def test_auto_calibrates_members_of_several_recipes_only(members, demo_root, tmp
     result = evaluate_run([*members, tmp_path / "other_recipe"], output_dir=tmp_path / "eval",
                           progress=False, ensemble=True).results["demo_texture"]
     assert 0.0 <= result["pixel_auroc"] <= 1.0
+    # thresholds given: predict still reads the held-out images, to calibrate (auto)
+    from anoseg.predict import predict_run
+
+    good = sorted((demo_root / "demo_texture" / "test" / "good").iterdir())[:1]
+    out = predict_run([*members, tmp_path / "other_recipe"], good, tmp_path / "pred",
+                      ensemble=True, threshold=0.5, image_threshold=0.0, progress=False)
+    assert len(out.rows) == 1 and out.threshold_source == "given"
     mixed.config.eval.ensemble_combine = "mean"
     anoseg.inference.calibrate_ensemble(mixed, [])  # mean asked for: nothing to fit
     assert mixed.generator.mode == "mean"
