@@ -248,8 +248,8 @@ def export_run(runs: Union[PathLike, Sequence[PathLike]], fmt: str,
         batch_size: Images per forward pass for the thresholds (default ``eval.batch_size``).
         progress: Progress bars while the thresholds are computed.
         ensemble_combine: Override the first member's ``eval.ensemble_combine``; a
-            calibrated ensemble (:func:`anoseg.inference.ensemble_mode`) is fitted on the held-out images first and the file
-            carries its fit.
+            calibrated ensemble (:func:`anoseg.inference.ensemble_mode`) is fitted on the
+            held-out images first and the file carries its fit.
 
     Raises:
         MissingExtraError: ONNX without the ``export`` extra (before anything is loaded).
