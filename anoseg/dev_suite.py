@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader
 from anoseg.atomic import atomic_write_text, write_json
 from anoseg.baselines import PerPixelGaussian
 from anoseg.config import image_hw, load_config
+from anoseg.errors import ConfigError
 from anoseg.data.geometry import (Geometry, Placement, crop, group_by_shape, match_aspect_canvas,
                                   to_resolution)
 from anoseg.data.mvtec import (MVTecTestDataset, collate_samples, list_train_images,
@@ -34,6 +36,42 @@ from anoseg.run_dir import RunDir
 REAL_SETS = {"bsdata": "bsdata", "deeppcb": "deeppcb", "kolektorsdd": "kolektorsdd"}
 KEYS = ("pixel_auroc", "aupro", "iou_pooled_best", "image_auroc")
 NUM_THRESHOLDS = 2000
+
+
+@dataclass(frozen=True)
+class Member:
+    """One recipe of the suite's model: ``config`` trained once per seed of ``seeds``, each
+    run with ``seconds`` of training. Several members are scored as one ensemble
+    (:func:`anoseg.load_ensemble`; ``eval.ensemble_combine: auto`` calibrates members of
+    several recipes), as the README's real-data recipe is evaluated."""
+
+    config: str
+    seconds: float
+    seeds: Tuple[int, ...]
+
+
+def member_root(run_root: Path, members: Sequence[Member], member: Member) -> Path:
+    """Where ``member``'s runs go: ``run_root`` itself for a one-recipe model (``s<seed>``
+    under it), else ``run_root/<config stem>``."""
+    return run_root if len(members) == 1 else run_root / Path(member.config).stem
+
+
+def check_members(members: Sequence[Member]) -> None:
+    """Raises ConfigError for no member, a member without seeds or with a budget that is not
+    positive, or two members whose configs share a file name (their runs would share a
+    folder)."""
+    if not members:
+        raise ConfigError("the suite's model needs at least one recipe (--config or --member)")
+    stems = [Path(m.config).stem for m in members]
+    for member in members:
+        if not member.seeds:
+            raise ConfigError(f"recipe {member.config} has no seeds")
+        if not member.seconds > 0:
+            raise ConfigError(f"recipe {member.config}: seconds per seed must be > 0, got "
+                              f"{member.seconds}")
+        if stems.count(Path(member.config).stem) > 1:
+            raise ConfigError(f"two recipes are named {Path(member.config).stem!r}: their runs "
+                              "would share a folder; give the configs different file names")
 
 
 MapFn = Callable[[Any, List[Placement]], List[torch.Tensor]]
@@ -166,10 +204,15 @@ def train_and_evaluate(data_root: Path, category: str, config: str, overrides: L
 def model_scores(runs: List[Path], root: Path, category: str,
                  resolution: str = "model") -> Dict[str, Dict]:
     """The runs' (one model, or an ensemble) scores at ``resolution``, in their geometry
-    (``data.image_size``, ``data.resize``, ``data.tiling``)."""
-    from anoseg.inference import load_ensemble, predict_placed
+    (``data.image_size``, ``data.resize``, ``data.tiling``). An ensemble of several recipes is
+    calibrated on the held-out images no member trained on first, as ``anoseg-eval`` does."""
+    from anoseg.inference import (calibrate_ensemble, ensemble_mode, load_ensemble,
+                                  predict_placed)
+    from anoseg.threshold import holdout_image_paths
 
     model = load_ensemble(runs, "cpu")
+    if ensemble_mode(model) == "calibrated":
+        calibrate_ensemble(model, holdout_image_paths(model, root))
     geometry = Geometry.from_config(model.config.data)
 
     def map_fn(images, placements):
@@ -195,21 +238,25 @@ def seed_statistics(per_seed: Sequence[Dict[str, Dict]]) -> Tuple[Dict[str, Dict
     return mean, std
 
 
-def _set_scores(config: str, overrides: Sequence[str], root: Path, category: str,
-                budget: float, seeds: Sequence[int], run_root: Path, resolution: str,
-                separate_seeds: bool, split_seed: int = 0) -> Dict[str, Any]:
-    """Train and score one set: the seeds' ensemble (``budget`` split over them), or with
-    ``separate_seeds`` one model per seed with the whole ``budget`` each, scored alone and
-    summarised by :func:`seed_statistics`."""
+def _set_scores(members: Sequence[Member], overrides: Sequence[str], root: Path,
+                category: str, run_root: Path, resolution: str, separate_seeds: bool,
+                split_seed: int = 0) -> Dict[str, Any]:
+    """Train and score one set: every member's seeds as one ensemble, or with
+    ``separate_seeds`` (one member) one model per seed, scored alone and summarised by
+    :func:`seed_statistics`."""
     if not separate_seeds:
-        runs = train_members(config, list(overrides), root, category, budget, list(seeds),
-                             run_root, split_seed=split_seed)
+        runs: List[Path] = []
+        for member in members:
+            runs += train_members(member.config, list(overrides), root, category,
+                                  member.seconds * len(member.seeds), list(member.seeds),
+                                  member_root(run_root, members, member), split_seed=split_seed)
         return {"model": model_scores(runs, root, category, resolution),
                 "train_seconds": _train_seconds(runs)}
+    (member,) = members
     per_seed, runs = {}, []
-    for seed in seeds:
-        run = train_members(config, list(overrides), root, category, budget, [seed],
-                            run_root, split_seed=split_seed)
+    for seed in member.seeds:
+        run = train_members(member.config, list(overrides), root, category, member.seconds,
+                            [seed], run_root, split_seed=split_seed)
         runs += run
         per_seed[seed] = model_scores(run, root, category, resolution)
     mean, std = seed_statistics(list(per_seed.values()))
@@ -234,19 +281,36 @@ def suite_sets(real_root: Union[str, Path], suite_root: Union[str, Path],
     return {k: v for k, v in sets.items() if not only or k in only}
 
 
-def run_suite(sets: Dict[str, Tuple[Path, str]], config: str, overrides: Sequence[str], *,
-              budget: float, seeds: Sequence[int], output_dir: Union[str, Path],
-              image_size: Any = 128, floor_resize: str = "stretch",
-              resolution: str = "model", separate_seeds: bool = False,
-              split_seed: int = 0) -> Dict[str, Dict]:
-    """Floor, training and scores for every set; ``suite.json`` and ``suite.md`` in
-    ``output_dir`` are rewritten after each set (a finished run is not retrained). The floor
-    is fitted at ``image_size`` with ``floor_resize``; floor and models are scored at
-    ``resolution`` (``native``: every geometry on the same pixels, comparable). With
-    ``separate_seeds`` every seed is its own model with the whole ``budget`` (the rows are the
-    mean over seeds; ``model_std`` and ``per_seed`` hold the spread and each seed's scores),
-    to tell a change of recipe from seed noise. Every run holds out the images of
-    ``split_seed``."""
+def run_suite(sets: Dict[str, Tuple[Path, str]], config: Union[str, Sequence[Member]],
+              overrides: Sequence[str], *, budget: float = 1200.0, seeds: Sequence[int] = (0,),
+              output_dir: Union[str, Path], image_size: Any = 128,
+              floor_resize: str = "stretch", resolution: str = "model",
+              separate_seeds: bool = False, split_seed: int = 0) -> Dict[str, Dict]:
+    """long: Floor, training and scores for every set; ``suite.json`` and ``suite.md`` in
+    ``output_dir`` are rewritten after each set (a finished run is not retrained).
+
+    ``config`` is one recipe's config file, trained for ``budget`` seconds split evenly over
+    ``seeds`` (the seeds' ensemble), or a list of :class:`Member` recipes (``budget`` and
+    ``seeds`` unused), whose runs are scored as one ensemble. The floor is fitted at
+    ``image_size`` with ``floor_resize``; floor and models are scored at ``resolution``
+    (``native``: every geometry on the same pixels, comparable). With ``separate_seeds`` (one
+    recipe only) every seed is its own model with the whole ``budget`` (the rows are the mean
+    over seeds; ``model_std`` and ``per_seed`` hold the spread and each seed's scores), to
+    tell a change of recipe from seed noise. Every run holds out the images of
+    ``split_seed``.
+
+    Raises:
+        ConfigError: bad members (:func:`check_members`), or ``separate_seeds`` with several.
+    """
+    if isinstance(config, str):
+        seeds = tuple(seeds)
+        members = [Member(config, budget if separate_seeds else budget / max(len(seeds), 1),
+                          seeds)]
+    else:
+        members = list(config)
+    check_members(members)
+    if separate_seeds and len(members) > 1:
+        raise ConfigError("--separate-seeds takes one recipe (--config), not several members")
     output = Path(output_dir)
     results: Dict[str, Dict] = {}
     for name, (root, category) in sets.items():
@@ -257,19 +321,18 @@ def run_suite(sets: Dict[str, Tuple[Path, str]], config: str, overrides: Sequenc
             floor = gaussian_floor(root, category, image_size, floor_resize, resolution)
             write_json(floor_path, floor)
         start = time.perf_counter()
-        results[name] = _set_scores(config, overrides, root, category, budget, seeds,
-                                    output / name, resolution, separate_seeds, split_seed)
+        results[name] = _set_scores(members, overrides, root, category, output / name,
+                                    resolution, separate_seeds, split_seed)
         results[name]["floor"] = floor
         scores, train_seconds = results[name]["model"], results[name]["train_seconds"]
         print(f"{name}: {time.perf_counter() - start:.0f} s, train {train_seconds:.0f} s; "
               + ", ".join(f"{k} {fmt(scores['all'][k])} (floor {fmt(floor['all'][k])})"
                           for k in KEYS), flush=True)
-        write_json(output / "suite.json", {"config": config,
+        write_json(output / "suite.json", {"members": [asdict(m) for m in members],
                                            "overrides": list(overrides),
                                            "resolution": resolution,
                                            "floor": {"image_size": list(image_hw(image_size)),
                                                      "resize": floor_resize},
-                                           "budget": budget, "seeds": list(seeds),
                                            "separate_seeds": separate_seeds,
                                            "split_seed": split_seed,
                                            "results": results})

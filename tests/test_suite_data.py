@@ -119,3 +119,35 @@ def test_dev_suite_separate_seeds_reports_mean_and_spread(demo_root, tmp_path):
     mean, std = seed_statistics([{"all": {"a": 0.5, "b": None}}, {"all": {"a": 0.7, "b": 0.2}}])
     assert mean["all"] == {"a": pytest.approx(0.6), "b": 0.2}
     assert std["all"]["b"] is None and std["all"]["a"] == pytest.approx(0.1414, abs=1e-3)
+
+
+def test_dev_suite_scores_several_recipes_as_one_calibrated_ensemble(demo_root, tmp_path):
+    import json
+
+    from anoseg.dev_suite import KEYS, Member, run_suite
+    from anoseg.errors import ConfigError
+
+    sets = {"demo": (demo_root, "demo_texture")}
+    tiny = ["train.steps=2", "data.image_size=64", "data.num_workers=0"]
+    members = [Member("configs/cpu_small.yaml", 600, (0, 1)),
+               Member("configs/cpu_real.yaml", 300, (0,))]
+    results = run_suite(sets, members, tiny, output_dir=tmp_path / "suite", image_size=64)
+    # scoring an uncalibrated ensemble of two recipes raises, so these scores went through
+    # the calibration on the shared held-out images
+    row = results["demo"]["model"]["all"]
+    assert set(row) == set(KEYS) and 0.0 <= row["pixel_auroc"] <= 1.0
+    runs = tmp_path / "suite" / "demo"
+    for member, seed in (("cpu_small", 0), ("cpu_small", 1), ("cpu_real", 0)):
+        config = (runs / member / f"s{seed}" / "config.yaml").read_text()
+        assert "split_seed: 0" in config
+        assert ("time_budget: 600" if member == "cpu_small" else "time_budget: 300") in config
+    recorded = json.loads((tmp_path / "suite" / "suite.json").read_text())["members"]
+    assert recorded[1] == {"config": "configs/cpu_real.yaml", "seconds": 300, "seeds": [0]}
+    with pytest.raises(ConfigError, match="separate-seeds"):
+        run_suite(sets, members, tiny, output_dir=tmp_path / "s2", separate_seeds=True)
+    with pytest.raises(ConfigError, match="share a folder"):
+        run_suite(sets, [members[0], Member("other/cpu_small.yaml", 1, (0,))], tiny,
+                  output_dir=tmp_path / "s3")
+    with pytest.raises(ConfigError, match="no seeds"):
+        run_suite(sets, [Member("configs/cpu_small.yaml", 1, ())], tiny,
+                  output_dir=tmp_path / "s4")
