@@ -28,8 +28,10 @@ MVTEC_CATEGORIES: Tuple[str, ...] = (
     "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
 )
 
-REGION_SOURCES: Tuple[str, ...] = ("augmented", "texture", "intensity", "blur")
+REGION_SOURCES: Tuple[str, ...] = ("augmented", "texture", "intensity", "blur", "shade")
 """What can fill a noise region (``synthesis.region_sources``; :func:`anoseg.data.synthesis.region_fill`)."""
+DEFAULT_REGION_SOURCES: Tuple[str, ...] = ("augmented", "texture", "intensity", "blur")
+"""``synthesis.region_sources`` unless a config names them."""
 
 ImageSize = Union[int, Tuple[int, int]]
 """Type of ``data.image_size``: one side (a square) or ``[height, width]``."""
@@ -182,11 +184,14 @@ class SynthesisConfig:
     """Perlin grid resolution per axis, ``2**k`` cells with ``k`` drawn from this range for each
     axis independently: low = one large smooth region, high = many small spots."""
     region_sources: List[str] = field(
-        default_factory=lambda: list(REGION_SOURCES))
+        default_factory=lambda: list(DEFAULT_REGION_SOURCES))
     """What fills a noise region, drawn with equal probability: ``augmented`` (the image's own
     hard-augmented copy, as the paper's patches), ``texture`` (a procedural two-colour noise
-    texture), ``intensity`` (the image with its brightness / colour smoothly shifted) and
-    ``blur`` (the image blurred: texture or grain wiped out)."""
+    texture), ``intensity`` (the image with its brightness / colour smoothly shifted),
+    ``blur`` (the image blurred: texture or grain wiped out) and ``shade`` (not in the default:
+    a faint brightness change of 4-20 % with soft edges over a region whose area is drawn
+    uniformly, not log-uniformly, from ``region_area``: the large low-contrast kind, visible
+    only when large)."""
     region_opacity: Tuple[float, float] = (0.3, 1.0)
     """Blending opacity of a noise region (1 = the fill replaces the image)."""
     region_min_change: float = 0.02

@@ -499,3 +499,22 @@ def test_bad_label_local_z_is_refused_with_the_key(value):
 
     with pytest.raises(ConfigError, match="synthesis.label_local_z"):
         load_config(None, [f"synthesis.label_local_z={value}"])
+
+
+def test_shade_regions_are_faint_soft_and_often_large():
+    cfg = SynthesisConfig(region_sources=["shade"], region_area=(0.0005, 0.3))
+    image = torch.full((3, 64, 64), 0.5)
+    areas, peaks = [], []
+    for seed in range(40):
+        out, mask = synthesis.noise_region(image, image, cfg, torch.Generator().manual_seed(seed))
+        change = (out - image).abs().amax(0)
+        assert torch.equal(mask, change > cfg.region_min_change)
+        # faint: at most a 20 % brightness change; soft: the change takes many values
+        assert change.max() <= 0.5 * 0.2 + 1e-6
+        if mask.sum() > 100:  # a tiny faint shade is invisible, so unlabelled
+            assert len(torch.unique(change[change > 0])) > 3  # edges fade: no hard outline
+        areas.append(mask.float().mean().item())
+        peaks.append(change.max().item())
+    # the area is uniform, not log-uniform, over region_area: most shades are large
+    assert sum(a > 0.05 for a in areas) > 20
+    assert all(p >= 0.5 * 0.04 - 1e-6 for p, a in zip(peaks, areas) if a > 0.05)

@@ -288,8 +288,9 @@ def _random_cells(cfg: SynthesisConfig, generator: torch.Generator) -> Tuple[int
 
 
 def region_mask(height: int, width: int, cfg: SynthesisConfig,
-                generator: torch.Generator) -> torch.Tensor:
-    """A Perlin-noise region ``(H, W)`` bool covering a log-uniform fraction of the image.
+                generator: torch.Generator, *, log_area: bool = True) -> torch.Tensor:
+    """A Perlin-noise region ``(H, W)`` bool covering a log-uniform (``log_area=False``:
+    uniform) fraction of ``cfg.region_area`` of the image.
 
     The noise is thresholded at the quantile that leaves the drawn fraction above it, so the
     area is controlled whatever the grid: a coarse grid gives one large smooth region, a fine
@@ -297,7 +298,10 @@ def region_mask(height: int, width: int, cfg: SynthesisConfig,
     """
     noise = perlin_noise(height, width, *_random_cells(cfg, generator), generator)
     low, high = cfg.region_area
-    fraction = math.exp(_uniform(generator, math.log(low), math.log(high)))
+    if log_area:
+        fraction = math.exp(_uniform(generator, math.log(low), math.log(high)))
+    else:
+        fraction = _uniform(generator, low, high)
     keep = max(1, int(round(fraction * height * width)))
     threshold = torch.topk(noise.flatten(), keep).values[-1]
     return noise >= threshold
@@ -332,7 +336,21 @@ def region_fill(image: torch.Tensor, augmented: torch.Tensor, source: str,
         radius = _randint(generator, 1, 4)
         padded = F.pad(image[None], (radius,) * 4, mode="replicate")
         return F.avg_pool2d(padded, 2 * radius + 1, stride=1)[0]
-    raise ValueError(f"unknown region source {source!r}; expected one of {REGION_SOURCES}")
+    fills = [s for s in REGION_SOURCES if s != "shade"]  # shade is no fill: see noise_region
+    raise ValueError(f"unknown region fill {source!r}; expected one of {fills}")
+
+
+def shade_region(image: torch.Tensor, region: torch.Tensor,
+                 generator: torch.Generator) -> torch.Tensor:
+    """``image`` ``(3, H, W)`` made 4-20 % brighter or darker over ``region`` ``(H, W)``, the
+    change fading out over a box of 2-8 % of the image's side around its edge (the ``shade``
+    region source: a faint discolouration with no outline)."""
+    _, height, width = image.shape
+    radius = max(1, int(round(_uniform(generator, 0.02, 0.08) * min(height, width))))
+    padded = F.pad(region.to(image.dtype)[None, None], (radius,) * 4, mode="replicate")
+    weight = F.avg_pool2d(padded, 2 * radius + 1, stride=1)[0, 0]
+    change = _uniform(generator, 0.04, 0.2) * (1.0 if _chance(generator, 0.5) else -1.0)
+    return (image * (1.0 + change * weight)[None]).clamp(0.0, 1.0)
 
 
 def noise_region(image: torch.Tensor, augmented: torch.Tensor, cfg: SynthesisConfig,
@@ -346,6 +364,11 @@ def noise_region(image: torch.Tensor, augmented: torch.Tensor, cfg: SynthesisCon
     region = region_mask(height, width, cfg, generator)
     sources = cfg.region_sources
     source = sources[_randint(generator, 0, len(sources) - 1)]
+    if source == "shade":
+        region = region_mask(height, width, cfg, generator, log_area=False)
+        out = shade_region(image, region, generator)
+        # its soft edge reaches past the region: every visibly changed pixel is labelled
+        return out, (out - image).abs().amax(0) > cfg.region_min_change
     fill = region_fill(image, augmented, source, cfg, generator)
     opacity = _uniform(generator, *cfg.region_opacity)
     weight = region.to(image.dtype)[None] * opacity
