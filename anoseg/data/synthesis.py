@@ -288,15 +288,17 @@ def _random_cells(cfg: SynthesisConfig, generator: torch.Generator) -> Tuple[int
 
 
 def region_mask(height: int, width: int, cfg: SynthesisConfig,
-                generator: torch.Generator, *, log_area: bool = True) -> torch.Tensor:
+                generator: torch.Generator, *, log_area: bool = True,
+                cells: Optional[Tuple[int, int]] = None) -> torch.Tensor:
     """A Perlin-noise region ``(H, W)`` bool covering a log-uniform (``log_area=False``:
-    uniform) fraction of ``cfg.region_area`` of the image.
+    uniform) fraction of ``cfg.region_area`` of the image, on a grid of ``cells`` (default:
+    drawn from ``cfg.region_scale``).
 
     The noise is thresholded at the quantile that leaves the drawn fraction above it, so the
     area is controlled whatever the grid: a coarse grid gives one large smooth region, a fine
     one several small spots. Never empty.
     """
-    noise = perlin_noise(height, width, *_random_cells(cfg, generator), generator)
+    noise = perlin_noise(height, width, *(cells or _random_cells(cfg, generator)), generator)
     low, high = cfg.region_area
     if log_area:
         fraction = math.exp(_uniform(generator, math.log(low), math.log(high)))
@@ -340,17 +342,29 @@ def region_fill(image: torch.Tensor, augmented: torch.Tensor, source: str,
     raise ValueError(f"unknown region fill {source!r}; expected one of {fills}")
 
 
-def shade_region(image: torch.Tensor, region: torch.Tensor,
-                 generator: torch.Generator) -> torch.Tensor:
+def shade_region(image: torch.Tensor, region: torch.Tensor, min_change: float,
+                 generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
     """``image`` ``(3, H, W)`` made 4-20 % brighter or darker over ``region`` ``(H, W)``, the
     change fading out over a box of 2-8 % of the image's side around its edge (the ``shade``
-    region source: a faint discolouration with no outline)."""
+    region source: a faint discolouration with no outline).
+
+    Returns:
+        The new image and its label: where the fade's weight is at least one half (the
+        footprint, not the texture's bright pixels) and the change of the local mean
+        brightness exceeds ``min_change``.
+    """
     _, height, width = image.shape
     radius = max(1, int(round(_uniform(generator, 0.02, 0.08) * min(height, width))))
-    padded = F.pad(region.to(image.dtype)[None, None], (radius,) * 4, mode="replicate")
-    weight = F.avg_pool2d(padded, 2 * radius + 1, stride=1)[0, 0]
+
+    def box(x: torch.Tensor) -> torch.Tensor:
+        padded = F.pad(x[None], (radius,) * 4, mode="replicate")
+        return F.avg_pool2d(padded, 2 * radius + 1, stride=1)[0]
+
+    weight = box(region.to(image.dtype)[None])[0]
     change = _uniform(generator, 0.04, 0.2) * (1.0 if _chance(generator, 0.5) else -1.0)
-    return (image * (1.0 + change * weight)[None]).clamp(0.0, 1.0)
+    out = (image * (1.0 + change * weight)[None]).clamp(0.0, 1.0)
+    local_change = (box(out) - box(image)).abs().amax(0)
+    return out, (weight >= 0.5) & (local_change > min_change)
 
 
 def noise_region(image: torch.Tensor, augmented: torch.Tensor, cfg: SynthesisConfig,
@@ -365,10 +379,10 @@ def noise_region(image: torch.Tensor, augmented: torch.Tensor, cfg: SynthesisCon
     sources = cfg.region_sources
     source = sources[_randint(generator, 0, len(sources) - 1)]
     if source == "shade":
-        region = region_mask(height, width, cfg, generator, log_area=False)
-        out = shade_region(image, region, generator)
-        # its soft edge reaches past the region: every visibly changed pixel is labelled
-        return out, (out - image).abs().amax(0) > cfg.region_min_change
+        # one or two smooth blobs (a coarse grid), of any size in region_area
+        cells = (2 ** _randint(generator, 1, 2), 2 ** _randint(generator, 1, 2))
+        region = region_mask(height, width, cfg, generator, log_area=False, cells=cells)
+        return shade_region(image, region, cfg.region_min_change, generator)
     fill = region_fill(image, augmented, source, cfg, generator)
     opacity = _uniform(generator, *cfg.region_opacity)
     weight = region.to(image.dtype)[None] * opacity
