@@ -29,7 +29,9 @@ MVTEC_CATEGORIES: Tuple[str, ...] = (
 )
 
 REGION_SOURCES: Tuple[str, ...] = ("augmented", "texture", "intensity", "blur", "shade")
-"""What can fill a noise region (``synthesis.region_sources``; :func:`anoseg.data.synthesis.region_fill`)."""
+"""What a noise region can be (``synthesis.region_sources``): a fill of
+:func:`anoseg.data.synthesis.region_fill`, or ``shade``
+(:func:`anoseg.data.synthesis.shade_region`)."""
 DEFAULT_REGION_SOURCES: Tuple[str, ...] = ("augmented", "texture", "intensity", "blur")
 """``synthesis.region_sources`` unless a config names them."""
 

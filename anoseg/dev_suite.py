@@ -1,10 +1,12 @@
-"""The development suite: one recipe trained and scored on every real set and every generated
-category, against the per-pixel Gaussian floor, with a row per defect type.
+"""The development suite: one recipe (or several as one ensemble) trained and scored on every
+real set and every generated category, against the per-pixel Gaussian floor, with a row per
+defect type.
 
 ``scripts/dev_suite.py`` is its command line. Per set: the Gaussian floor
-(:class:`anoseg.baselines.PerPixelGaussian`), training (:func:`train_members`: one run per seed,
-sharing one held-out split, the budget split evenly), then one pass over the test set scoring
-every pixel, the whole set and each defect type (:func:`score_test_set`).
+(:class:`anoseg.baselines.PerPixelGaussian`), training (:func:`train_members`: one run per seed
+of each recipe (:class:`Member`), all sharing one held-out split), then one pass over the test
+set scoring every pixel, the whole set and each defect type (:func:`score_test_set`), the runs
+joined as one ensemble (:func:`model_scores`).
 """
 
 from __future__ import annotations

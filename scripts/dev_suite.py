@@ -41,15 +41,16 @@ def _size(text: str):
     return values[0] if len(values) == 1 else tuple(values)
 
 
-def _member(values):
-    """``CONFIG SECONDS SEED [SEED ...]`` of ``--member`` -> :class:`Member`."""
+def _member(parser: argparse.ArgumentParser, values) -> Member:
+    """``CONFIG SECONDS SEED [SEED ...]`` of ``--member`` -> :class:`Member` (a usage error
+    otherwise)."""
     if len(values) < 3:
-        raise SystemExit(f"--member takes CONFIG SECONDS SEED [SEED ...], got {' '.join(values)}")
+        parser.error(f"--member takes CONFIG SECONDS SEED [SEED ...], got {' '.join(values)}")
     try:
         return Member(values[0], float(values[1]), tuple(int(v) for v in values[2:]))
     except ValueError:
-        raise SystemExit(f"--member {' '.join(values)}: SECONDS must be a number and the seeds "
-                         "integers") from None
+        parser.error(f"--member {' '.join(values)}: SECONDS must be a number and the seeds "
+                     "integers")
 
 
 def main() -> None:
@@ -92,7 +93,7 @@ def main() -> None:
     args = parser.parse_args()
     if bool(args.config) == bool(args.member):
         parser.error("give either --config or one --member per recipe")
-    recipe = args.config or [_member(values) for values in args.member]
+    recipe = args.config or [_member(parser, values) for values in args.member]
 
     sets = suite_sets(args.real_root, args.suite_root, args.sets)
     results = run_suite(sets, recipe, args.overrides, budget=args.budget, seeds=args.seeds,

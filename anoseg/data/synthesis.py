@@ -369,10 +369,12 @@ def shade_region(image: torch.Tensor, region: torch.Tensor, min_change: float,
 
 def noise_region(image: torch.Tensor, augmented: torch.Tensor, cfg: SynthesisConfig,
                  generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Blend a fill (:func:`region_fill`) into a Perlin region (:func:`region_mask`).
+    """Blend a fill (:func:`region_fill`) into a Perlin region (:func:`region_mask`), or, for
+    the ``shade`` source, a faint soft-edged brightness change (:func:`shade_region`).
 
     Returns:
-        The new image and the anomaly mask ``(H, W)`` (bool): the region's pixels that changed.
+        The new image and the anomaly mask ``(H, W)`` (bool): the region's pixels that visibly
+        changed (a shade: its footprint where the local mean brightness visibly changed).
     """
     _, height, width = image.shape
     region = region_mask(height, width, cfg, generator)
