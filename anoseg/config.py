@@ -381,6 +381,10 @@ class EvalConfig:
     (:class:`anoseg.inference.AnoSegEnsemble`): recipes then count alike; ``auto`` =
     ``calibrated`` for members of several recipes, ``mean`` for seeds of one
     (``docs/evaluation.md``)."""
+    ensemble_weight: Optional[float] = field(default=None, metadata=RUNTIME)
+    """This recipe's fixed weight in a calibrated ensemble (relative: the recipes' weights are
+    normalised to sum to 1), in place of ``1 / std`` of its held-out peaks; set it on every
+    recipe of an ensemble or on none (:func:`anoseg.inference.load_ensemble`)."""
     resolution: str = field(default="model", metadata=RUNTIME)
     """Where maps are scored (metrics, image scores, the label-free thresholds): ``model`` =
     at the network's resolution (the image's part of it: padding is cut off), ``native`` = at
@@ -666,6 +670,10 @@ def _validate_eval(e: EvalConfig) -> None:
            " or ".join(f"'{m}'" for m in RESOLUTIONS))
     _check(e.ensemble_combine in ENSEMBLE_COMBINES, "eval.ensemble_combine",
            e.ensemble_combine, " or ".join(f"'{m}'" for m in ENSEMBLE_COMBINES))
+    _check(e.ensemble_weight is None or (isinstance(e.ensemble_weight, (int, float))
+                                         and not isinstance(e.ensemble_weight, bool)
+                                         and 0.0 < e.ensemble_weight < math.inf),
+           "eval.ensemble_weight", e.ensemble_weight, "null or a number > 0")
 
 
 def _validate_detector(det: DetectorConfig) -> None:

@@ -357,11 +357,14 @@ class AnoSegEnsemble(nn.Module):
     normal images peak unevenly counts less). The joint anomaly logit is
     ``soft_knee(4 (q_mean - 1))``: a typical normal pixel sits at -4, the normal pixels' 0.999
     quantile at 0. :meth:`calibrate` (or :func:`calibrate_ensemble`) fits it; the signal image
-    map is the mean of the members that have one.
+    map is the mean of the members that have one. ``recipe_weights`` (one per recipe, from
+    each recipe's ``eval.ensemble_weight``) fixes the recipes' weights instead, normalised to
+    sum to 1.
     """
 
     def __init__(self, members: Sequence[nn.Module], combine: str = "auto",
-                 groups: Optional[Sequence[int]] = None) -> None:
+                 groups: Optional[Sequence[int]] = None,
+                 recipe_weights: Optional[Sequence[float]] = None) -> None:
         super().__init__()
         if not members:
             raise ConfigError("an ensemble needs at least one member")
@@ -373,6 +376,12 @@ class AnoSegEnsemble(nn.Module):
             raise ConfigError(f"ensemble groups {groups} must number the {len(members)} "
                               "members' recipes 0, 1, ...")
         self.groups = groups
+        if recipe_weights is not None and (len(recipe_weights) != max(groups) + 1
+                                           or not all(w > 0 for w in recipe_weights)):
+            raise ConfigError(f"ensemble recipe weights {list(recipe_weights)} must be one "
+                              f"number > 0 per recipe ({max(groups) + 1})")
+        self.recipe_weights = None if recipe_weights is None else [float(w)
+                                                                   for w in recipe_weights]
         # per recipe group: median, spread (quantile 0.999 - median), weight (sums to 1)
         self.register_buffer("calibration", torch.zeros(max(groups) + 1, 3))
 
@@ -458,6 +467,8 @@ class AnoSegEnsemble(nn.Module):
             spread_of_peaks = float(peaks.std()) if len(peaks) > 1 else 1.0
             rows.append([median, spread, 1.0 / max(spread_of_peaks, CALIBRATION_MIN_PEAK_STD)])
         table = torch.tensor(rows, dtype=torch.float32)
+        if self.recipe_weights is not None:
+            table[:, 2] = torch.tensor(self.recipe_weights)
         table[:, 2] /= table[:, 2].sum()
         self.calibration.copy_(table.to(self.calibration.device))
 
@@ -589,11 +600,35 @@ def load_ensemble(checkpoints: Sequence[Union[str, Path]],
     data = DataRecord(TrainingSplit(list(first_data.split.train),
                                     [p for p in holdout_of(first) if p in held_by_all]),
                       first_data.data_root)
+    groups = recipe_groups([m.config for m in loaded])
     ensemble = AnoSegEnsemble([m.generator for m in loaded], first.config.eval.ensemble_combine,
-                              recipe_groups([m.config for m in loaded])).to(first.device).eval()
+                              groups, recipe_weights(checkpoints, loaded, groups)
+                              ).to(first.device).eval()
     return LoadedModel(ensemble, first.config, first.checkpoint, first.device, first.weights,
                        step=sum(m.step or 0 for m in loaded), data=data,
                        members=tuple(str(c) for c in checkpoints))
+
+
+def recipe_weights(checkpoints: Sequence[Union[str, Path]], loaded: Sequence[LoadedModel],
+                   groups: Sequence[int]) -> Optional[List[float]]:
+    """Each recipe's ``eval.ensemble_weight`` (its first member's), or ``None`` when no
+    recipe sets one (the calibration then weights by ``1 / std`` of the held-out peaks).
+
+    Raises:
+        ConfigError: some recipes set it and others do not.
+    """
+    firsts = {}
+    for path, model, group in zip(checkpoints, loaded, groups):
+        firsts.setdefault(group, (path, model.config.eval.ensemble_weight))
+    weights = [firsts[g][1] for g in sorted(firsts)]
+    if all(w is None for w in weights):
+        return None
+    if any(w is None for w in weights):
+        unset = [str(firsts[g][0]) for g in sorted(firsts) if firsts[g][1] is None]
+        raise ConfigError("eval.ensemble_weight is set on some of the ensemble's recipes but "
+                          f"not on {', '.join(unset)}: set it on every recipe, or on none "
+                          "(then each recipe is weighted by how steady its held-out peaks are)")
+    return [float(w) for w in weights]
 
 
 def load_runs(checkpoints: Sequence[Union[str, Path]],

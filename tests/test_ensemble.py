@@ -224,6 +224,42 @@ def test_calibrated_ensemble_weights_the_member_with_steady_normal_peaks_more():
     assert weights[0] > 2 * weights[1]
 
 
+def test_calibrated_ensemble_takes_fixed_recipe_weights():
+    from anoseg.inference import AnoSegEnsemble, normality_logit_to_anomaly_logit
+
+    normals = torch.rand(8, 3, 16, 16) * 0.8
+    normals[:, :, 4:6, 4:6] = 0.95
+    members = [_Brightness(1.0, 0.0), _Brightness(1.0, 0.0, noise=5.0)]
+    # the unsteady member would get the smaller weight; fixed weights put it first
+    ensemble = AnoSegEnsemble(members, "calibrated", groups=[0, 1], recipe_weights=[1.0, 3.0])
+    ensemble.calibrate([[normality_logit_to_anomaly_logit(m(normals).map_logit)[i, 0]
+                         for i in range(len(normals))] for m in members])
+    assert ensemble.calibration[:, 2].tolist() == pytest.approx([0.25, 0.75])
+    for bad in ([1.0], [1.0, 0.0]):
+        with pytest.raises(ConfigError, match="recipe weights"):
+            AnoSegEnsemble(members, "calibrated", groups=[0, 1], recipe_weights=bad)
+
+
+def test_recipe_weights_come_from_each_recipes_config():
+    from types import SimpleNamespace
+
+    from anoseg.inference import recipe_weights
+
+    general = load_config(None, ["eval.ensemble_weight=0.8"])
+    spots = load_config(None, ["eval.ensemble_weight=0.2", "synthesis.blob_p=0.5"])
+    unset = load_config(None, ["synthesis.blob_p=0.5"])
+    runs = [SimpleNamespace(config=c) for c in (general, general, spots)]
+    assert recipe_weights(["a", "b", "c"], runs, [0, 0, 1]) == pytest.approx([0.8, 0.2])
+    plain = [SimpleNamespace(config=load_config(None, [])), SimpleNamespace(config=unset)]
+    assert recipe_weights(["a", "c"], plain, [0, 1]) is None
+    mixed = [SimpleNamespace(config=general), SimpleNamespace(config=unset)]
+    with pytest.raises(ConfigError, match="not on runs/spot"):
+        recipe_weights(["runs/general", "runs/spot"], mixed, [0, 1])
+    for bad in ("0", "-1", "inf", "true"):
+        with pytest.raises(ConfigError, match="eval.ensemble_weight"):
+            load_config(None, [f"eval.ensemble_weight={bad}"])
+
+
 def test_calibrated_ensemble_needs_its_fit_and_a_known_mode():
     from anoseg.inference import AnoSegEnsemble
 
