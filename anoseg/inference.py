@@ -611,13 +611,10 @@ def load_ensemble(checkpoints: Sequence[Union[str, Path]],
 
 def recipe_weights(checkpoints: Sequence[Union[str, Path]], loaded: Sequence[LoadedModel],
                    groups: Sequence[int]) -> Optional[List[float]]:
-    """Each recipe's ``eval.ensemble_weight`` (its first member's), or ``None`` when no
-    recipe sets one (the calibration then weights by ``1 / std`` of the held-out peaks).
-
-    Raises:
-        ConfigError: some recipes set it and others do not.
-    """
-    firsts = {}
+    """Each recipe's ``eval.ensemble_weight`` (its first member's), or ``None`` (the
+    calibration then weights by ``1 / std`` of the held-out peaks) when no recipe sets one,
+    or when only some do (with a warning naming the others)."""
+    firsts: Dict[int, Tuple[Union[str, Path], Optional[float]]] = {}
     for path, model, group in zip(checkpoints, loaded, groups):
         firsts.setdefault(group, (path, model.config.eval.ensemble_weight))
     weights = [firsts[g][1] for g in sorted(firsts)]
@@ -625,9 +622,10 @@ def recipe_weights(checkpoints: Sequence[Union[str, Path]], loaded: Sequence[Loa
         return None
     if any(w is None for w in weights):
         unset = [str(firsts[g][0]) for g in sorted(firsts) if firsts[g][1] is None]
-        raise ConfigError("eval.ensemble_weight is set on some of the ensemble's recipes but "
-                          f"not on {', '.join(unset)}: set it on every recipe, or on none "
-                          "(then each recipe is weighted by how steady its held-out peaks are)")
+        warnings.warn("eval.ensemble_weight is set on some of the ensemble's recipes but not "
+                      f"on {', '.join(unset)}: the recipes are weighted by how steady their "
+                      "held-out peaks are instead (set it on every recipe to fix the weights)")
+        return None
     return [float(w) for w in weights]
 
 
