@@ -383,8 +383,8 @@ class EvalConfig:
     (``docs/evaluation.md``)."""
     ensemble_weight: Optional[float] = field(default=None, metadata=RUNTIME)
     """This recipe's fixed weight in a calibrated ensemble (relative: the recipes' weights are
-    normalised to sum to 1), in place of ``1 / std`` of its held-out peaks; used when every recipe of the
-    ensemble sets it (:func:`anoseg.inference.recipe_weights`)."""
+    normalised to sum to 1), in place of ``1 / std`` of its held-out peaks; used when every
+    recipe of the ensemble sets it (:func:`anoseg.inference.recipe_weights`)."""
     resolution: str = field(default="model", metadata=RUNTIME)
     """Where maps are scored (metrics, image scores, the label-free thresholds): ``model`` =
     at the network's resolution (the image's part of it: padding is cut off), ``native`` = at
