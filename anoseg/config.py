@@ -377,8 +377,8 @@ class EvalConfig:
     """How an ensemble (``--ensemble``; the first member's setting) joins its members' maps:
     ``mean`` = the plain mean, ``calibrated`` = the members of each recipe averaged, then each
     recipe's anomaly logit rescaled on the held-out normal images (median to 0, quantile
-    0.999 to 1) and weighted by how steady its normal images' peaks are
-    (:class:`anoseg.inference.AnoSegEnsemble`): recipes then count alike; ``auto`` =
+    0.999 to 1) and weighted by how steady its normal images' peaks are, or by the recipes'
+    ``ensemble_weight`` (:class:`anoseg.inference.AnoSegEnsemble`); ``auto`` =
     ``calibrated`` for members of several recipes, ``mean`` for seeds of one
     (``docs/evaluation.md``)."""
     ensemble_weight: Optional[float] = field(default=None, metadata=RUNTIME)
