@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -376,12 +377,13 @@ class AnoSegEnsemble(nn.Module):
             raise ConfigError(f"ensemble groups {groups} must number the {len(members)} "
                               "members' recipes 0, 1, ...")
         self.groups = groups
-        if recipe_weights is not None and (len(recipe_weights) != max(groups) + 1
-                                           or not all(w > 0 for w in recipe_weights)):
-            raise ConfigError(f"ensemble recipe weights {list(recipe_weights)} must be one "
-                              f"number > 0 per recipe ({max(groups) + 1})")
-        self.recipe_weights = None if recipe_weights is None else [float(w)
-                                                                   for w in recipe_weights]
+        weights = None if recipe_weights is None else list(recipe_weights)
+        if weights is not None and (len(weights) != max(groups) + 1 or not all(
+                w is None or (math.isfinite(float(w)) and float(w) > 0) for w in weights)):
+            raise ConfigError(f"ensemble recipe weights {weights} must be one finite number "
+                              f"> 0 (or None) per recipe ({max(groups) + 1})")
+        self.recipe_weights = None if weights is None else [None if w is None else float(w)
+                                                            for w in weights]
         # per recipe group: median, spread (quantile 0.999 - median), weight (sums to 1)
         self.register_buffer("calibration", torch.zeros(max(groups) + 1, 3))
 
@@ -467,8 +469,15 @@ class AnoSegEnsemble(nn.Module):
             spread_of_peaks = float(peaks.std()) if len(peaks) > 1 else 1.0
             rows.append([median, spread, 1.0 / max(spread_of_peaks, CALIBRATION_MIN_PEAK_STD)])
         table = torch.tensor(rows, dtype=torch.float32)
-        if self.recipe_weights is not None:
-            table[:, 2] = torch.tensor(self.recipe_weights)
+        fixed = self.recipe_weights or []
+        if fixed and all(w is not None for w in fixed):
+            table[:, 2] = torch.tensor(fixed)
+        elif any(w is not None for w in fixed):
+            unset = [str(i) for i, w in enumerate(fixed) if w is None]
+            warnings.warn("eval.ensemble_weight is set on some of the ensemble's recipes but "
+                          f"not on recipe {', '.join(unset)} (numbered from 0 in the order of "
+                          "the runs): the recipes are weighted by how steady their held-out "
+                          "peaks are instead (set it on every recipe to fix the weights)")
         table[:, 2] /= table[:, 2].sum()
         self.calibration.copy_(table.to(self.calibration.device))
 
@@ -610,23 +619,20 @@ def load_ensemble(checkpoints: Sequence[Union[str, Path]],
 
 
 def recipe_weights(checkpoints: Sequence[Union[str, Path]], loaded: Sequence[LoadedModel],
-                   groups: Sequence[int]) -> Optional[List[float]]:
-    """Each recipe's ``eval.ensemble_weight`` (its first member's), or ``None`` (the
-    calibration then weights by ``1 / std`` of the held-out peaks) when no recipe sets one,
-    or when only some do (with a warning naming the others)."""
-    firsts: Dict[int, Tuple[Union[str, Path], Optional[float]]] = {}
+                   groups: Sequence[int]) -> Optional[List[Optional[float]]]:
+    """Each recipe's ``eval.ensemble_weight`` (its first member's; ``None`` where it has none),
+    or ``None`` when no recipe sets one. A calibrated ensemble uses them when every recipe has
+    one (:meth:`AnoSegEnsemble.calibrate`; with a warning otherwise); a member whose weight
+    differs from its recipe's first member's gets a warning naming it."""
+    firsts: Dict[int, Optional[float]] = {}
     for path, model, group in zip(checkpoints, loaded, groups):
-        firsts.setdefault(group, (path, model.config.eval.ensemble_weight))
-    weights = [firsts[g][1] for g in sorted(firsts)]
-    if all(w is None for w in weights):
-        return None
-    if any(w is None for w in weights):
-        unset = [str(firsts[g][0]) for g in sorted(firsts) if firsts[g][1] is None]
-        warnings.warn("eval.ensemble_weight is set on some of the ensemble's recipes but not "
-                      f"on {', '.join(unset)}: the recipes are weighted by how steady their "
-                      "held-out peaks are instead (set it on every recipe to fix the weights)")
-        return None
-    return [float(w) for w in weights]
+        weight = model.config.eval.ensemble_weight
+        if group in firsts and firsts[group] != weight:
+            warnings.warn(f"ensemble member {path} has eval.ensemble_weight={weight!r}, the "
+                          f"first member of its recipe {firsts[group]!r}: the first is used")
+        firsts.setdefault(group, weight)
+    weights = [firsts[g] for g in sorted(firsts)]
+    return None if all(w is None for w in weights) else weights
 
 
 def load_runs(checkpoints: Sequence[Union[str, Path]],

@@ -235,7 +235,13 @@ def test_calibrated_ensemble_takes_fixed_recipe_weights():
     ensemble.calibrate([[normality_logit_to_anomaly_logit(m(normals).map_logit)[i, 0]
                          for i in range(len(normals))] for m in members])
     assert ensemble.calibration[:, 2].tolist() == pytest.approx([0.25, 0.75])
-    for bad in ([1.0], [1.0, 0.0]):
+    # a weight on one recipe only: a warning, and the steadiness weights
+    half = AnoSegEnsemble(members, "calibrated", groups=[0, 1], recipe_weights=[1.0, None])
+    with pytest.warns(UserWarning, match="not on recipe 1"):
+        half.calibrate([[normality_logit_to_anomaly_logit(m(normals).map_logit)[i, 0]
+                         for i in range(len(normals))] for m in members])
+    assert half.calibration[0, 2] > 2 * half.calibration[1, 2]
+    for bad in ([1.0], [1.0, 0.0], [1.0, float("inf")], [1.0, float("nan")]):
         with pytest.raises(ConfigError, match="recipe weights"):
             AnoSegEnsemble(members, "calibrated", groups=[0, 1], recipe_weights=bad)
 
@@ -253,9 +259,12 @@ def test_recipe_weights_come_from_each_recipes_config():
     plain = [SimpleNamespace(config=load_config(None, [])), SimpleNamespace(config=unset)]
     assert recipe_weights(["a", "c"], plain, [0, 1]) is None
     mixed = [SimpleNamespace(config=general), SimpleNamespace(config=unset)]
-    with pytest.warns(UserWarning, match="not on runs/spot"):
-        assert recipe_weights(["runs/general", "runs/spot"], mixed, [0, 1]) is None
-    for bad in ("0", "-1", "inf", "true"):
+    assert recipe_weights(["a", "c"], mixed, [0, 1]) == [0.8, None]
+    other = load_config(None, ["eval.ensemble_weight=0.5"])
+    same_recipe = [SimpleNamespace(config=general), SimpleNamespace(config=other)]
+    with pytest.warns(UserWarning, match="runs/b has eval.ensemble_weight=0.5"):
+        assert recipe_weights(["runs/a", "runs/b"], same_recipe, [0, 0]) == [0.8]
+    for bad in ("0", "-1", ".inf", "true"):
         with pytest.raises(ConfigError, match="eval.ensemble_weight"):
             load_config(None, [f"eval.ensemble_weight={bad}"])
 
@@ -330,12 +339,14 @@ def test_calibrated_ensemble_averages_one_recipes_members_first():
 
 def test_auto_calibrates_members_of_several_recipes_only(members, demo_root, tmp_path):
     cfg = load_config(None, TINY + [f"data.root={demo_root}", "data.category=demo_texture",
-                                    "data.split_seed=0", "synthesis.blob_p=0.5"])
+                                    "data.split_seed=0", "synthesis.blob_p=0.5",
+                                    "eval.ensemble_weight=0.25"])
     train(cfg, tmp_path / "other_recipe", progress=False)
     seeds = load_ensemble(members, device="cpu").generator
     assert seeds.groups == [0, 0] and seeds.mode == "mean"
     mixed = load_ensemble([*members, tmp_path / "other_recipe"], device="cpu")
     assert mixed.generator.groups == [0, 0, 1] and mixed.generator.mode == "calibrated"
+    assert mixed.generator.recipe_weights == [None, 0.25]  # each recipe's own config
     result = evaluate_run([*members, tmp_path / "other_recipe"], output_dir=tmp_path / "eval",
                           progress=False, ensemble=True).results["demo_texture"]
     assert 0.0 <= result["pixel_auroc"] <= 1.0
