@@ -359,13 +359,14 @@ class AnoSegEnsemble(nn.Module):
     ``soft_knee(4 (q_mean - 1))``: a typical normal pixel sits at -4, the normal pixels' 0.999
     quantile at 0. :meth:`calibrate` (or :func:`calibrate_ensemble`) fits it; the signal image
     map is the mean of the members that have one. ``recipe_weights`` (one per recipe, from
-    each recipe's ``eval.ensemble_weight``) fixes the recipes' weights instead, normalised to
-    sum to 1.
+    each recipe's ``eval.ensemble_weight``: :func:`recipe_weights`) fixes the recipes' weights
+    instead, normalised to sum to 1, when none of them is ``None`` (otherwise :meth:`calibrate`
+    warns and keeps the ``1 / std`` weights).
     """
 
     def __init__(self, members: Sequence[nn.Module], combine: str = "auto",
                  groups: Optional[Sequence[int]] = None,
-                 recipe_weights: Optional[Sequence[float]] = None) -> None:
+                 recipe_weights: Optional[Sequence[Optional[float]]] = None) -> None:
         super().__init__()
         if not members:
             raise ConfigError("an ensemble needs at least one member")
