@@ -258,6 +258,14 @@ class ModelConfig:
     channels), z-scored on the held-out normal images like the other two and added to the
     combined anomaly logit with this weight (0 = off). Meaningful with ``train.rec_target:
     clean``, whose reconstruction removes anomalies (docs/experiments.md, twelfth round)."""
+    lowpass_weight: float = 0.0
+    """A low-pass signal at inference (not in the paper; needs ``model.feature_stats``): the
+    blurred brightness and colour of the input, each relative to the image's median and
+    z-scored per pixel against the normal training images (``anoseg.models.lowpass``), for
+    large faint stains and discolourations that the texture hides from the map head. It is
+    put on its held-out normal pixels' scale (median 0, quantile 0.999 at 1) and added to the
+    combined anomaly logit, this many times that logit's own held-out spread (0 = off;
+    docs/experiments.md, twentieth round)."""
 
 
 REC_TARGETS = ("masked", "clean")
@@ -576,6 +584,11 @@ def _validate_model(m: ModelConfig) -> None:
            f"one of {', '.join(UPSAMPLE_MODES)}")
     _check(0.0 <= m.residual_weight <= 100.0, "model.residual_weight", m.residual_weight,
            "a weight in [0, 100] (0 = off)")
+    _check(0.0 <= m.lowpass_weight <= 100.0, "model.lowpass_weight", m.lowpass_weight,
+           "a weight in [0, 100] (0 = off)")
+    _check(m.lowpass_weight == 0.0 or m.feature_stats, "model.lowpass_weight",
+           m.lowpass_weight, "0 unless model.feature_stats is on (the signal is fitted and "
+           "scaled with the feature statistics)")
     _check(m.residual_weight == 0.0 or (m.feature_stats and m.reconstruction),
            "model.residual_weight", m.residual_weight,
            "0 unless model.feature_stats and model.reconstruction are on (the residual is "

@@ -31,6 +31,7 @@ TINY = ["data.image_size=64", "model.width=0.125", "train.batch_size=4", "data.n
         "train.steps=2", "train.checkpoint_every=1000", "train.device=cpu",
         "model.map_skips=2", "model.normal_stats=true", "model.feature_stats=true",
         "model.compare_head=true", "train.rec_target=clean", "model.residual_weight=1.0",
+        "model.lowpass_weight=0.125",
         "data.split_seed=0"]
 MAP_TOLERANCE = 1e-4
 
@@ -39,7 +40,7 @@ MAP_TOLERANCE = 1e-4
 def runs(demo_root, tmp_path_factory):
     """Two tiny runs of one category (one split, so they ensemble), with the preprocessing the
     export must carry (coordinate channels, normal-statistics channels, skips, the feature
-    statistics, the comparison head and the residual signal)."""
+    statistics, the comparison head, the residual and the low-pass signals)."""
     base = tmp_path_factory.mktemp("export")
     paths = []
     for seed in (0, 1):
@@ -233,7 +234,7 @@ def test_non_square_run_exports_and_tiled_run_is_refused(demo_root, tmp_path):
     tiled = load_config(None, base + [f"data.root={demo_root}", f"data.category={CATEGORY}",
                                       "data.tiling.enabled=true", "data.tiling.scale=0.5",
                                       "model.feature_stats=false",
-                                      "model.residual_weight=0"])
+                                      "model.residual_weight=0", "model.lowpass_weight=0"])
     train(tiled, tmp_path / "tiled", progress=False)
     with pytest.raises(ExportError, match="tiling"):
         export_run(tmp_path / "tiled", "torchscript")

@@ -33,7 +33,9 @@ def build_generator(cfg: AnoSegConfig, *, map_decoder: bool = True) -> AnoSegGen
                                 feature_stats=cfg.model.feature_stats and map_decoder,
                                 compare_head=cfg.model.compare_head and map_decoder,
                                 residual_weight=(cfg.model.residual_weight if map_decoder
-                                                 else 0.0))
+                                                 else 0.0),
+                                lowpass_weight=(cfg.model.lowpass_weight if map_decoder
+                                                else 0.0))
     if cfg.model.init_weights:
         path = Path(cfg.model.init_weights)
         if not path.is_file():

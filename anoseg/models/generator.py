@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
+from anoseg.models.lowpass import LowPassStats, median_and_spread
+
 ENCODER_STRIDE = 32
 STATS_CLIP = 4.0
 """Normal-statistics channels (``normal_stats``) carry ``z / STATS_CLIP`` with the per-pixel
@@ -341,6 +343,10 @@ class AnoSegGenerator(nn.Module):
         residual_weight: with ``feature_stats``, the weight of a third signal in the combined
             logit: the reconstruction residual ``|x - x_hat|`` (mean over the channels),
             z-scored on the held-out images (0 = off; needs the reconstruction decoder).
+        lowpass_weight: with ``feature_stats``, add the low-pass signal
+            (:mod:`anoseg.models.lowpass`: large faint brightness or colour changes) to the
+            combined anomaly logit, this many times the combined logit's held-out spread per
+            unit of the signal's own held-out scale (0 = off).
     """
 
     def __init__(self, *, image_size: Union[int, Tuple[int, int]], width: float = 1.0,
@@ -348,8 +354,11 @@ class AnoSegGenerator(nn.Module):
                  reconstruction: bool = True, map_skips: int = 0,
                  normal_stats: bool = False, upsample: str = "transpose",
                  feature_stats: bool = False, compare_head: bool = False,
-                 residual_weight: float = 0.0, rec_skips: int = 0) -> None:
+                 residual_weight: float = 0.0, rec_skips: int = 0,
+                 lowpass_weight: float = 0.0) -> None:
         super().__init__()
+        assert lowpass_weight == 0.0 or (feature_stats and map_decoder), (
+            "lowpass_weight needs feature_stats and the map decoder")
         assert residual_weight == 0.0 or (feature_stats and map_decoder and reconstruction), (
             "residual_weight needs feature_stats and both decoders")
         assert not compare_head or (map_decoder and reconstruction), (
@@ -383,6 +392,9 @@ class AnoSegGenerator(nn.Module):
         self.compare = ComparisonHead() if compare_head else None
         self.feature_stats = feature_stats and map_decoder
         self.residual_weight = float(residual_weight)
+        self.lowpass_weight = float(lowpass_weight)
+        self.lowpass = (LowPassStats(side_pair(image_size)) if self.lowpass_weight > 0
+                        else None)
         if self.feature_stats:
             self._init_feature_stats(image_size)
 
@@ -444,7 +456,10 @@ class AnoSegGenerator(nn.Module):
             logit = self._map_logit(images, levels, recon)
             if combine:
                 signals = self._signals_of(images, levels, recon, logit)
-                logit = -self.combined_anomaly_logit(signals)
+                anomaly = self.combined_anomaly_logit(signals)
+                if self.lowpass is not None:
+                    anomaly = anomaly + self.lowpass_term(images)
+                logit = -anomaly
                 if self.fstats_image_ready:
                     signal_map = self._signal_z_max(signals)
             normality = torch.sigmoid(logit)
@@ -541,6 +556,13 @@ class AnoSegGenerator(nn.Module):
         dist = F.conv2d(F.pad(dist, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
         return F.conv2d(F.pad(dist, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
 
+    def lowpass_term(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, H, W)`` what ``lowpass_weight`` adds to the combined anomaly logit: the
+        weight times the combined logit's held-out spread (``lowpass_scale[2]``) times the
+        low-pass signal on its held-out scale."""
+        unit = self.lowpass.lowpass_scale[2]
+        return self.lowpass_weight * unit * self.lowpass.scaled(images)
+
     def combined_anomaly_logit(self, signals: List[torch.Tensor]) -> torch.Tensor:
         """The combined anomaly logit of the signals of :meth:`_signals_of`: the map head's
         anomaly logit plus the feature distance, each z-scored with ``fstats_scale``, minus
@@ -587,7 +609,9 @@ class AnoSegGenerator(nn.Module):
         and inverse covariance (plus :data:`FEATURE_STATS_RIDGE` on the diagonal) of the fine
         features over ``train_batches``, then the mean and std of the map head's anomaly
         logit and of the feature distance over ``holdout_batches`` (float images ``(B, 3, H,
-        W)`` in ``[0, 1]``, at the model's size; both iterables are read once)."""
+        W)`` in ``[0, 1]``, at the model's size; both iterables are read once). With
+        ``lowpass_weight``, the low-pass statistics too (training images), and their scale and
+        unit (held-out images). Long: one pass over each iterable fits every signal."""
         if not self.feature_stats:
             raise ValueError("this generator was built without feature_stats")
         was_training = self.training
@@ -597,6 +621,8 @@ class AnoSegGenerator(nn.Module):
             total = outer = None
             count = 0
             for images in train_batches:
+                if self.lowpass is not None:
+                    self.lowpass.accumulate(images)
                 feats = self._feature_vectors(self.encoder.fine_features(self._inputs(images)))
                 feats = feats.double()
                 s, o = feats.sum(0), torch.einsum("blc,bld->lcd", feats, feats)
@@ -605,13 +631,15 @@ class AnoSegGenerator(nn.Module):
                 count += feats.shape[0]
             if count < 2:
                 raise ValueError("feature statistics need at least 2 training images")
+            if self.lowpass is not None:
+                self.lowpass.finish_training_images()
             mean = total / count
             cov = (outer - count * torch.einsum("lc,ld->lcd", mean, mean)) / (count - 1)
             cov = cov + FEATURE_STATS_RIDGE * torch.eye(cov.shape[-1], dtype=cov.dtype,
                                                         device=cov.device)
             self.fstats_mean.copy_(mean.float())
             self.fstats_icov.copy_(torch.linalg.inv(cov).float())
-            logits, dists, residuals, peaks = [], [], [], []
+            logits, dists, residuals, peaks, lowpass = [], [], [], [], []
             with_residual = self.residual_weight > 0
             for images in holdout_batches:
                 signals = self._signals(images)
@@ -620,6 +648,8 @@ class AnoSegGenerator(nn.Module):
                 if with_residual:
                     residuals.append(signals[2].flatten())
                 peaks.append(torch.stack([sig.flatten(1).amax(1) for sig in signals], 1))
+                if self.lowpass is not None:
+                    lowpass.append(self.lowpass.signal(images).flatten())
             if not logits:
                 raise ValueError("feature statistics need at least 1 held-out image")
             logit, dist = torch.cat(logits).double(), torch.cat(dists).double()
@@ -641,6 +671,10 @@ class AnoSegGenerator(nn.Module):
             if with_residual:
                 self.fstats_res_scale.copy_(torch.stack([
                     res.mean(), res.std().clamp_min(1e-6)]).float())
+            if self.lowpass is not None:  # its unit: the combined logit's held-out spread
+                combined = self.combined_anomaly_logit(
+                    [logit.float(), dist.float()] + ([res.float()] if with_residual else []))
+                self.lowpass.fit_scale(torch.cat(lowpass), unit=median_and_spread(combined)[1])
             self.fstats_fitted.fill_(1.0)
             self.fstats_ready = True
             self.fstats_image_ready = bool(self.fstats_image_scale[0, 1] > 0)

@@ -1,0 +1,132 @@
+"""The low-pass signal of ``model.lowpass_weight``: large, faint changes of brightness or
+colour (a stain, a discoloured region) that the texture hides from the map head.
+
+Each image is blurred (a Gaussian of :data:`LOWPASS_SIGMA_FRACTION` of its shorter side), its
+log brightness and its chromaticity (each channel over the brightness) are taken relative to
+the image's own median (so a uniformly brighter or tinted part is normal), and each of these
+four channels is z-scored per pixel against the normal training images. The signal is the
+root mean square of the four z-scores. :class:`LowPassStats` holds the statistics
+(buffers, saved with the generator) and puts the signal on the held-out normal images' scale
+(docs/experiments.md, twentieth round).
+
+Example:
+    >>> stats = LowPassStats((64, 64))
+    >>> stats.accumulate(torch.rand(4, 3, 64, 64)); stats.finish_training_images()
+    >>> stats.fit_scale(stats.signal(torch.rand(2, 3, 64, 64)), unit=2.0)
+    >>> stats.scaled(torch.rand(1, 3, 64, 64)).shape
+    torch.Size([1, 1, 64, 64])
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LOWPASS_SIGMA_FRACTION = 1.0 / 64.0
+"""The blur's sigma as a fraction of the image's shorter side (2 px at 128x128)."""
+LOWPASS_MIN_STD = 1e-3
+"""Floor of the per-pixel std of a low-pass channel (a grey image's chromaticity is constant)."""
+LOWPASS_QUANTILE = 0.999
+"""The held-out normal pixels' quantile the scaled signal maps to 1 (its median to 0)."""
+_BRIGHTNESS_FLOOR = 0.02  # keeps log brightness and chromaticity finite on black pixels
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``(B, C, H, W)`` with reflected borders."""
+    radius = max(1, int(math.ceil(3 * sigma)))
+    radius = min(radius, x.shape[-1] - 1, x.shape[-2] - 1)
+    taps = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    c = x.shape[1]
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"),
+                 kernel.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"),
+                    kernel.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+
+
+def _median_per_channel(x: torch.Tensor) -> torch.Tensor:
+    """``(B, C, 1, 1)`` the lower median of each image channel (sorting, so it exports)."""
+    flat = x.flatten(2)
+    return flat.sort(2).values[..., (flat.shape[2] - 1) // 2][..., None, None]
+
+
+def lowpass_features(images: torch.Tensor) -> torch.Tensor:
+    """``(B, 4, H, W)``: the blurred log brightness and the three blurred chromaticities of
+    ``images`` (``(B, 3, H, W)`` in ``[0, 1]``), each minus its median over the image."""
+    x = images.float()
+    brightness = x.mean(1, keepdim=True) + _BRIGHTNESS_FLOOR
+    sigma = LOWPASS_SIGMA_FRACTION * min(x.shape[-2:])
+    feats = torch.cat([torch.log(_gaussian_blur(brightness, sigma)),
+                       _gaussian_blur(x / brightness, sigma)], 1)
+    return feats - _median_per_channel(feats)
+
+
+def median_and_spread(values: torch.Tensor) -> Tuple[float, float]:
+    """The median of ``values`` and their :data:`LOWPASS_QUANTILE` minus it (at least 1e-6)."""
+    pixels = values.flatten().double()
+    median = float(pixels.median())
+    step = max(1, pixels.numel() // 2_000_000)  # torch.quantile's input limit
+    top = float(torch.quantile(pixels[::step], LOWPASS_QUANTILE))
+    return median, max(top - median, 1e-6)
+
+
+class LowPassStats(nn.Module):
+    """The per-pixel statistics of :func:`lowpass_features` over the normal training images,
+    and the scale of the signal on the held-out ones. Fitting: :meth:`accumulate` every
+    training batch, :meth:`finish_training_images`, then :meth:`fit_scale` with the signals
+    (:meth:`signal`) of the held-out images."""
+
+    def __init__(self, image_size: Tuple[int, int]) -> None:
+        super().__init__()
+        shape = (1, 4, *image_size)
+        self.register_buffer("lowpass_mean", torch.zeros(shape))
+        self.register_buffer("lowpass_std", torch.ones(shape))
+        # (median, spread = quantile - median) of the signal on held-out normal pixels, and
+        # the unit its user adds it in (the generator's combined logit's held-out spread)
+        self.register_buffer("lowpass_scale", torch.tensor([0.0, 1.0, 0.0]))
+        self._sum: Optional[torch.Tensor] = None
+        self._squares: Optional[torch.Tensor] = None
+        self._count = 0
+
+    @torch.no_grad()
+    def accumulate(self, images: torch.Tensor) -> None:
+        """Add a batch of normal training images (``(B, 3, H, W)`` in ``[0, 1]``)."""
+        feats = lowpass_features(images).double()
+        s, q = feats.sum(0, keepdim=True), (feats * feats).sum(0, keepdim=True)
+        self._sum = s if self._sum is None else self._sum + s
+        self._squares = q if self._squares is None else self._squares + q
+        self._count += feats.shape[0]
+
+    @torch.no_grad()
+    def finish_training_images(self) -> None:
+        """The per-pixel mean and std (floored at :data:`LOWPASS_MIN_STD`) of what was added."""
+        if self._count < 2:
+            raise ValueError("the low-pass statistics need at least 2 training images")
+        mean = self._sum / self._count
+        var = (self._squares - self._count * mean * mean) / (self._count - 1)
+        self.lowpass_mean.copy_(mean.float())
+        self.lowpass_std.copy_(var.clamp_min(0.0).sqrt().clamp_min(LOWPASS_MIN_STD).float())
+        self._sum = self._squares = None
+        self._count = 0
+
+    def signal(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, H, W)`` the root mean square of the low-pass z-scores (unscaled)."""
+        z = (lowpass_features(images) - self.lowpass_mean) / self.lowpass_std
+        return z.pow(2).mean(1, keepdim=True).sqrt()
+
+    @torch.no_grad()
+    def fit_scale(self, holdout_signals: torch.Tensor, unit: float = 1.0) -> None:
+        """Map the held-out normal pixels' median to 0 and their :data:`LOWPASS_QUANTILE`
+        to 1 (``holdout_signals``: :meth:`signal` of those images, any shape); ``unit`` is
+        stored beside (``lowpass_scale[2]``) for the caller."""
+        median, spread = median_and_spread(holdout_signals)
+        self.lowpass_scale.copy_(torch.tensor([median, spread, float(unit)]))
+
+    def scaled(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, H, W)`` the signal on the held-out scale (normal median 0, quantile 1)."""
+        return (self.signal(images) - self.lowpass_scale[0]) / self.lowpass_scale[1]

@@ -1,0 +1,153 @@
+"""model.lowpass_weight: the low-pass brightness / colour signal added to the combined anomaly
+logit of feature_stats (large faint stains the texture hides)."""
+
+import pytest
+import torch
+
+from anoseg.config import load_config
+from anoseg.errors import ConfigError
+from anoseg.models.generator import AnoSegGenerator
+from anoseg.models.lowpass import LOWPASS_QUANTILE, LowPassStats, lowpass_features
+
+
+def _weave(n, seed, size=64):
+    """Textured normal images: a random-phase checker of threads, a random global tint and
+    brightness (both normal: the signal is relative to each image's median)."""
+    g = torch.Generator().manual_seed(seed)
+    ys = torch.arange(size, dtype=torch.float32)
+    out = []
+    for _ in range(n):
+        dy, dx = torch.randint(0, 8, (2,), generator=g).tolist()
+        checker = (((ys[:, None] + dy) // 4 + (ys[None, :] + dx) // 4) % 2).float()
+        tint = 1.0 + 0.08 * (torch.rand(3, 1, 1, generator=g) - 0.5)
+        bright = 0.8 + 0.3 * torch.rand(1, generator=g)
+        grey = (0.35 + 0.3 * checker) * bright
+        noise = 0.02 * torch.randn(3, size, size, generator=g)
+        out.append((grey[None] * tint + noise).clamp(0, 1))
+    return torch.stack(out)
+
+
+def _stain(images, box=(slice(16, 48), slice(8, 40)), shift=(1.0, 0.93, 0.85)):
+    """The images with a faint colour change (7-15 % per channel) over a quarter of each."""
+    stained = images.clone()
+    factor = torch.tensor(shift).view(3, 1, 1)
+    stained[:, :, box[0], box[1]] *= factor
+    return stained
+
+
+def _fitted_stats(size=64):
+    stats = LowPassStats((size, size))
+    for batch in _weave(48, 0, size).split(16):
+        stats.accumulate(batch)
+    stats.finish_training_images()
+    stats.fit_scale(stats.signal(_weave(8, 1, size)), unit=3.0)
+    return stats
+
+
+def test_the_features_ignore_a_uniform_tint_and_brightness():
+    images = _weave(2, 5)
+    changed = (images * torch.tensor([1.05, 0.97, 0.9]).view(1, 3, 1, 1) * 1.1).clamp(0, 1)
+    a, b = lowpass_features(images), lowpass_features(changed)
+    # relative to the image's own median: only the brightness floor (0.02) leaves a trace
+    assert (a - b).abs().max().item() < 0.02
+    assert a.shape == (2, 4, 64, 64)
+
+
+def test_the_signal_outlines_a_faint_stain_that_the_texture_hides():
+    stats = _fitted_stats()
+    normal = _weave(4, 7)
+    stained = _stain(normal)
+    # the change is fainter than the texture's own contrast (threads differ by ~0.3)
+    assert (stained - normal).abs().max().item() < 0.12
+    with torch.no_grad():
+        on_normal = stats.scaled(normal)
+        on_stained = stats.scaled(stained)
+    inside = on_stained[:, :, 20:44, 12:36]  # the stain, away from its edges
+    outside = on_stained[:, :, :, 44:]
+    # above the normal pixels' 0.999 quantile (1 on this scale); the rest near their median (0)
+    assert inside.mean().item() > 1.5
+    assert outside.mean().item() < 0.3 and on_normal.mean().item() < 0.3
+    # on the held-out scale: median 0, quantile LOWPASS_QUANTILE at 1
+    held = stats.scaled(_weave(8, 1)).flatten()
+    assert held.median().item() == pytest.approx(0.0, abs=1e-5)
+    assert torch.quantile(held, LOWPASS_QUANTILE).item() == pytest.approx(1.0, abs=1e-3)
+    assert stats.lowpass_scale[2].item() == 3.0
+
+
+def _generator(weight):
+    torch.manual_seed(0)
+    g = AnoSegGenerator(image_size=64, width=0.125, map_skips=2, feature_stats=True,
+                        lowpass_weight=weight)
+    g.fit_feature_stats(iter(_weave(48, 0).split(16)), iter(_weave(8, 1).split(4)))
+    return g.eval()
+
+
+def test_the_generator_adds_the_weighted_signal_to_the_combined_logit():
+    with_it, without = _generator(0.5), _generator(0.0)
+    # the same weights and feature statistics: only the low-pass term differs
+    assert torch.equal(with_it.fstats_mean, without.fstats_mean)
+    images = _stain(_weave(2, 9))
+    with torch.no_grad():
+        a, b = with_it(images), without(images)
+        term = with_it.lowpass_term(images)
+    assert torch.allclose(-a.map_logit, -b.map_logit + term, atol=1e-4)
+    # the unit is the combined logit's held-out spread, so 0.5 means half of it per unit
+    unit = with_it.lowpass.lowpass_scale[2].item()
+    assert unit > 0
+    assert torch.allclose(term, 0.5 * unit * with_it.lowpass.scaled(images), atol=1e-5)
+    # the stain rises against the rest of the image
+    rise = (-a.map_logit) - (-b.map_logit)
+    assert rise[:, :, 20:44, 12:36].mean() > rise[:, :, :, 44:].mean() + 0.5 * unit
+
+
+def test_the_statistics_are_saved_with_the_weights():
+    g = _generator(0.5)
+    state = g.state_dict()
+    assert {"lowpass.lowpass_mean", "lowpass.lowpass_std", "lowpass.lowpass_scale"} <= set(state)
+    torch.manual_seed(1)
+    h = AnoSegGenerator(image_size=64, width=0.125, map_skips=2, feature_stats=True,
+                        lowpass_weight=0.5)
+    h.load_state_dict(state)
+    images = _stain(_weave(1, 3))
+    with torch.no_grad():
+        assert torch.allclose(h.eval()(images).map_logit, g(images).map_logit, atol=1e-5)
+
+
+def test_a_run_without_it_has_no_low_pass_buffers():
+    g = AnoSegGenerator(image_size=64, width=0.125, feature_stats=True)
+    assert g.lowpass is None
+    assert not any(k.startswith("lowpass") for k in g.state_dict())
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["model.lowpass_weight=-1"], "model.lowpass_weight"),
+    (["model.lowpass_weight=0.5", "model.feature_stats=false"], "model.lowpass_weight"),
+])
+def test_bad_lowpass_weights_are_refused(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
+
+
+def test_a_trained_run_fits_and_keeps_the_low_pass_statistics(tmp_path, make_mvtec):
+    from anoseg.checkpoint import load_checkpoint
+    from anoseg.inference import load_model, predict_anomaly_scores
+    from anoseg.training import train
+
+    root = make_mvtec(n_train=10, image_hw=(64, 64))
+    overrides = ["data.image_size=64", "model.width=0.125", "model.map_skips=2",
+                 "model.feature_stats=true", "model.lowpass_weight=0.5", "train.steps=2",
+                 "train.batch_size=4", "train.ema_decay=0.9", "data.num_workers=0",
+                 f"data.root={root}", "data.category=widget"]
+    train(load_config(None, overrides), tmp_path / "run", progress=False)
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    for key in ("generator", "generator_ema"):
+        scale = ckpt[key]["lowpass.lowpass_scale"]
+        assert scale[1] > 0 and scale[2] > 0  # fitted: a spread and a unit
+        assert (ckpt[key]["lowpass.lowpass_std"] > 0).all()
+    model = load_model(tmp_path / "run", "cpu")
+    assert model.generator.lowpass_weight == 0.5
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        term = model.generator.lowpass_term(images)
+    maps, logits = predict_anomaly_scores(model.generator, images)
+    assert torch.isfinite(logits).all() and term.abs().sum() > 0
