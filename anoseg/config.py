@@ -264,7 +264,8 @@ class ModelConfig:
     z-scored per pixel against the normal training images (``anoseg.models.lowpass``), for
     large faint stains and discolourations that the texture hides from the map head. It is
     put on its held-out normal pixels' scale (median 0, quantile 0.999 at 1) and added to the
-    combined anomaly logit, this many times that logit's own held-out spread (0 = off;
+    combined anomaly logit after its knee, this many times that logit's own held-out spread
+    (its quantile 0.999 minus its median), and the sum is bent by the knee again (0 = off;
     docs/experiments.md, twentieth round)."""
 
 

@@ -32,6 +32,7 @@ from anoseg.data.geometry import (Geometry, Placement, blend_window, crop, tile_
                                   to_resolution, window_starts)
 from anoseg.models.detector import AnoSegDetector
 from anoseg.models.factory import build_detector, build_generator
+from anoseg.models.lowpass import median_and_spread
 from anoseg.models.generator import (FEATURE_STATS_OFFSET, AnoSegGenerator, GeneratorOutput,
                                      soft_knee)
 from anoseg.run_dir import (CHECKPOINT_FILE, DETECTOR_DIR, DataRecord, RunDir,
@@ -462,10 +463,8 @@ class AnoSegEnsemble(nn.Module):
                      for i in range(len(member_logits[0]))]
         rows = []
         for maps in zip(*per_image):  # one recipe group's maps of every image
-            pixels = torch.cat([m.flatten().double() for m in maps])
-            median = float(pixels.median())
-            spread = max(float(torch.quantile(pixels[::max(1, pixels.numel() // 2_000_000)],
-                                              CALIBRATION_QUANTILE)) - median, 1e-6)
+            median, spread = median_and_spread(torch.cat([m.flatten() for m in maps]),
+                                               CALIBRATION_QUANTILE)
             peaks = torch.tensor([(float(m.max()) - median) / spread for m in maps])
             spread_of_peaks = float(peaks.std()) if len(peaks) > 1 else 1.0
             rows.append([median, spread, 1.0 / max(spread_of_peaks, CALIBRATION_MIN_PEAK_STD)])

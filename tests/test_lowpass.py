@@ -6,8 +6,9 @@ import torch
 
 from anoseg.config import load_config
 from anoseg.errors import ConfigError
-from anoseg.models.generator import AnoSegGenerator
-from anoseg.models.lowpass import LOWPASS_QUANTILE, LowPassStats, lowpass_features
+from anoseg.models.generator import COMBINED_LOGIT_KNEE, AnoSegGenerator, soft_knee
+from anoseg.models.lowpass import (LOWPASS_QUANTILE, LowPassStats, lowpass_features,
+                                   median_and_spread)
 
 
 def _weave(n, seed, size=64):
@@ -53,6 +54,17 @@ def test_the_features_ignore_a_uniform_tint_and_brightness():
     assert a.shape == (2, 4, 64, 64)
 
 
+def test_grey_images_have_no_colour_signal_and_autocast_changes_nothing():
+    grey = _weave(2, 6).mean(1, keepdim=True).expand(-1, 3, -1, -1)
+    feats = lowpass_features(grey)
+    assert feats[:, 1:].abs().max().item() < 1e-6  # chromaticity exactly 1, minus its median
+    assert feats[:, 0].abs().max().item() > 0.05  # the brightness still varies
+    images = _weave(2, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = lowpass_features(images)
+    assert under.dtype == torch.float32 and torch.equal(under, lowpass_features(images))
+
+
 def test_the_signal_outlines_a_faint_stain_that_the_texture_hides():
     stats = _fitted_stats()
     normal = _weave(4, 7)
@@ -74,10 +86,10 @@ def test_the_signal_outlines_a_faint_stain_that_the_texture_hides():
     assert stats.lowpass_scale[2].item() == 3.0
 
 
-def _generator(weight):
+def _generator(weight, **kwargs):
     torch.manual_seed(0)
     g = AnoSegGenerator(image_size=64, width=0.125, map_skips=2, feature_stats=True,
-                        lowpass_weight=weight)
+                        lowpass_weight=weight, **kwargs)
     g.fit_feature_stats(iter(_weave(48, 0).split(16)), iter(_weave(8, 1).split(4)))
     return g.eval()
 
@@ -90,14 +102,35 @@ def test_the_generator_adds_the_weighted_signal_to_the_combined_logit():
     with torch.no_grad():
         a, b = with_it(images), without(images)
         term = with_it.lowpass_term(images)
-    assert torch.allclose(-a.map_logit, -b.map_logit + term, atol=1e-4)
-    # the unit is the combined logit's held-out spread, so 0.5 means half of it per unit
+    # added to the combined anomaly logit, and the sum bent by the knee again
+    assert torch.allclose(-a.map_logit, soft_knee(-b.map_logit + term), atol=1e-4)
     unit = with_it.lowpass.lowpass_scale[2].item()
     assert unit > 0
-    assert torch.allclose(term, 0.5 * unit * with_it.lowpass.scaled(images), atol=1e-5)
     # the stain rises against the rest of the image
-    rise = (-a.map_logit) - (-b.map_logit)
-    assert rise[:, :, 20:44, 12:36].mean() > rise[:, :, :, 44:].mean() + 0.5 * unit
+    rise = term / unit
+    assert rise[:, :, 20:44, 12:36].mean() > rise[:, :, :, 44:].mean() + 0.5
+    assert (-a.map_logit)[:, :, 20:44, 12:36].mean() > (-b.map_logit)[:, :, 20:44, 12:36].mean()
+
+
+def test_the_unit_is_the_held_out_spread_of_the_combined_logit_residual_included():
+    g = _generator(0.5, reconstruction=True, residual_weight=1.0)
+    holdout = _weave(8, 1)
+    with torch.no_grad():
+        combined = g.combined_anomaly_logit(g._signals(holdout))
+    assert len(g._signals(holdout)) == 3  # the residual is one of them
+    assert g.lowpass.lowpass_scale[2].item() == pytest.approx(median_and_spread(combined)[1],
+                                                              rel=1e-4)
+
+
+def test_a_strong_stain_does_not_saturate_the_map():
+    g = _generator(2.0)
+    images = _stain(_weave(1, 4), shift=(1.0, 0.4, 0.1))  # far beyond any normal colour
+    with torch.no_grad():
+        out = g(images)
+    anomaly = -out.map_logit
+    assert g.lowpass_term(images).max() > 30  # the unbent sum would pass float32's sigmoid 1
+    assert anomaly.max() < COMBINED_LOGIT_KNEE + 10
+    assert (out.normality_map > 0).all() and (out.normality_map < 1).all()
 
 
 def test_the_statistics_are_saved_with_the_weights():

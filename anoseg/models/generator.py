@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from anoseg.models.lowpass import LowPassStats, median_and_spread
+from anoseg.models.lowpass import (LowPassStats, gaussian_kernel, median_and_spread,
+                                   separable_blur)
 
 ENCODER_STRIDE = 32
 STATS_CLIP = 4.0
@@ -424,10 +425,8 @@ class AnoSegGenerator(nn.Module):
         self.fstats_ready = False
         self.fstats_image_ready = False  # and of fstats_image_scale being fitted
         self.register_load_state_dict_post_hook(_sync_fstats_ready)
-        radius = int(math.ceil(3 * FEATURE_STATS_SIGMA))
-        taps = torch.exp(-torch.arange(-radius, radius + 1, dtype=torch.float32) ** 2
-                         / (2 * FEATURE_STATS_SIGMA ** 2))
-        self.register_buffer("fstats_kernel", taps / taps.sum(), persistent=False)
+        self.register_buffer("fstats_kernel", gaussian_kernel(FEATURE_STATS_SIGMA),
+                             persistent=False)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # checkpoints written before the signal image map have no fstats_image_scale
@@ -457,8 +456,8 @@ class AnoSegGenerator(nn.Module):
             if combine:
                 signals = self._signals_of(images, levels, recon, logit)
                 anomaly = self.combined_anomaly_logit(signals)
-                if self.lowpass is not None:
-                    anomaly = anomaly + self.lowpass_term(images)
+                if self.lowpass is not None:  # bent again: the term is not bounded
+                    anomaly = soft_knee(anomaly + self.lowpass_term(images))
                 logit = -anomaly
                 if self.fstats_image_ready:
                     signal_map = self._signal_z_max(signals)
@@ -551,15 +550,13 @@ class AnoSegGenerator(nn.Module):
         h, w = levels[0].shape[-2:]
         dist = squared.clamp_min(0.0).sqrt().reshape(-1, 1, h, w)
         dist = F.interpolate(dist, size=size, mode="bilinear", align_corners=False)
-        k = self.fstats_kernel
-        r = k.numel() // 2
-        dist = F.conv2d(F.pad(dist, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
-        return F.conv2d(F.pad(dist, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
+        return separable_blur(dist, self.fstats_kernel)
 
     def lowpass_term(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, 1, H, W)`` what ``lowpass_weight`` adds to the combined anomaly logit: the
-        weight times the combined logit's held-out spread (``lowpass_scale[2]``) times the
-        low-pass signal on its held-out scale."""
+        """``(B, 1, H, W)`` what ``lowpass_weight`` adds to the combined anomaly logit (which
+        the forward pass then bends with :func:`soft_knee` again): the weight times the
+        combined logit's held-out spread (``lowpass_scale[2]``, its quantile 0.999 minus its
+        median) times the low-pass signal on its held-out scale."""
         unit = self.lowpass.lowpass_scale[2]
         return self.lowpass_weight * unit * self.lowpass.scaled(images)
 
@@ -617,6 +614,8 @@ class AnoSegGenerator(nn.Module):
         was_training = self.training
         self.eval()
         self.clear_feature_stats()
+        if self.lowpass is not None:
+            self.lowpass.reset()
         try:
             total = outer = None
             count = 0

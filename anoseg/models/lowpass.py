@@ -2,9 +2,10 @@
 colour (a stain, a discoloured region) that the texture hides from the map head.
 
 Each image is blurred (a Gaussian of :data:`LOWPASS_SIGMA_FRACTION` of its shorter side), its
-log brightness and its chromaticity (each channel over the brightness) are taken relative to
-the image's own median (so a uniformly brighter or tinted part is normal), and each of these
-four channels is z-scored per pixel against the normal training images. The signal is the
+log brightness and its chromaticity (each channel over the brightness, exactly 1 on grey
+pixels) are taken relative to the image's own median (so a uniformly brighter or tinted part is
+normal), and each of these four channels is z-scored per pixel against the normal training
+images. On a letterboxed canvas (``data.resize: keep_aspect``) the median includes the padding. The signal is the
 root mean square of the four z-scores. :class:`LowPassStats` holds the statistics
 (buffers, saved with the generator) and puts the signal on the held-out normal images' scale
 (docs/experiments.md, twentieth round).
@@ -35,18 +36,30 @@ LOWPASS_QUANTILE = 0.999
 _BRIGHTNESS_FLOOR = 0.02  # keeps log brightness and chromaticity finite on black pixels
 
 
+def gaussian_kernel(sigma: float, radius: Optional[int] = None) -> torch.Tensor:
+    """The normalised 1-D Gaussian of ``sigma``, ``radius`` taps each side (default
+    ``ceil(3 sigma)``), float32."""
+    radius = int(math.ceil(3 * sigma)) if radius is None else radius
+    taps = torch.exp(-torch.arange(-radius, radius + 1, dtype=torch.float32) ** 2
+                     / (2 * sigma ** 2))
+    return taps / taps.sum()
+
+
+def separable_blur(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` blurred along each axis by the 1-D ``kernel`` (odd length, at most
+    ``2 min(H, W) - 1``), each channel on its own, with reflected borders."""
+    r, c = kernel.numel() // 2, x.shape[1]
+    k = kernel.to(x.dtype)
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1).repeat(c, 1, 1, 1),
+                 groups=c)
+    return F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1).repeat(c, 1, 1, 1),
+                    groups=c)
+
+
 def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of ``(B, C, H, W)`` with reflected borders."""
-    radius = max(1, int(math.ceil(3 * sigma)))
-    radius = min(radius, x.shape[-1] - 1, x.shape[-2] - 1)
-    taps = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    c = x.shape[1]
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"),
-                 kernel.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
-    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"),
-                    kernel.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+    """:func:`separable_blur` by a Gaussian of ``sigma`` (its radius kept inside the image)."""
+    radius = min(max(1, int(math.ceil(3 * sigma))), x.shape[-1] - 1, x.shape[-2] - 1)
+    return separable_blur(x, gaussian_kernel(sigma, radius).to(x.device))
 
 
 def _median_per_channel(x: torch.Tensor) -> torch.Tensor:
@@ -57,21 +70,28 @@ def _median_per_channel(x: torch.Tensor) -> torch.Tensor:
 
 def lowpass_features(images: torch.Tensor) -> torch.Tensor:
     """``(B, 4, H, W)``: the blurred log brightness and the three blurred chromaticities of
-    ``images`` (``(B, 3, H, W)`` in ``[0, 1]``), each minus its median over the image."""
-    x = images.float()
-    brightness = x.mean(1, keepdim=True) + _BRIGHTNESS_FLOOR
+    ``images`` (``(B, 3, H, W)`` in ``[0, 1]``), each minus its median over the image. Always in
+    float32 (under autocast too: a bf16 step near 1 is as large as a chromaticity's normal
+    spread)."""
+    if torch.is_autocast_enabled(images.device.type):
+        with torch.autocast(images.device.type, enabled=False):
+            return lowpass_features(images)
+    x = images.float() + _BRIGHTNESS_FLOOR
+    brightness = x.mean(1, keepdim=True)
     sigma = LOWPASS_SIGMA_FRACTION * min(x.shape[-2:])
     feats = torch.cat([torch.log(_gaussian_blur(brightness, sigma)),
                        _gaussian_blur(x / brightness, sigma)], 1)
     return feats - _median_per_channel(feats)
 
 
-def median_and_spread(values: torch.Tensor) -> Tuple[float, float]:
-    """The median of ``values`` and their :data:`LOWPASS_QUANTILE` minus it (at least 1e-6)."""
+def median_and_spread(values: torch.Tensor, quantile: float = LOWPASS_QUANTILE
+                      ) -> Tuple[float, float]:
+    """The median of ``values`` and their ``quantile`` minus it (at least 1e-6; the quantile
+    of an even subsample when there are more than 2 million, torch.quantile's limit)."""
     pixels = values.flatten().double()
     median = float(pixels.median())
-    step = max(1, pixels.numel() // 2_000_000)  # torch.quantile's input limit
-    top = float(torch.quantile(pixels[::step], LOWPASS_QUANTILE))
+    step = max(1, pixels.numel() // 2_000_000)
+    top = float(torch.quantile(pixels[::step], quantile))
     return median, max(top - median, 1e-6)
 
 
@@ -89,6 +109,10 @@ class LowPassStats(nn.Module):
         # (median, spread = quantile - median) of the signal on held-out normal pixels, and
         # the unit its user adds it in (the generator's combined logit's held-out spread)
         self.register_buffer("lowpass_scale", torch.tensor([0.0, 1.0, 0.0]))
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the training images added since the last :meth:`finish_training_images`."""
         self._sum: Optional[torch.Tensor] = None
         self._squares: Optional[torch.Tensor] = None
         self._count = 0
@@ -111,8 +135,7 @@ class LowPassStats(nn.Module):
         var = (self._squares - self._count * mean * mean) / (self._count - 1)
         self.lowpass_mean.copy_(mean.float())
         self.lowpass_std.copy_(var.clamp_min(0.0).sqrt().clamp_min(LOWPASS_MIN_STD).float())
-        self._sum = self._squares = None
-        self._count = 0
+        self.reset()
 
     def signal(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 1, H, W)`` the root mean square of the low-pass z-scores (unscaled)."""
