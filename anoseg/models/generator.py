@@ -346,8 +346,9 @@ class AnoSegGenerator(nn.Module):
             z-scored on the held-out images (0 = off; needs the reconstruction decoder).
         lowpass_weight: with ``feature_stats``, add the low-pass signal
             (:mod:`anoseg.models.lowpass`: large faint brightness or colour changes) to the
-            combined anomaly logit, this many times the combined logit's held-out spread per
-            unit of the signal's own held-out scale (0 = off).
+            combined anomaly logit after its knee, this many times the combined logit's
+            held-out spread per unit of the signal's own held-out scale, and bend the sum by
+            the knee again (0 = off).
     """
 
     def __init__(self, *, image_size: Union[int, Tuple[int, int]], width: float = 1.0,

@@ -5,10 +5,10 @@ Each image is blurred (a Gaussian of :data:`LOWPASS_SIGMA_FRACTION` of its short
 log brightness and its chromaticity (each channel over the brightness, exactly 1 on grey
 pixels) are taken relative to the image's own median (so a uniformly brighter or tinted part is
 normal), and each of these four channels is z-scored per pixel against the normal training
-images. On a letterboxed canvas (``data.resize: keep_aspect``) the median includes the padding. The signal is the
-root mean square of the four z-scores. :class:`LowPassStats` holds the statistics
-(buffers, saved with the generator) and puts the signal on the held-out normal images' scale
-(docs/experiments.md, twentieth round).
+images. The signal is the root mean square of the four z-scores. :class:`LowPassStats` holds
+the statistics (buffers, saved with the generator) and puts the signal on the held-out normal
+images' scale (docs/experiments.md, twentieth round). On a letterboxed canvas (``data.resize:
+keep_aspect``) the median includes the padding.
 
 Example:
     >>> stats = LowPassStats((64, 64))
