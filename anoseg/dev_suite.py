@@ -273,11 +273,17 @@ def _train_seconds(runs: Sequence[Path]) -> float:
 
 def suite_sets(real_root: Union[str, Path], suite_root: Union[str, Path],
                only: Optional[Sequence[str]] = None) -> Dict[str, Tuple[Path, str]]:
-    """Set name -> (data root, category): the real sets found under ``real_root`` and the
-    generated categories (written once under ``suite_root``), optionally only ``only``."""
+    """Set name -> (data root, category): the real sets found under ``real_root`` (the known
+    ones of :data:`REAL_SETS`, then every other folder with a ``train/good`` folder, by name:
+    a user's own category in MVTec layout) and the generated categories (written once under
+    ``suite_root``), optionally only ``only``."""
     real_root = Path(real_root)
     sets = {name: (real_root, folder) for name, folder in REAL_SETS.items()
             if (real_root / folder).is_dir()}
+    if real_root.is_dir():
+        known = set(REAL_SETS.values())
+        sets.update({d.name: (real_root, d.name) for d in sorted(real_root.iterdir())
+                     if d.name not in known and (d / "train" / "good").is_dir()})
     generated = write_suite(suite_root)
     sets.update({name: (generated, name) for name in SUITE_CATEGORIES})
     return {k: v for k, v in sets.items() if not only or k in only}

@@ -8,8 +8,9 @@ per-pixel Gaussian floor, with a row per defect type.
     python scripts/dev_suite.py --member configs/cpu_unseen.yaml 540 0 1 \\
         --member configs/cpu_real.yaml 120 0 --output-dir runs/suite_recipe
 
-Sets: the real sets under ``--real-root`` (``../shared/data/real``: bsdata, deeppcb, kolektorsdd)
-and the generated categories of :mod:`anoseg.data.suite` (written once under
+Sets: the real sets under ``--real-root`` (``../shared/data/real``: bsdata, deeppcb, kolektorsdd;
+any other folder there with a ``train/good`` folder is a set too, named by its folder) and the
+generated categories of :mod:`anoseg.data.suite` (written once under
 ``--suite-root``). Per set: the Gaussian floor (cached), then training with the wall-clock
 ``--budget`` (split evenly over ``--seeds``; with several seeds the members are averaged as an
 ensemble sharing one held-out split; with ``--separate-seeds`` each seed is its own model with
@@ -66,7 +67,8 @@ def main() -> None:
                         help="training seconds per set (all seeds together; with "
                              "--separate-seeds, per seed)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--real-root", default="../shared/data/real")
+    parser.add_argument("--real-root", default="../shared/data/real",
+                        help="folder of real sets in MVTec layout (one folder per set)")
     parser.add_argument("--suite-root", default="runs/suite_data")
     parser.add_argument("--sets", nargs="+", default=None,
                         help="only these sets (names as in the table)")

@@ -46,6 +46,24 @@ def test_write_suite_makes_mvtec_layout(tmp_path, monkeypatch):
         assert sorted({s.defect_type for s in samples}) == sorted(("good",) + defects)
 
 
+def test_suite_sets_finds_known_and_users_own_real_sets(tmp_path, monkeypatch):
+    import anoseg.data.suite as suite
+    from anoseg.dev_suite import suite_sets
+
+    monkeypatch.setattr(suite, "SUITE_NUM_TRAIN", 2)
+    monkeypatch.setattr(suite, "SUITE_NUM_TEST_GOOD", 1)
+    monkeypatch.setattr(suite, "SUITE_NUM_PER_DEFECT", 1)
+    real = tmp_path / "real"
+    for folder in ("kolektorsdd/train/good", "my_tiles/train/good", "notes"):
+        (real / folder).mkdir(parents=True)
+    sets = suite_sets(real, tmp_path / "suite")
+    assert sets["kolektorsdd"] == (real, "kolektorsdd")
+    assert sets["my_tiles"] == (real, "my_tiles")
+    assert "notes" not in sets and "bsdata" not in sets
+    assert set(SUITE_CATEGORIES) <= set(sets)
+    assert set(suite_sets(real, tmp_path / "suite", only=["my_tiles"])) == {"my_tiles"}
+
+
 def test_gaussian_floor_finds_a_bright_square():
     rng = torch.Generator().manual_seed(0)
     train = 0.5 + 0.05 * torch.randn(20, 3, 32, 32, generator=rng)
