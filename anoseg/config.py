@@ -469,10 +469,10 @@ class AnoSegConfig:
         _validate_train(self.train, self.model)
         _validate_eval(self.eval)
         _validate_detector(self.detector)
-        _check(self.eval.image_score != "signals_max" or self.model.feature_stats,
-               "eval.image_score", self.eval.image_score,
-               "not signals_max without model.feature_stats: true (its signals are the "
-               "feature statistics')")
+        _check(self.eval.image_score not in ("signals_max", "signals_mean")
+               or self.model.feature_stats, "eval.image_score", self.eval.image_score,
+               "not signals_max or signals_mean without model.feature_stats: true (their "
+               "signals are the feature statistics')")
         _check(not (self.model.feature_stats and self.data.tiling.enabled),
                "model.feature_stats", self.model.feature_stats,
                "false with data.tiling (per-location statistics of whole images; a tile at a "
@@ -663,10 +663,10 @@ ENSEMBLE_COMBINES = ("auto", "mean", "calibrated")
 """Values of ``eval.ensemble_combine``."""
 
 IMAGE_SCORE_CHOICES = ("max", "blur3_max", "blur5_max", "top10_mean", "top1pct_mean",
-                       "signals_max", "detector")
+                       "signals_max", "signals_mean", "detector")
 """Values of ``eval.image_score``: the names of :data:`anoseg.metrics.IMAGE_SCORES`,
-``signals_max`` (:data:`anoseg.metrics.SIGNAL_IMAGE_SCORE`; needs ``model.feature_stats``) and
-``detector``."""
+``signals_max`` and ``signals_mean`` (:data:`anoseg.metrics.SIGNAL_IMAGE_SCORES`; need
+``model.feature_stats``) and ``detector``."""
 
 
 def _validate_eval(e: EvalConfig) -> None:

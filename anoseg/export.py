@@ -41,7 +41,7 @@ from anoseg.checkpoint import resolve_checkpoint
 from anoseg.config import image_hw
 from anoseg.errors import ConfigError, ExportError
 from anoseg.extras import require, require_extra
-from anoseg.metrics import SIGNAL_IMAGE_SCORE
+from anoseg.metrics import SIGNAL_IMAGE_SCORES, SIGNAL_MEAN_SCORE
 from anoseg.inference import (LoadedDetector, LoadedModel, calibrate_ensemble, load_images,
                               load_runs, normality_logit_to_anomaly_logit,
                               normality_to_anomaly, override_eval, run_detector)
@@ -105,8 +105,9 @@ class DeployedAnoSeg(nn.Module):
 
     Args:
         generator: an AnoSeg generator or :class:`anoseg.inference.AnoSegEnsemble` (eval mode).
-        image_score: a name of :data:`TORCH_IMAGE_SCORES`, ``signals_max`` (the maximum of the
-            generator's signal image map, from the same pass) or ``detector``.
+        image_score: a name of :data:`TORCH_IMAGE_SCORES`, ``signals_max`` or ``signals_mean``
+            (:data:`anoseg.metrics.SIGNAL_IMAGE_SCORES`, from the generator's signal maps of the
+            same pass) or ``detector``.
         detector: the detector networks (``AnoSegDetector``) when ``image_score`` is
             ``detector``; ``alpha`` and ``beta`` weigh its score (eq. 5).
     """
@@ -117,13 +118,14 @@ class DeployedAnoSeg(nn.Module):
         super().__init__()
         if image_score == "detector" and detector is None:
             raise ConfigError("image score 'detector' needs the run's detector")
-        if image_score == SIGNAL_IMAGE_SCORE and not getattr(
+        if image_score in SIGNAL_IMAGE_SCORES and not getattr(
                 generator, "has_signal_image_map", lambda: False)():
-            raise ConfigError(f"image score {SIGNAL_IMAGE_SCORE!r} needs a generator with a "
-                              "fitted signal image map (model.feature_stats)")
-        if image_score not in (*TORCH_IMAGE_SCORES, SIGNAL_IMAGE_SCORE, "detector"):
+            raise ConfigError(f"image score {image_score!r} needs a generator with fitted "
+                              "signal maps (model.feature_stats)")
+        known = [*TORCH_IMAGE_SCORES, *SIGNAL_IMAGE_SCORES, "detector"]
+        if image_score not in known:
             raise ConfigError(f"unknown image score {image_score!r}; expected one of "
-                              f"{', '.join([*TORCH_IMAGE_SCORES, SIGNAL_IMAGE_SCORE, 'detector'])}")
+                              f"{', '.join(known)}")
         self.generator = generator
         self.detector = detector if image_score == "detector" else None
         self.image_score = image_score
@@ -135,8 +137,10 @@ class DeployedAnoSeg(nn.Module):
         if self.detector is not None:
             normality = out.normality_map if self.detector.use_anomaly_map else None
             score = self.detector.score(images, normality, alpha=self.alpha, beta=self.beta)
-        elif self.image_score == SIGNAL_IMAGE_SCORE:
-            score = out.signal_map.flatten(1).amax(1)
+        elif self.image_score == SIGNAL_MEAN_SCORE:
+            score = out.signal_maps.flatten(2).amax(2).mean(1)
+        elif self.image_score in SIGNAL_IMAGE_SCORES:
+            score = out.signal_maps.flatten(1).amax(1)
         else:
             logit = normality_logit_to_anomaly_logit(out.map_logit)[:, 0]
             score = TORCH_IMAGE_SCORES[self.image_score](logit)

@@ -147,8 +147,9 @@ def _as_float_images(images: torch.Tensor) -> torch.Tensor:
 def _scores(generator: nn.Module, chunk: torch.Tensor, spans: Optional[torch.Tensor],
             amp_dtype: Optional[torch.dtype]
             ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """``(anomaly maps, anomaly logits, signal image maps or None)`` float32 ``(B, H, W)`` on
-    the CPU of one forward pass over ``chunk`` (already on the generator's device)."""
+    """``(anomaly maps, anomaly logits, signal maps or None)`` float32 on the CPU of one
+    forward pass over ``chunk`` (already on the generator's device): ``(B, H, W)``, the signal
+    maps ``(B, S, H, W)``."""
     with autocast(chunk.device, amp_dtype):
         out = _forward(generator, chunk, spans)
     anomaly = normality_to_anomaly(out.normality_map.float())[:, 0].cpu()
@@ -157,8 +158,8 @@ def _scores(generator: nn.Module, chunk: torch.Tensor, spans: Optional[torch.Ten
         logit = torch.logit(anomaly.double(), eps=1e-12).float()
     else:
         logit = normality_logit_to_anomaly_logit(map_logit.float())[:, 0].cpu()
-    signal = getattr(out, "signal_map", None)
-    return anomaly, logit, None if signal is None else signal.float()[:, 0].cpu()
+    signal = getattr(out, "signal_maps", None)
+    return anomaly, logit, None if signal is None else signal.float().cpu()
 
 
 class ScoredMap(NamedTuple):
@@ -169,9 +170,10 @@ class ScoredMap(NamedTuple):
     logit: torch.Tensor
     """float32 ``(h, w)`` anomaly logit, unbounded (the cheap image scores)."""
     signal: Optional[torch.Tensor] = None
-    """float32 signal image map over the image's box at the model's resolution (whatever the
-    resolution of the other two; :data:`SIGNAL_IMAGE_SCORE` is its maximum), or ``None``
-    where the generator has none fitted or the images are tiled."""
+    """float32 ``(S, h, w)`` signal maps (one z-scored map per ``feature_stats`` signal) over
+    the image's box at the model's resolution (whatever the resolution of the other two; the
+    :data:`~anoseg.metrics.SIGNAL_IMAGE_SCORES` are read from them), or ``None`` where the
+    generator has none fitted or the images are tiled."""
 
 
 @torch.no_grad()
@@ -346,8 +348,8 @@ class AnoSegEnsemble(nn.Module):
     ``combine="auto"`` (the default) is ``calibrated`` when the members are of several
     recipes (``groups``), ``mean`` otherwise (:attr:`mode`).
 
-    ``combine="mean"``: their normality maps (and reconstructions, map logits and signal image
-    maps) are averaged. Independently seeded short runs disagree most where they are wrong, so
+    ``combine="mean"``: their normality maps (and reconstructions, map logits and signal maps)
+    are averaged. Independently seeded short runs disagree most where they are wrong, so
     the mean map is steadier than any one run (``docs/experiments.md``).
 
     ``combine="calibrated"``: members of different recipes (a spot specialist beside the
@@ -358,11 +360,11 @@ class AnoSegEnsemble(nn.Module):
     weights ``1 / std`` of each recipe's per-image maxima of ``q`` on those images (one whose
     normal images peak unevenly counts less). The joint anomaly logit is
     ``soft_knee(4 (q_mean - 1))``: a typical normal pixel sits at -4, the normal pixels' 0.999
-    quantile at 0. :meth:`calibrate` (or :func:`calibrate_ensemble`) fits it; the signal image
-    map is the mean of the members that have one. ``recipe_weights`` (one per recipe, from
-    each recipe's ``eval.ensemble_weight``: :func:`recipe_weights`) fixes the recipes' weights
-    instead, normalised to sum to 1, when none of them is ``None`` (otherwise :meth:`calibrate`
-    warns and keeps the ``1 / std`` weights).
+    quantile at 0. :meth:`calibrate` (or :func:`calibrate_ensemble`) fits it; the signal maps
+    are the mean of the members that have them (:func:`mean_signal_maps`). ``recipe_weights``
+    (one per recipe, from each recipe's ``eval.ensemble_weight``: :func:`recipe_weights`)
+    fixes the recipes' weights instead, normalised to sum to 1, when none of them is ``None``
+    (otherwise :meth:`calibrate` warns and keeps the ``1 / std`` weights).
     """
 
     def __init__(self, members: Sequence[nn.Module], combine: str = "auto",
@@ -423,14 +425,14 @@ class AnoSegEnsemble(nn.Module):
         if self.mode == "mean":
             return GeneratorOutput(mean([o.normality_map for o in outs]), recon,
                                    mean([o.map_logit for o in outs]),
-                                   mean([o.signal_map for o in outs]))
+                                   mean_signal_maps([o.signal_maps for o in outs]))
         if not self.is_calibrated:
             raise ConfigError("a calibrated ensemble must be fitted on held-out normal images "
                               "first: anoseg.inference.calibrate_ensemble(model, paths)")
         logit = -self._calibrated_anomaly_logit([o.map_logit for o in outs])
-        signals = [o.signal_map for o in outs if o.signal_map is not None]
+        signals = [o.signal_maps for o in outs if o.signal_maps is not None]
         return GeneratorOutput(torch.sigmoid(logit), recon, logit,
-                               torch.stack(signals).mean(0) if signals else None)
+                               mean_signal_maps(signals) if signals else None)
 
     def _group_means(self, parts: Sequence[Any]) -> List[Any]:
         """Per recipe group, the mean of its members' ``parts`` (tensors of one shape)."""
@@ -486,12 +488,29 @@ class AnoSegEnsemble(nn.Module):
         has = [getattr(m, "has_signal_image_map", lambda: False)() for m in self.members]
         return any(has) if self.mode == "calibrated" else all(has)
 
-    def signal_image_map(self, images: torch.Tensor) -> torch.Tensor:
-        """The members' signal image maps (``calibrated``: those that have one), averaged."""
+    def signal_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """The members' signal maps (``calibrated``: of those that have them) averaged
+        (:func:`mean_signal_maps`)."""
         members = [m for m in self.members
                    if self.mode == "mean" or getattr(m, "has_signal_image_map",
                                                         lambda: False)()]
-        return torch.stack([m.signal_image_map(images) for m in members]).mean(0)
+        return mean_signal_maps([m.signal_maps(images) for m in members])
+
+    def signal_image_map(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, H, W)`` at each pixel the largest of :meth:`signal_maps`."""
+        return self.signal_maps(images).amax(1, keepdim=True)
+
+
+def mean_signal_maps(parts: Sequence[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
+    """The mean of members' signal maps ``(B, S, H, W)``, signal by signal; ``None`` when any
+    is ``None``. Members with different numbers of signals (one weights the residual, one does
+    not) are averaged after each is reduced to its largest signal at each pixel (``S = 1``:
+    ``signals_mean`` is then ``signals_max``)."""
+    if any(p is None for p in parts):
+        return None
+    if len({int(p.shape[1]) for p in parts}) > 1:  # int: a traced size is a tensor
+        parts = [p.amax(1, keepdim=True) for p in parts]
+    return torch.stack(list(parts)).mean(0)
 
 
 CALIBRATION_QUANTILE = 0.999

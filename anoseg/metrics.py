@@ -52,6 +52,9 @@ __all__ = [
     "top_fraction_mean_image_score",
     "IMAGE_SCORES",
     "SIGNAL_IMAGE_SCORE",
+    "SIGNAL_MEAN_SCORE",
+    "SIGNAL_IMAGE_SCORES",
+    "signal_image_scores",
     "image_scores",
     "image_score_threshold",
     "image_auroc",
@@ -307,6 +310,31 @@ SIGNAL_IMAGE_SCORE = "signals_max"
 """The name (``eval.image_score``) of the maximum of a generator's signal image map (its
 ``feature_stats`` signals z-scored against the held-out images' per-image maxima): the same
 max as ``max``, of a different map, which the model computes."""
+
+SIGNAL_MEAN_SCORE = "signals_mean"
+"""The name (``eval.image_score``) of the mean over a generator's ``feature_stats`` signals of
+each one's image maximum (z-scored as for :data:`SIGNAL_IMAGE_SCORE`): a signal that is
+unusual on its own moves the score by a third (of three signals), not all the way."""
+
+SIGNAL_IMAGE_SCORES = (SIGNAL_IMAGE_SCORE, SIGNAL_MEAN_SCORE)
+"""The image scores read from a generator's signal maps, not from its anomaly map."""
+
+
+def signal_image_scores(signal_maps: Sequence[ArrayLike]) -> Dict[str, np.ndarray]:
+    """:data:`SIGNAL_IMAGE_SCORES` of each image's signal maps ``(S, H, W)`` (one z-scored map
+    per signal; sizes may differ between images): ``signals_max`` the largest value over every
+    signal and pixel, ``signals_mean`` the mean over the signals of each one's maximum; float64
+    arrays (N,)."""
+    peaks = []
+    for i, maps in enumerate(signal_maps):
+        array = np.asarray(maps.detach().cpu() if isinstance(maps, torch.Tensor) else maps,
+                           dtype=np.float64)
+        if array.ndim != 3 or array.shape[0] < 1 or array[0].size == 0:
+            raise MetricsInputError(f"signal maps of image {i} must be (S, H, W) with S >= 1 and "
+                                    f"a non-empty map, got shape {array.shape}")
+        peaks.append(array.reshape(array.shape[0], -1).max(axis=1))
+    return {SIGNAL_IMAGE_SCORE: np.asarray([p.max() for p in peaks], dtype=np.float64),
+            SIGNAL_MEAN_SCORE: np.asarray([p.mean() for p in peaks], dtype=np.float64)}
 
 
 def image_scores(anomaly_maps: ArrayLike, names: Optional[Sequence[str]] = None

@@ -24,8 +24,8 @@ from anoseg.errors import DataError
 from anoseg.data.geometry import Geometry, group_by_shape
 from anoseg.inference import (LoadedDetector, LoadedModel, ScoredMap, detector_scores,
                               load_placed_images, scored_images)
-from anoseg.metrics import (IMAGE_SCORES, SIGNAL_IMAGE_SCORE, NormalScoreQuantile,
-                            image_score_threshold, image_scores)
+from anoseg.metrics import (IMAGE_SCORES, SIGNAL_IMAGE_SCORES, NormalScoreQuantile,
+                            image_score_threshold, image_scores, signal_image_scores)
 from anoseg.run_dir import DataRecord, RunDir, TrainingSplit
 
 PathLike = Union[str, Path]
@@ -225,25 +225,24 @@ def scored_image_scores(scored: Sequence[ScoredMap],
                         logits: Optional[Sequence[torch.Tensor]] = None
                         ) -> Dict[str, np.ndarray]:
     """:func:`logit_image_scores` of the images' logits (or of ``logits``, e.g. resized), plus
-    :data:`~anoseg.metrics.SIGNAL_IMAGE_SCORE` (each signal image map's maximum) when every
-    image has one."""
+    the :data:`~anoseg.metrics.SIGNAL_IMAGE_SCORES` of their signal maps
+    (:func:`~anoseg.metrics.signal_image_scores`) when every image has them."""
     out = logit_image_scores([s.logit for s in scored] if logits is None else logits)
     if scored and all(s.signal is not None for s in scored):
-        out[SIGNAL_IMAGE_SCORE] = np.asarray([float(s.signal.amax()) for s in scored],
-                                             dtype=np.float64)
+        out.update(signal_image_scores([s.signal for s in scored]))
     return out
 
 
 def has_signal_score(model: LoadedModel) -> bool:
-    """Whether the run's generator gives :data:`~anoseg.metrics.SIGNAL_IMAGE_SCORE` (fitted
-    signal image map; not under tiling)."""
+    """Whether the run's generator gives the :data:`~anoseg.metrics.SIGNAL_IMAGE_SCORES`
+    (fitted signal maps; not under tiling)."""
     has = getattr(model.generator, "has_signal_image_map", None)
     return bool(has is not None and has() and not model.config.data.tiling.enabled)
 
 
 def image_score_names(model: LoadedModel) -> List[str]:
     """The image scores :func:`holdout_image_scores` computes for the run."""
-    return [*IMAGE_SCORES, *([SIGNAL_IMAGE_SCORE] if has_signal_score(model) else [])]
+    return [*IMAGE_SCORES, *(SIGNAL_IMAGE_SCORES if has_signal_score(model) else ())]
 
 
 def image_threshold_cache_path(checkpoint_path: PathLike) -> Path:
@@ -303,17 +302,17 @@ def label_free_image_threshold(holdout_scores: Dict[str, Sequence[float]], score
 def headline_image_score(model: LoadedModel, detector: Optional[LoadedDetector],
                          warnings: List[str]) -> str:
     """``eval.image_score``, or ``max`` (with a warning) when it is ``detector`` and the run
-    has no usable detector, or ``signals_max`` and the run has no fitted signal image map (a
-    checkpoint from before it)."""
+    has no usable detector, or ``signals_max`` / ``signals_mean`` and the run has no fitted
+    signal maps (a checkpoint from before them)."""
     name = model.config.eval.image_score
     if name == "detector" and detector is None:
         warnings.append("eval.image_score=detector but the run has no usable detector: the "
                         "image score is the map max")
         return "max"
-    if name == SIGNAL_IMAGE_SCORE and not has_signal_score(model):
-        warnings.append("eval.image_score=signals_max but the run's generator has no fitted "
-                        "signal image map (refit its feature statistics): the image score is "
-                        "the map max")
+    if name in SIGNAL_IMAGE_SCORES and not has_signal_score(model):
+        warnings.append(f"eval.image_score={name} but the run's generator has no fitted "
+                        "signal maps (refit its feature statistics): the image score is the "
+                        "map max")
         return "max"
     return name
 

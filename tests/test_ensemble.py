@@ -363,3 +363,16 @@ def test_auto_calibrates_members_of_several_recipes_only(members, demo_root, tmp
     mixed.config.eval.ensemble_combine = "auto"
     with pytest.raises(anoseg.errors.DataError, match="same data.split_seed"):
         anoseg.inference.calibrate_ensemble(mixed, [])
+
+
+def test_ensemble_signal_maps_are_averaged_signal_by_signal():
+    from anoseg.inference import mean_signal_maps
+
+    a, b = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)
+    assert torch.allclose(mean_signal_maps([a, b]), (a + b) / 2)
+    assert mean_signal_maps([a, None]) is None
+    # members with different numbers of signals: each reduced to its largest signal first
+    c = torch.rand(2, 2, 8, 8)
+    mixed = mean_signal_maps([a, c])
+    assert mixed.shape == (2, 1, 8, 8)
+    assert torch.allclose(mixed, (a.amax(1, keepdim=True) + c.amax(1, keepdim=True)) / 2)

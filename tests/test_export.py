@@ -161,23 +161,25 @@ def test_a_calibrated_ensemble_exports_with_its_fit(runs, test_images, tmp_path)
     _compare(run, test_images, maps, image_scores(logits)["max"])
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-def test_signals_max_exports_from_the_same_pass(fmt, runs, test_images, tmp_path):
+@pytest.mark.parametrize("fmt, score", [("onnx", "signals_max"), ("torchscript", "signals_max"),
+                                        ("onnx", "signals_mean"), ("torchscript", "signals_mean")])
+def test_signal_scores_export_from_the_same_pass(fmt, score, runs, test_images, tmp_path):
     output = tmp_path / f"signals.{'onnx' if fmt == 'onnx' else 'pt'}"
     args = ["--run", *map(str, runs), "--ensemble"] if fmt == "torchscript" else [
         "--run", str(runs[0])]
     assert export_main([*args, "--format", fmt, "--output", str(output), "--image-score",
-                        "signals_max", "--no-progress"]) == 0
+                        score, "--no-progress"]) == 0
     model = (load_ensemble(runs, device="cpu") if fmt == "torchscript"
              else load_model(runs[0], device="cpu"))
     assert model.generator.has_signal_image_map()
     maps, _ = predict_anomaly_scores(model.generator, test_images)
     with torch.no_grad():
-        want = model.generator.signal_image_map(test_images).flatten(1).amax(1).numpy()
+        peaks = model.generator.signal_maps(test_images).flatten(2).amax(2)
+    want = (peaks.amax(1) if score == "signals_max" else peaks.mean(1)).numpy()
     run = _onnx_run(output)[1] if fmt == "onnx" else _torchscript_run(output)[1]
     _compare(run, test_images, maps, want, atol=1e-4)  # export.SCORE_TOLERANCE's units
     meta = read_export_metadata(output)
-    assert meta["image_score"] == "signals_max" and meta["image_threshold"] is not None
+    assert meta["image_score"] == score and meta["image_threshold"] is not None
 
 
 def test_detector_exports_with_its_score(runs, test_images, tmp_path):

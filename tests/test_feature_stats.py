@@ -4,6 +4,7 @@ signal summed with the map head's logit at inference (fitted when training stops
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -196,6 +197,26 @@ def test_the_signal_image_map_z_scores_each_signals_image_maxima_on_the_held_out
     assert score > expected.max()
 
 
+def test_signals_mean_is_the_mean_of_each_signals_image_level_z_score():
+    from anoseg.inference import predict_placed
+    from anoseg.data.geometry import Geometry, Placement
+    from anoseg.threshold import scored_image_scores
+
+    g, holdout = _fitted(reconstruction=True, compare_head=True, residual_weight=1.0)
+    g.eval()
+    with torch.no_grad():
+        signals = g._signals(holdout)
+    z = torch.stack([(sig.flatten(1).amax(1) - g.fstats_image_scale[i, 0])
+                     / g.fstats_image_scale[i, 1] for i, sig in enumerate(signals)])
+    full = [Placement((64, 64), (64, 64), (0, 0, 64, 64))] * len(holdout)
+    scored = predict_placed(g, holdout, full, Geometry((64, 64), "stretch"))
+    assert all(s.signal.shape == (3, 64, 64) for s in scored)
+    got = scored_image_scores(scored)
+    assert got["signals_mean"] == pytest.approx(z.mean(0).tolist(), abs=1e-4)
+    assert got["signals_max"] == pytest.approx(z.amax(0).tolist(), abs=1e-4)
+    assert np.all(got["signals_mean"] <= got["signals_max"] + 1e-9)
+
+
 def test_the_signal_image_map_without_the_residual_has_two_signals():
     g, holdout = _fitted()
     assert torch.all(g.fstats_image_scale[:2, 1] > 0) and torch.all(g.fstats_image_scale[2] == 0)
@@ -208,12 +229,14 @@ def test_the_forward_pass_returns_the_signal_image_map_of_the_same_pass():
     g.eval()
     with torch.no_grad():
         out = g(holdout, reconstruct=False)
-        assert out.signal_map is not None
-        assert torch.allclose(out.signal_map, g.signal_image_map(holdout), atol=1e-5)
+        assert out.signal_maps is not None and out.signal_maps.shape == (len(holdout), 2, 64, 64)
+        assert torch.allclose(out.signal_maps, g.signal_maps(holdout), atol=1e-5)
+        assert torch.allclose(out.signal_maps.amax(1, keepdim=True), g.signal_image_map(holdout),
+                              atol=1e-5)
         # the combined map is the combination of the same signals
         signals = g._signals(holdout)
         assert torch.allclose(out.map_logit, -g.combined_anomaly_logit(signals), atol=1e-5)
-        assert g.train()(holdout).signal_map is None  # training mode: no inference signals
+        assert g.train()(holdout).signal_maps is None  # training mode: no inference signals
 
 
 def test_a_checkpoint_from_before_the_signal_image_map_loads_without_it():

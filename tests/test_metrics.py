@@ -18,6 +18,7 @@ from anoseg.metrics import (
     SegmentationMetrics,
     connected_components,
     label_free_threshold,
+    signal_image_scores,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -171,6 +172,18 @@ def test_image_score_fn_and_explicit_image_scores() -> None:
     expected = roc_auc_score(labels, mean_scores)
     assert with_fn.compute()["image_auroc"] == pytest.approx(expected, abs=1e-12)
     assert explicit.compute()["image_auroc"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_signal_image_scores_take_each_signals_peak() -> None:
+    first = np.zeros((3, 4, 5))
+    first[0, 1, 2], first[1, 3, 4], first[2] = 3.0, 1.0, -1.0  # peaks 3, 1 and -1
+    second = torch.full((2, 2, 2), -2.0)  # another size, two signals, a tensor
+    second[1, 0, 1] = 4.0
+    got = signal_image_scores([first, second])
+    assert got["signals_max"].tolist() == [3.0, 4.0]
+    assert got["signals_mean"] == pytest.approx([1.0, 1.0])
+    with pytest.raises(MetricsInputError, match="image 0"):
+        signal_image_scores([np.zeros((4, 5))])
 
 
 @pytest.mark.parametrize("seed, fpr_limit", [(0, 0.3), (1, 0.3), (2, 0.05), (3, 1.0)])

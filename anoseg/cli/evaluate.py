@@ -38,10 +38,9 @@ def _add_scoring_options(parser: argparse.ArgumentParser) -> None:
     add_ensemble_combine(parser)
     parser.add_argument("--image-score", default=None,
                         help="headline image score (Image AUROC, image threshold): max, "
-                             "blur3_max, blur5_max, top10_mean, top1pct_mean, signals_max or "
-                             "detector (default: the run's eval.image_score); every cheap "
-                             "score's image "
-                             "AUROC is reported anyway")
+                             "blur3_max, blur5_max, top10_mean, top1pct_mean, signals_max, "
+                             "signals_mean or detector (default: the run's eval.image_score); "
+                             "every cheap score's image AUROC is reported anyway")
     parser.add_argument("--image-threshold-quantile", type=float, default=None, metavar="Q",
                         help="label-free image threshold = this quantile of the held-out normal "
                              "images' image scores (default: the run's "

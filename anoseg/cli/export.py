@@ -33,9 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
                         help="generator weights of a run trained with train.ema_decay")
     parser.add_argument("--image-score", default=None,
-                        help="max, blur3_max, blur5_max, top10_mean, top1pct_mean, signals_max "
-                             "or detector (exports the run's detector too); default the run's "
-                             "eval.image_score")
+                        help="max, blur3_max, blur5_max, top10_mean, top1pct_mean, "
+                             "signals_max, signals_mean or detector (exports the run's "
+                             "detector too); default the run's eval.image_score")
     parser.add_argument("--data-root", default=None,
                         help="where the run's dataset is now, if it moved (held-out images)")
     parser.add_argument("--batch-size", type=_positive_int, default=None,

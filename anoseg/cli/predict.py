@@ -47,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "held-out normal images' image scores)")
     parser.add_argument("--image-score", default=None,
                         help="image score for is_anomalous: max, blur3_max, blur5_max, "
-                             "top10_mean, top1pct_mean, signals_max or detector (default: the "
-                             "run's eval.image_score)")
+                             "top10_mean, top1pct_mean, signals_max, signals_mean or detector "
+                             "(default: the run's eval.image_score)")
     parser.add_argument("--batch-size", type=_positive_int, default=None,
                         help="images per forward pass, or windows under data.tiling (default: "
                              "the run's eval.batch_size)")

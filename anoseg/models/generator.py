@@ -306,9 +306,10 @@ class GeneratorOutput(NamedTuple):
     """``(B, 1, H, W)`` the map head's pre-sigmoid output (``normality_map =
     sigmoid(map_logit)``; high = normal); ``None`` without a map decoder. Inference only: no
     loss uses it."""
-    signal_map: Optional[torch.Tensor] = None
-    """``(B, 1, H, W)`` the signal image map (:meth:`AnoSegGenerator.signal_image_map`; high =
-    anomalous) from the same pass, in eval mode once it is fitted; otherwise ``None``."""
+    signal_maps: Optional[torch.Tensor] = None
+    """``(B, S, H, W)`` the signal maps (:meth:`AnoSegGenerator.signal_maps`, one z-scored map
+    per signal; high = anomalous) from the same pass, in eval mode once they are fitted;
+    otherwise ``None``."""
 
 
 class AnoSegGenerator(nn.Module):
@@ -451,7 +452,7 @@ class AnoSegGenerator(nn.Module):
                        or with_residual)
         recon = (self.reconstruct(levels)
                  if self.reconstruction_decoder is not None and needs_recon else None)
-        normality = logit = signal_map = None
+        normality = logit = signal_maps = None
         if self.map_decoder is not None:
             logit = self._map_logit(images, levels, recon)
             if combine:
@@ -461,9 +462,9 @@ class AnoSegGenerator(nn.Module):
                     anomaly = soft_knee(anomaly + self.lowpass_term(images))
                 logit = -anomaly
                 if self.fstats_image_ready:
-                    signal_map = self._signal_z_max(signals)
+                    signal_maps = self._signal_z(signals)
             normality = torch.sigmoid(logit)
-        return GeneratorOutput(normality, recon, logit, signal_map)
+        return GeneratorOutput(normality, recon, logit, signal_maps)
 
     def reconstruct(self, levels: List[torch.Tensor]) -> torch.Tensor:
         """The reconstruction decoder on the encoder maps ``levels`` (with ``rec_skips``)."""
@@ -501,30 +502,35 @@ class AnoSegGenerator(nn.Module):
                  if self.compare is not None or self.residual_weight > 0 else None)
         return self._signals_of(images, levels, recon, self._map_logit(images, levels, recon))
 
-    def _signal_z_max(self, signals: List[torch.Tensor]) -> torch.Tensor:
-        """At each pixel the largest of ``signals`` z-scored with ``fstats_image_scale``."""
+    def _signal_z(self, signals: List[torch.Tensor]) -> torch.Tensor:
+        """``(B, S, H, W)`` each of ``signals`` z-scored with ``fstats_image_scale``."""
         scale = self.fstats_image_scale
-        return torch.stack([(sig - scale[i, 0]) / scale[i, 1]
-                            for i, sig in enumerate(signals)]).amax(0)
+        return torch.cat([(sig - scale[i, 0]) / scale[i, 1] for i, sig in enumerate(signals)],
+                         dim=1)
 
     def has_signal_image_map(self) -> bool:
-        """Whether :meth:`signal_image_map` is fitted (``feature_stats``, fitted by this
-        version of :meth:`fit_feature_stats`)."""
+        """Whether :meth:`signal_maps` and :meth:`signal_image_map` are fitted
+        (``feature_stats``, fitted by this version of :meth:`fit_feature_stats`)."""
         return bool(self.feature_stats and self.fstats_image_ready)
 
     @torch.no_grad()
-    def signal_image_map(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, 1, H, W)``, for image scores: at each pixel the largest of the signals of
-        ``feature_stats`` (head logit, feature distance, residual), each z-scored against the
-        *per-image maxima* of that signal over the held-out normal images. Its maximum over an
-        image is the largest of the signals' image-level z-scores: a signal whose peak varies
-        a lot from one normal image to the next (the residual on every copper edge) counts for
-        little, one whose normal peaks are steady counts for much (docs/evaluation.md). The
-        forward pass returns the same map as ``signal_map`` (in eval mode)."""
+    def signal_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, S, H, W)``, for image scores: the signals of ``feature_stats`` (head logit,
+        feature distance and, when weighted, the residual), each z-scored against the
+        *per-image maxima* of that signal over the held-out normal images. A signal whose
+        peak varies a lot from one normal image to the next (the residual on every copper
+        edge) counts for little, one whose normal peaks are steady counts for much
+        (docs/evaluation.md). The forward pass returns the same maps as ``signal_maps`` (in
+        eval mode)."""
         if not self.has_signal_image_map():
             raise ValueError("the signal image map needs fitted feature_stats "
                              "(fit_feature_stats)")
-        return self._signal_z_max(self._signals(images))
+        return self._signal_z(self._signals(images))
+
+    def signal_image_map(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, H, W)`` at each pixel the largest of :meth:`signal_maps`: its maximum over
+        an image is the largest of the signals' image-level z-scores (``signals_max``)."""
+        return self.signal_maps(images).amax(1, keepdim=True)
 
     def stats_channels(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` the clipped z-score of ``images`` against the normal statistics,
