@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from anoseg.atomic import atomic_write_text, write_json
 from anoseg.baselines import PerPixelGaussian
 from anoseg.config import image_hw, load_config
-from anoseg.errors import ConfigError
+from anoseg.errors import ConfigError, DataError
 from anoseg.data.geometry import (Geometry, Placement, crop, group_by_shape, match_aspect_canvas,
                                   to_resolution)
 from anoseg.data.mvtec import (MVTecTestDataset, collate_samples, list_train_images,
@@ -282,8 +282,13 @@ def suite_sets(real_root: Union[str, Path], suite_root: Union[str, Path],
             if (real_root / folder).is_dir()}
     if real_root.is_dir():
         known = set(REAL_SETS.values())
-        sets.update({d.name: (real_root, d.name) for d in sorted(real_root.iterdir())
-                     if d.name not in known and (d / "train" / "good").is_dir()})
+        for folder in sorted(real_root.iterdir()):
+            if folder.name in known or not (folder / "train" / "good").is_dir():
+                continue
+            if folder.name in SUITE_CATEGORIES:
+                raise DataError(f"real set {folder} has the name of a generated category of "
+                                "the suite; rename the folder")
+            sets[folder.name] = (real_root, folder.name)
     generated = write_suite(suite_root)
     sets.update({name: (generated, name) for name in SUITE_CATEGORIES})
     return {k: v for k, v in sets.items() if not only or k in only}

@@ -283,7 +283,7 @@ def predict_placed(generator: nn.Module, canvases: Union[torch.Tensor, Sequence[
     """The :class:`ScoredMap` of each image: its anomaly map and logit, float32 ``(h, w)``, over
     its box of the canvas (padding cut off) at the model's resolution (the tiling's working
     scale), or with ``resolution="native"`` resized to the image's own size; and its signal
-    image map over the box at the model's resolution (not under tiling).
+    maps ``(S, h, w)`` over the box at the model's resolution (not under tiling).
 
     Args:
         canvases: the images on their canvases (:func:`load_placed_images`; uint8 or float),

@@ -281,8 +281,9 @@ def test_the_signal_score_reads_only_the_images_box():
     assert "signals_max" not in scored_image_scores(mixed)
 
 
-def test_signals_max_is_the_headline_score_of_eval_predict_and_the_threshold(
-        tmp_path, make_mvtec):
+@pytest.mark.parametrize("score", ["signals_max", "signals_mean"])
+def test_a_signal_score_is_the_headline_score_of_eval_predict_and_the_threshold(
+        score, tmp_path, make_mvtec):
     import csv
 
     import numpy as np
@@ -298,7 +299,7 @@ def test_signals_max_is_the_headline_score_of_eval_predict_and_the_threshold(
 
     root = make_mvtec(n_train=10, n_test_good=3, defects={"crack": 3}, image_hw=(64, 64))
     train(load_config(None, _tiny_run_overrides(root) + [
-        "data.holdout_fraction=0.3", "eval.image_score=signals_max"]),
+        "data.holdout_fraction=0.3", f"eval.image_score={score}"]),
         tmp_path / "run", progress=False)
     result = evaluate_run(tmp_path / "run", output_dir=tmp_path / "eval", device="cpu",
                           progress=False).results["widget"]
@@ -308,27 +309,45 @@ def test_signals_max_is_the_headline_score_of_eval_predict_and_the_threshold(
     scored = predict_placed(model.generator, torch.stack([it["image"] for it in items]),
                             [placement_of(it["placement"]) for it in items],
                             Geometry.from_config(model.config.data))
-    scores = np.array([float(s.signal.amax()) for s in scored])
+    peaks = [s.signal.flatten(1).amax(1) for s in scored]  # each signal's image maximum
+    scores = np.array([float(p.amax() if score == "signals_max" else p.mean()) for p in peaks])
     labels = np.array([bool(it["label"]) for it in items])
-    assert result.image_auroc_scores["signals_max"] == pytest.approx(image_auroc(labels, scores))
+    assert result.image_auroc_scores[score] == pytest.approx(image_auroc(labels, scores))
     assert result.image_auroc == pytest.approx(image_auroc(labels, scores))
-    # the label-free image threshold is a quantile of the held-out images' signals_max
+    # the label-free image threshold is a quantile of the held-out images' score
     holdout = holdout_image_scores(model, holdout_image_paths(model, run_dir=tmp_path / "run"))
-    assert len(holdout["signals_max"]) == 3
+    assert len(holdout[score]) == 3
     test_dirs = sorted((root / "widget" / "test").iterdir())
     report = predict_run(tmp_path / "run", test_dirs, tmp_path / "pred",
                          device="cpu", progress=False)
-    assert report.image_score == "signals_max"
-    assert report.image_threshold <= max(holdout["signals_max"]) + 1e-6
-    assert report.image_threshold >= min(holdout["signals_max"]) - 1e-6
+    assert report.image_score == score
+    assert report.image_threshold <= max(holdout[score]) + 1e-6
+    assert report.image_threshold >= min(holdout[score]) - 1e-6
     rows = list(csv.DictReader((tmp_path / "pred" / "scores.csv").open()))
     by_path = {row["path"]: float(row["image_score"]) for row in rows}
     for item, value in zip(items, scores):
         assert by_path[str(item["path"])] == pytest.approx(value, rel=1e-4, abs=1e-4)
 
 
-def test_signals_max_needs_feature_stats():
+@pytest.mark.parametrize("score", ["signals_max", "signals_mean"])
+def test_signal_scores_need_feature_stats(score):
     from anoseg.errors import ConfigError
 
     with pytest.raises(ConfigError, match="eval.image_score"):
-        load_config(None, ["eval.image_score=signals_max", "model.feature_stats=false"])
+        load_config(None, [f"eval.image_score={score}", "model.feature_stats=false"])
+
+
+@pytest.mark.parametrize("score", ["signals_max", "signals_mean"])
+def test_a_signal_score_falls_back_to_max_without_fitted_signal_maps(score):
+    from types import SimpleNamespace
+
+    from anoseg.threshold import headline_image_score
+
+    cfg = load_config(None, [f"eval.image_score={score}", "model.feature_stats=true"])
+    for fitted, expected in ((True, score), (False, "max")):
+        model = SimpleNamespace(config=cfg,
+                                generator=SimpleNamespace(has_signal_image_map=lambda f=fitted: f))
+        warnings = []
+        assert headline_image_score(model, None, warnings) == expected
+        assert bool(warnings) == (not fitted)
+        assert all(score in w for w in warnings)

@@ -15,7 +15,8 @@ from anoseg.data.mvtec import MVTecTestDataset
 from anoseg.errors import ConfigError
 from anoseg.evaluation import evaluate_run
 from anoseg.inference import load_model, predict_anomaly_maps, predict_anomaly_scores
-from anoseg.metrics import (IMAGE_SCORES, SIGNAL_IMAGE_SCORE, MetricsInputError, SegmentationMetrics,
+from anoseg.metrics import (IMAGE_SCORES, SIGNAL_IMAGE_SCORES, MetricsInputError,
+                            SegmentationMetrics,
                             image_score_threshold, image_scores, max_image_score,
                             smoothed_max_image_score, top_fraction_mean_image_score,
                             top_k_mean_image_score)
@@ -88,7 +89,7 @@ def test_top_fraction_mean():
 
 
 def test_image_scores_registry_matches_the_config_choices():
-    assert set(IMAGE_SCORES) | {SIGNAL_IMAGE_SCORE, "detector"} == set(IMAGE_SCORE_CHOICES)
+    assert set(IMAGE_SCORES) | set(SIGNAL_IMAGE_SCORES) | {"detector"} == set(IMAGE_SCORE_CHOICES)
     scores = image_scores(torch.from_numpy(_maps(4)))
     assert list(scores) == list(IMAGE_SCORES)
     assert all(v.shape == (4,) and v.dtype == np.float64 for v in scores.values())

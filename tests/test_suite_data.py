@@ -49,6 +49,7 @@ def test_write_suite_makes_mvtec_layout(tmp_path, monkeypatch):
 def test_suite_sets_finds_known_and_users_own_real_sets(tmp_path, monkeypatch):
     import anoseg.data.suite as suite
     from anoseg.dev_suite import suite_sets
+    from anoseg.errors import DataError
 
     monkeypatch.setattr(suite, "SUITE_NUM_TRAIN", 2)
     monkeypatch.setattr(suite, "SUITE_NUM_TEST_GOOD", 1)
@@ -62,6 +63,9 @@ def test_suite_sets_finds_known_and_users_own_real_sets(tmp_path, monkeypatch):
     assert "notes" not in sets and "bsdata" not in sets
     assert set(SUITE_CATEGORIES) <= set(sets)
     assert set(suite_sets(real, tmp_path / "suite", only=["my_tiles"])) == {"my_tiles"}
+    (real / "suite_grain" / "train" / "good").mkdir(parents=True)  # a generated set's name
+    with pytest.raises(DataError, match="suite_grain"):
+        suite_sets(real, tmp_path / "suite")
 
 
 def test_gaussian_floor_finds_a_bright_square():
