@@ -29,7 +29,8 @@ from anoseg.inference import (LoadedDetector, LoadedModel, calibrate_ensemble, d
 from anoseg.run_dir import RunDir, safe_name
 from anoseg.runtime import resolve_device
 from anoseg.threshold import (cached_label_free_threshold, headline_image_score,
-                              holdout_image_paths, image_threshold_for, scored_image_scores)
+                              holdout_image_paths, image_threshold_for, image_threshold_note,
+                              scored_image_scores)
 from anoseg.visualize import (MAPS_README, enlarged_overlay, save_float_map, save_map_png,
                               save_mask_png, save_png)
 
@@ -371,6 +372,9 @@ def predict_run(checkpoint: Union[PathLike, Sequence[PathLike]], inputs: Sequenc
         image_threshold = image_threshold_for(model, holdout, score, checkpoint_path, detector,
                                               batch_size=batch_size, progress=progress)
         image_source = "holdout"
+        note = image_threshold_note(len(holdout), model.config.eval.image_threshold_quantile)
+        if image_threshold is not None and note is not None:
+            print(f"warning: {note}")
     return predict_images(model, image_paths, output_dir, threshold=threshold,
                           image_threshold=image_threshold, batch_size=batch_size,
                           progress=progress, threshold_source=source,

@@ -299,6 +299,21 @@ def label_free_image_threshold(holdout_scores: Dict[str, Sequence[float]], score
     return image_score_threshold(holdout_scores[score], quantile)
 
 
+def image_threshold_note(n_images: int, quantile: float) -> Optional[str]:
+    """A warning when ``n_images`` held-out images are too few to resolve ``quantile``
+    (``n_images * (1 - quantile) < 1``): the threshold is then their largest score, which
+    about ``1 / (n_images + 1)`` of normal images exceed (more where the test images differ
+    from the held-out ones), not ``1 - quantile``; ``None`` otherwise."""
+    if n_images <= 0 or n_images * (1.0 - quantile) >= 1.0:
+        return None
+    needed = math.ceil(1.0 / (1.0 - quantile) - 1e-9)
+    return (f"the label-free image threshold is the largest score of only {n_images} held-out "
+            f"normal images (eval.image_threshold_quantile={quantile:g} needs {needed}): expect "
+            f"about {1.0 / (n_images + 1):.1%} of normal images above it, not "
+            f"{1.0 - quantile:.1%}, and more where the test images differ from the held-out "
+            "ones; hold out more images (data.holdout_fraction) for a tighter threshold")
+
+
 def headline_image_score(model: LoadedModel, detector: Optional[LoadedDetector],
                          warnings: List[str]) -> str:
     """``eval.image_score``, or ``max`` (with a warning) when it is ``detector`` and the run

@@ -249,3 +249,16 @@ def test_label_free_image_threshold_flags_the_quantile_of_held_out_images(run_wi
     assert top.image_score == "top1pct_mean"
     assert top.image_auroc == top.image_auroc_scores["top1pct_mean"]
     assert top.image_auroc_scores == result.image_auroc_scores
+
+
+def test_the_image_threshold_note_says_when_the_quantile_is_the_maximum():
+    from anoseg.threshold import image_threshold_note
+
+    note = image_threshold_note(28, 0.99)
+    assert "only 28 held-out" in note and "needs 100" in note and "3.4%" in note
+    assert image_threshold_note(100, 0.99) is None  # resolvable: the 99th of 100
+    assert image_threshold_note(19, 0.95) is not None and image_threshold_note(20, 0.95) is None
+    assert image_threshold_note(0, 0.99) is None
+    # the maximum of n is exactly what the quantile rule returns then
+    scores = np.arange(28.0)
+    assert image_score_threshold(scores, 0.99) == scores.max()
