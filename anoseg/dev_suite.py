@@ -28,8 +28,9 @@ from anoseg.config import image_hw, load_config
 from anoseg.errors import ConfigError, DataError
 from anoseg.data.geometry import (Geometry, Placement, crop, group_by_shape, match_aspect_canvas,
                                   to_resolution)
-from anoseg.data.mvtec import (MVTecTestDataset, collate_samples, list_train_images,
-                               image_size_of, load_placed_image, placement_of)
+from anoseg.data.mvtec import (MVTecTestDataset, collate_samples, image_size_of,
+                               list_test_samples, list_train_images, load_placed_image,
+                               placement_of)
 from anoseg.data.suite import SUITE_CATEGORIES, write_suite
 from anoseg.metrics import SegmentationMetrics
 from anoseg.reporting import fmt, suite_table
@@ -147,6 +148,32 @@ def floor_file(image_size: Any, resize: str, resolution: str) -> str:
     if (height, width, resize, resolution) == (128, 128, "stretch", "model"):
         return "floor.json"
     return f"floor_{height}x{width}_{resize}_{resolution}.json"
+
+
+def set_signature(root: Union[str, Path], category: str) -> Dict[str, int]:
+    """The number of training images and of test images of each type: what a cached floor
+    was computed on."""
+    counts: Dict[str, int] = {"train/good": len(list_train_images(root, category))}
+    for sample in list_test_samples(root, category):
+        counts[sample.defect_type] = counts.get(sample.defect_type, 0) + 1
+    return counts
+
+
+def cached_floor(path: Path, root: Union[str, Path], category: str, image_size: Any,
+                 resize: str, resolution: str) -> Dict:
+    """:func:`gaussian_floor`, cached in ``path`` with the :func:`set_signature` it was
+    computed on; a cache of another set (a defect type added, images added or removed) or
+    without one (written before the signature) is computed again."""
+    signature = set_signature(root, category)
+    try:
+        cached = json.loads(path.read_text())
+        if cached.get("test_set") == signature:
+            return cached["floor"]
+    except (OSError, ValueError, AttributeError, KeyError):
+        pass
+    floor = gaussian_floor(root, category, image_size, resize, resolution)
+    write_json(path, {"test_set": signature, "floor": floor})
+    return floor
 
 
 def train_once(cfg, run_dir: Union[str, Path], *, progress: bool = False) -> Dict:
@@ -327,12 +354,8 @@ def run_suite(sets: Dict[str, Tuple[Path, str]], config: Union[str, Sequence[Mem
     output = Path(output_dir)
     results: Dict[str, Dict] = {}
     for name, (root, category) in sets.items():
-        floor_path = output / name / floor_file(image_size, floor_resize, resolution)
-        if floor_path.is_file():
-            floor = json.loads(floor_path.read_text())
-        else:
-            floor = gaussian_floor(root, category, image_size, floor_resize, resolution)
-            write_json(floor_path, floor)
+        floor = cached_floor(output / name / floor_file(image_size, floor_resize, resolution),
+                             root, category, image_size, floor_resize, resolution)
         start = time.perf_counter()
         results[name] = _set_scores(members, overrides, root, category, output / name,
                                     resolution, separate_seeds, split_seed)

@@ -25,6 +25,24 @@ def test_every_suite_defect_draws_a_mask_of_the_right_kind():
     assert areas[("suite_grain", "spot")] < 0.005
     assert 0.07 < areas[("suite_grain", "region")] < 0.35
     assert 0.07 < areas[("suite_weave", "region")] < 0.35
+    assert 0.07 < areas[("suite_grain", "band")] < 0.35
+
+
+def test_a_band_is_a_strip_along_one_edge_with_smoothed_grain():
+    c = list(SUITE_CATEGORIES).index("suite_grain")
+    d = SUITE_CATEGORIES["suite_grain"][2].index("band") + 1
+    good, _ = render("suite_grain", None, (c, 2, d, 0))  # the same image without the band
+    image, mask = render("suite_grain", "band", (c, 2, d, 0))
+    inside = mask > 0
+    edges = [inside[0].mean(), inside[-1].mean(), inside[:, 0].mean(), inside[:, -1].mean()]
+    assert max(edges) == 1.0 and sorted(edges)[-2] < 1.0  # it runs along one whole edge
+    assert np.array_equal(image[~inside], good[~inside])  # nothing changes outside it
+
+    def roughness(x):  # mean absolute difference between horizontal neighbours
+        grey = x.astype(np.float64).mean(axis=2)
+        return np.abs(np.diff(grey, axis=1))[inside[:, 1:] & inside[:, :-1]].mean()
+
+    assert roughness(image) < 0.6 * roughness(good)
 
 
 def test_rendering_is_deterministic():
@@ -173,3 +191,30 @@ def test_dev_suite_scores_several_recipes_as_one_calibrated_ensemble(demo_root, 
     with pytest.raises(ConfigError, match="no seeds"):
         run_suite(sets, [Member("configs/cpu_small.yaml", 1, ())], tiny,
                   output_dir=tmp_path / "s4")
+
+
+def test_a_cached_floor_is_computed_again_when_the_test_set_changes(make_mvtec, tmp_path,
+                                                                     monkeypatch):
+    import anoseg.dev_suite as dev_suite
+
+    root = make_mvtec(n_train=4, n_test_good=2, defects={"crack": 2}, image_hw=(32, 32))
+    calls = []
+    real_floor = dev_suite.gaussian_floor
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return real_floor(*args, **kwargs)
+
+    monkeypatch.setattr(dev_suite, "gaussian_floor", counted)
+    path = tmp_path / "floor.json"
+    first = dev_suite.cached_floor(path, root, "widget", 32, "stretch", "model")
+    again = dev_suite.cached_floor(path, root, "widget", 32, "stretch", "model")
+    assert len(calls) == 1 and again == first and set(first) == {"all", "crack"}
+    # a new defect type in the test set: the cache no longer fits
+    import shutil
+
+    for kind, name in (("test", "000.png"), ("ground_truth", "000_mask.png")):
+        (root / "widget" / kind / "dent").mkdir()
+        shutil.copy(root / "widget" / kind / "crack" / name, root / "widget" / kind / "dent")
+    changed = dev_suite.cached_floor(path, root, "widget", 32, "stretch", "model")
+    assert len(calls) == 2 and set(changed) == {"all", "crack", "dent"}

@@ -8,7 +8,10 @@ kind and size are controlled, so a recipe that only finds one kind of defect sho
 * ``suite_grain``: a grainy grey surface (like cast or sintered parts) under uneven light.
   Defects: ``spot`` (tiny dark pits, 0.05-0.3 % of the image), ``crack`` (thin dark polylines,
   1-2 px), ``region`` (a large faint patch, 10-30 % of the image, a few percent brighter or
-  darker with soft edges: the low-contrast kind).
+  darker with soft edges: the low-contrast kind), ``band`` (a strip along one edge, 10-30 %
+  of the image, behind a sharp, slightly wavy line, where the grain is smoothed and the
+  surface a few percent brighter or darker: a change of finish, like the "uneven" regions
+  of magnetic tiles).
 * ``suite_weave``: a woven fabric whose tint, tilt and lighting drift from image to image.
   Defects: ``thread`` (one thread of a different shade across the image: thin, long, faint),
   ``hole`` (a round hole, 0.5-2 %), ``region`` (a large faint discolouration, 10-30 %).
@@ -31,7 +34,7 @@ from typing import Callable, Dict, Tuple, Union
 import numpy as np
 from PIL import Image
 
-SUITE_VERSION = 1
+SUITE_VERSION = 2
 SUITE_IMAGE_SIZE = 128
 SUITE_NUM_TRAIN = 80
 SUITE_NUM_TEST_GOOD = 20
@@ -138,7 +141,33 @@ def _grain_defect(defect: str, image: _Array, info: Dict, rng: np.random.Generat
         change = rng.choice([-1.0, 1.0]) * rng.uniform(0.08, 0.14)
         image *= (1.0 + change * weight)[..., None]
         return region
+    if defect == "band":
+        region = _edge_band(rng, size, (0.10, 0.30))
+        change = rng.choice([-1.0, 1.0]) * rng.uniform(0.03, 0.08)
+        image[region] = _box_blur(image, 2)[region] * (1.0 + change)
+        return region
     raise KeyError(defect)
+
+
+def _edge_band(rng: np.random.Generator, size: int, area: Tuple[float, float]) -> _Array:
+    """A strip along a random edge covering about ``area`` of the image, bounded by a sharp
+    line with a slight wave."""
+    yy, xx = _grid(size)
+    depth = rng.uniform(*area) * size
+    side = int(rng.integers(4))
+    inward = (yy, size - yy, xx, size - xx)[side]  # distance from the chosen edge
+    along = xx if side < 2 else yy
+    wave = rng.uniform(0.5, 2.0) * np.sin(2 * np.pi * rng.uniform(1.0, 3.0) * along / size
+                                          + rng.uniform(0, 2 * np.pi))
+    return inward < depth + wave
+
+
+def _box_blur(image: _Array, radius: int) -> _Array:
+    """``image`` ``(H, W, C)`` averaged over a ``(2 radius + 1)`` square, edges replicated."""
+    k = 2 * radius + 1
+    padded = np.pad(image, ((radius, radius), (radius, radius), (0, 0)), mode="edge")
+    rows = sum(padded[i:i + image.shape[0]] for i in range(k)) / k
+    return sum(rows[:, j:j + image.shape[1]] for j in range(k)) / k
 
 
 def _weave_good(rng: np.random.Generator, size: int) -> Tuple[_Array, Dict]:
@@ -266,7 +295,7 @@ def _object_defect(defect: str, image: _Array, info: Dict, rng: np.random.Genera
 
 
 SUITE_CATEGORIES: Dict[str, Tuple[Callable, Callable, Tuple[str, ...]]] = {
-    "suite_grain": (_grain_good, _grain_defect, ("spot", "crack", "region")),
+    "suite_grain": (_grain_good, _grain_defect, ("spot", "crack", "region", "band")),
     "suite_weave": (_weave_good, _weave_defect, ("thread", "hole", "region")),
     "suite_object": (_object_good, _object_defect, ("missing", "hole", "spot")),
 }
