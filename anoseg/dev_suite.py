@@ -307,15 +307,13 @@ def suite_sets(real_root: Union[str, Path], suite_root: Union[str, Path],
     real_root = Path(real_root)
     sets = {name: (real_root, folder) for name, folder in REAL_SETS.items()
             if (real_root / folder).is_dir()}
-    if real_root.is_dir():
-        known = set(REAL_SETS.values())
-        for folder in sorted(real_root.iterdir()):
-            if folder.name in known or not (folder / "train" / "good").is_dir():
-                continue
-            if folder.name in SUITE_CATEGORIES:
-                raise DataError(f"real set {folder} has the name of a generated category of "
-                                "the suite; rename the folder")
-            sets[folder.name] = (real_root, folder.name)
+    users = [d for d in sorted(real_root.iterdir()) if (d / "train" / "good").is_dir()
+             and d.name not in REAL_SETS.values()] if real_root.is_dir() else []
+    for folder in users:
+        if folder.name in SUITE_CATEGORIES:
+            raise DataError(f"real set {folder} has the name of a generated category of the "
+                            "suite; rename the folder")
+        sets[folder.name] = (real_root, folder.name)
     generated = write_suite(suite_root)
     sets.update({name: (generated, name) for name in SUITE_CATEGORIES})
     return {k: v for k, v in sets.items() if not only or k in only}

@@ -45,7 +45,7 @@ from anoseg.run_dir import RunDir, safe_name
 from anoseg.runtime import resolve_device
 from anoseg.threshold import (cached_label_free_threshold, compute_label_free_threshold,
                               headline_image_score, holdout_image_paths, image_threshold_for,
-                              image_threshold_note, resolve_eval_data_root, scored_image_scores)
+                              resolve_eval_data_root, scored_image_scores)
 from anoseg.visualize import (FLOAT_MAPS_README, MAPS_README, PLOT_SKIPPED_MESSAGE,
                               enlarged_overlay,
                               save_float_map, save_iou_curve_plot, save_map_png, save_png,
@@ -215,13 +215,10 @@ def evaluate_category(model: LoadedModel, data_root: PathLike, category: str, *,
     threshold = _threshold_for(model, holdout_paths, threshold_cache_for, warnings,
                                batch_size=batch_size, progress=progress)
     score = headline_image_score(model, detector, warnings)
-    image_threshold = image_threshold_for(model, holdout_paths, score, threshold_cache_for,
-                                          detector, batch_size=batch_size, progress=progress)
-    note = image_threshold_note(len(holdout_paths), cfg.eval.image_threshold_quantile)
-    if image_threshold is not None and note is not None:
-        warnings.append(note)
     test_pass = _TestPass(cfg, threshold, [s.defect_type for s in dataset.samples], score,
-                          image_threshold)
+                          image_threshold_for(model, holdout_paths, score, threshold_cache_for,
+                                              detector, batch_size=batch_size,
+                                              progress=progress, notes=warnings))
     picture_indices = set()
     if pictures_dir is not None and max_pictures > 0:
         picture_indices = set(_choose_picture_indices(

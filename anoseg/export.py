@@ -137,10 +137,9 @@ class DeployedAnoSeg(nn.Module):
         if self.detector is not None:
             normality = out.normality_map if self.detector.use_anomaly_map else None
             score = self.detector.score(images, normality, alpha=self.alpha, beta=self.beta)
-        elif self.image_score == SIGNAL_MEAN_SCORE:
-            score = out.signal_maps.flatten(2).amax(2).mean(1)
         elif self.image_score in SIGNAL_IMAGE_SCORES:
-            score = out.signal_maps.flatten(1).amax(1)
+            peaks = out.signal_maps.flatten(2).amax(2)  # (B, S): each signal's image maximum
+            score = peaks.mean(1) if self.image_score == SIGNAL_MEAN_SCORE else peaks.amax(1)
         else:
             logit = normality_logit_to_anomaly_logit(out.map_logit)[:, 0]
             score = TORCH_IMAGE_SCORES[self.image_score](logit)
@@ -182,15 +181,17 @@ def default_export_path(checkpoint_path: PathLike, fmt: str) -> Path:
 
 def _thresholds(model: LoadedModel, checkpoint: Path, score: str,
                 detector: Optional[LoadedDetector], holdout: Sequence[Path], *,
-                batch_size: int, progress: bool) -> Tuple[Optional[float], Optional[float]]:
+                batch_size: int, progress: bool, notes: List[str]
+                ) -> Tuple[Optional[float], Optional[float]]:
     """``(pixel threshold, image threshold)`` on the held-out images (the run's caches for a
-    single run, as ``anoseg-eval`` and ``anoseg-predict`` use them); ``None`` without any."""
+    single run, as ``anoseg-eval`` and ``anoseg-predict`` use them; warnings to ``notes``);
+    ``None`` without any."""
     if not holdout:
         return None, None
     pixel, _ = cached_label_free_threshold(model, checkpoint, holdout, batch_size=batch_size,
                                            progress=progress)
     image = image_threshold_for(model, holdout, score, checkpoint, detector,
-                                batch_size=batch_size, progress=progress)
+                                batch_size=batch_size, progress=progress, notes=notes)
     return pixel, image
 
 
@@ -290,7 +291,7 @@ def export_run(runs: Union[PathLike, Sequence[PathLike]], fmt: str,
                      "(pixel_threshold and image_threshold are null)")
     pixel, image = _thresholds(model, checkpoints[0], score, detector, holdout,
                                batch_size=batch_size or model.config.eval.batch_size,
-                               progress=progress)
+                               progress=progress, notes=notes)
     network = DeployedAnoSeg(model.generator, score,
                              detector=detector.detector if detector is not None else None,
                              alpha=model.config.detector.score_alpha,

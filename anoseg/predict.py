@@ -29,8 +29,7 @@ from anoseg.inference import (LoadedDetector, LoadedModel, calibrate_ensemble, d
 from anoseg.run_dir import RunDir, safe_name
 from anoseg.runtime import resolve_device
 from anoseg.threshold import (cached_label_free_threshold, headline_image_score,
-                              holdout_image_paths, image_threshold_for, image_threshold_note,
-                              scored_image_scores)
+                              holdout_image_paths, image_threshold_for, scored_image_scores)
 from anoseg.visualize import (MAPS_README, enlarged_overlay, save_float_map, save_map_png,
                               save_mask_png, save_png)
 
@@ -369,11 +368,12 @@ def predict_run(checkpoint: Union[PathLike, Sequence[PathLike]], inputs: Sequenc
             model, checkpoint_path, holdout, batch_size=batch_size, progress=progress)
         source = "holdout (cached)" if from_cache else "holdout"
     if image_threshold is None:
+        few: List[str] = []
         image_threshold = image_threshold_for(model, holdout, score, checkpoint_path, detector,
-                                              batch_size=batch_size, progress=progress)
+                                              batch_size=batch_size, progress=progress,
+                                              notes=few)
         image_source = "holdout"
-        note = image_threshold_note(len(holdout), model.config.eval.image_threshold_quantile)
-        if image_threshold is not None and note is not None:
+        for note in few:
             print(f"warning: {note}")
     return predict_images(model, image_paths, output_dir, threshold=threshold,
                           image_threshold=image_threshold, batch_size=batch_size,

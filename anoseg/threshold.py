@@ -334,13 +334,18 @@ def headline_image_score(model: LoadedModel, detector: Optional[LoadedDetector],
 
 def image_threshold_for(model: LoadedModel, holdout_paths: Sequence[Path], score: str,
                         cache_for: Optional[PathLike], detector: Optional[LoadedDetector], *,
-                        batch_size: int, progress: bool) -> Optional[float]:
+                        batch_size: int, progress: bool,
+                        notes: Optional[List[str]] = None) -> Optional[float]:
     """The label-free *image* threshold: the ``eval.image_threshold_quantile`` of the held-out
     normal images' ``score`` (cached beside ``cache_for``'s checkpoint for the cheap scores,
-    never for an ensemble); ``None`` without held-out images."""
+    never for an ensemble); ``None`` without held-out images. :func:`image_threshold_note`
+    goes to ``notes`` when the images are too few for the quantile."""
     if not holdout_paths:
         return None
     quantile = model.config.eval.image_threshold_quantile
+    note = image_threshold_note(len(holdout_paths), quantile)
+    if note is not None and notes is not None:
+        notes.append(note)
     if score == "detector":
         canvases, _ = load_placed_images(holdout_paths, Geometry.from_config(model.config.data))
         images = torch.stack(canvases).float().div_(255.0)
