@@ -267,6 +267,12 @@ class ModelConfig:
     combined anomaly logit after its knee, this many times that logit's own held-out spread
     (its quantile 0.999 minus its median), and the sum is bent by the knee again (0 = off;
     docs/experiments.md, twentieth round)."""
+    lowpass_roughness: bool = False
+    """With ``model.lowpass_weight``, a fifth low-pass channel: the log of the input's blurred
+    local roughness (its brightness's distance from a 1 px blur), relative to the image's
+    median and z-scored per pixel like the others, for regions whose finish changed (smoother
+    or coarser) more than their brightness (docs/experiments.md, twenty-second round). A run
+    trained without it gains it without training again: ``scripts/refit_stats.py``."""
 
 
 REC_TARGETS = ("masked", "clean")
@@ -590,6 +596,9 @@ def _validate_model(m: ModelConfig) -> None:
     _check(m.lowpass_weight == 0.0 or m.feature_stats, "model.lowpass_weight",
            m.lowpass_weight, "0 unless model.feature_stats is on (the signal is fitted and "
            "scaled with the feature statistics)")
+    _check(not m.lowpass_roughness or m.lowpass_weight > 0.0, "model.lowpass_roughness",
+           m.lowpass_roughness, "false unless model.lowpass_weight > 0 (it is a channel of the "
+           "low-pass signal)")
     _check(m.residual_weight == 0.0 or (m.feature_stats and m.reconstruction),
            "model.residual_weight", m.residual_weight,
            "0 unless model.feature_stats and model.reconstruction are on (the residual is "

@@ -240,3 +240,19 @@ def test_non_square_run_exports_and_tiled_run_is_refused(demo_root, tmp_path):
     train(tiled, tmp_path / "tiled", progress=False)
     with pytest.raises(ExportError, match="tiling"):
         export_run(tmp_path / "tiled", "torchscript")
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_the_roughness_channel_exports(fmt, runs, test_images, tmp_path):
+    from anoseg.refit import refit_run
+
+    rough = refit_run(runs[0], tmp_path / "rough", ["model.lowpass_roughness=true"],
+                      device="cpu", progress=False)
+    output = tmp_path / f"model.{'onnx' if fmt == 'onnx' else 'pt'}"
+    assert export_main(["--run", str(rough), "--format", fmt, "--output", str(output),
+                        "--no-progress"]) == 0
+    model = load_model(rough, device="cpu")
+    assert model.generator.lowpass.lowpass_mean.shape[1] == 5
+    maps, logits = predict_anomaly_scores(model.generator, test_images)
+    run = _onnx_run(output)[1] if fmt == "onnx" else _torchscript_run(output)[1]
+    _compare(run, test_images, maps, image_scores(logits)["max"])

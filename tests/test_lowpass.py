@@ -184,3 +184,98 @@ def test_a_trained_run_fits_and_keeps_the_low_pass_statistics(tmp_path, make_mvt
         term = model.generator.lowpass_term(images)
     maps, logits = predict_anomaly_scores(model.generator, images)
     assert torch.isfinite(logits).all() and term.abs().sum() > 0
+
+
+def _smoothed(images, box=(slice(0, 24), slice(None))):
+    """The images with their texture smoothed (a 5 x 5 box mean) over a band along the top,
+    its mean brightness unchanged: a change of finish, not of brightness."""
+    out = images.clone()
+    blurred = torch.nn.functional.avg_pool2d(
+        torch.nn.functional.pad(images, (2, 2, 2, 2), mode="reflect"), 5, stride=1)
+    out[:, :, box[0], box[1]] = blurred[:, :, box[0], box[1]]
+    return out
+
+
+def test_the_roughness_channel_sees_a_smoothed_band_that_brightness_misses():
+    train, held = _weave(48, 0), _weave(8, 1)
+    four, five = LowPassStats((64, 64)), LowPassStats((64, 64), roughness=True)
+    for stats in (four, five):
+        for batch in train.split(16):
+            stats.accumulate(batch)
+        stats.finish_training_images()
+        stats.fit_scale(stats.signal(held))
+    assert five.lowpass_mean.shape == (1, 5, 64, 64)
+    assert lowpass_features(held, roughness=True).shape == (8, 5, 64, 64)
+    # the first four channels are the same as without roughness
+    assert torch.equal(lowpass_features(held, roughness=True)[:, :4], lowpass_features(held))
+    band = _smoothed(_weave(4, 7))
+    with torch.no_grad():
+        rise = {n: s.scaled(band)[:, :, 4:20].mean() - s.scaled(band)[:, :, 36:].mean()
+                for n, s in (("four", four), ("five", five))}
+    assert rise["five"] > 1.0  # above the normal pixels' 0.999 quantile against the rest
+    assert rise["five"] > rise["four"] + 0.5
+
+
+def test_roughness_needs_the_low_pass_signal():
+    with pytest.raises(ConfigError, match="model.lowpass_roughness"):
+        load_config(None, ["model.lowpass_roughness=true"])
+    cfg = load_config(None, ["model.feature_stats=true", "model.lowpass_weight=0.5",
+                             "model.lowpass_roughness=true"])
+    assert cfg.model.lowpass_roughness
+
+
+def _tiny_run(tmp_path, make_mvtec, *extra):
+    from anoseg.training import train
+
+    root = make_mvtec(n_train=10, image_hw=(64, 64))
+    overrides = ["data.image_size=64", "model.width=0.125", "model.map_skips=2",
+                 "model.feature_stats=true", "model.lowpass_weight=0.5", "train.steps=2",
+                 "train.batch_size=4", "train.ema_decay=0.9", "data.num_workers=0",
+                 f"data.root={root}", "data.category=widget", *extra]
+    train(load_config(None, overrides), tmp_path / "run", progress=False)
+    return tmp_path / "run"
+
+
+def test_a_refit_adds_the_roughness_channel_and_keeps_the_weights(tmp_path, make_mvtec):
+    from anoseg.checkpoint import load_checkpoint
+    from anoseg.inference import load_model
+    from anoseg.refit import refit_run
+    from anoseg.run_dir import RunDir
+
+    run = _tiny_run(tmp_path, make_mvtec)
+    out = refit_run(run, tmp_path / "rough", ["model.lowpass_roughness=true"], device="cpu",
+                    progress=False)
+    old, new = load_checkpoint(RunDir(run).checkpoint), load_checkpoint(RunDir(out).checkpoint)
+    assert new["config"]["model"]["lowpass_roughness"] is True
+    assert new["step"] == old["step"] and new["split"] == old["split"]
+    for key in ("generator", "generator_ema"):
+        assert new[key]["lowpass.lowpass_mean"].shape[1] == 5
+        assert old[key]["lowpass.lowpass_mean"].shape[1] == 4
+        # the weights and the fitted feature statistics are unchanged (a deterministic fit);
+        # the low-pass ones are refitted: the first four channels as before
+        for name, value in old[key].items():
+            if not name.startswith("lowpass."):
+                assert torch.allclose(new[key][name].float(), value.float(), atol=1e-5), name
+        assert torch.allclose(new[key]["lowpass.lowpass_mean"][:, :4],
+                              old[key]["lowpass.lowpass_mean"], atol=1e-6)
+        assert new[key]["lowpass.lowpass_scale"][1] > 0
+    assert RunDir(out).read_summary()["refit"]["set"] == ["model.lowpass_roughness=true"]
+    model = load_model(out, "cpu")  # the old run still loads with its four channels
+    assert model.generator.lowpass.roughness
+    assert not load_model(run, "cpu").generator.lowpass.roughness
+
+
+def test_a_refit_refuses_keys_that_change_the_weights_and_its_own_folder(tmp_path, make_mvtec):
+    from anoseg.errors import CheckpointError, OutputError
+    from anoseg.refit import refit_run
+
+    run = _tiny_run(tmp_path, make_mvtec)
+    with pytest.raises(ConfigError, match="model.width"):
+        refit_run(run, tmp_path / "x", ["model.width=0.25"], device="cpu", progress=False)
+    with pytest.raises(OutputError, match="another folder"):
+        refit_run(run, run, ["model.lowpass_roughness=true"], device="cpu", progress=False)
+    with pytest.raises(CheckpointError, match="holds no run"):
+        refit_run(tmp_path / "nothing", tmp_path / "y", [], device="cpu", progress=False)
+    refit_run(run, tmp_path / "z", [], device="cpu", progress=False)
+    with pytest.raises(CheckpointError, match="already holds"):
+        refit_run(run, tmp_path / "z", [], device="cpu", progress=False)

@@ -35,7 +35,8 @@ def build_generator(cfg: AnoSegConfig, *, map_decoder: bool = True) -> AnoSegGen
                                 residual_weight=(cfg.model.residual_weight if map_decoder
                                                  else 0.0),
                                 lowpass_weight=(cfg.model.lowpass_weight if map_decoder
-                                                else 0.0))
+                                                else 0.0),
+                                lowpass_roughness=cfg.model.lowpass_roughness and map_decoder)
     if cfg.model.init_weights:
         path = Path(cfg.model.init_weights)
         if not path.is_file():

@@ -350,6 +350,8 @@ class AnoSegGenerator(nn.Module):
             combined anomaly logit after its knee, this many times the combined logit's
             held-out spread per unit of the signal's own held-out scale, and bend the sum by
             the knee again (0 = off).
+        lowpass_roughness: the low-pass signal's fifth channel, the local roughness
+            (:func:`anoseg.models.lowpass.lowpass_features`; needs ``lowpass_weight``).
     """
 
     def __init__(self, *, image_size: Union[int, Tuple[int, int]], width: float = 1.0,
@@ -358,8 +360,10 @@ class AnoSegGenerator(nn.Module):
                  normal_stats: bool = False, upsample: str = "transpose",
                  feature_stats: bool = False, compare_head: bool = False,
                  residual_weight: float = 0.0, rec_skips: int = 0,
-                 lowpass_weight: float = 0.0) -> None:
+                 lowpass_weight: float = 0.0, lowpass_roughness: bool = False) -> None:
         super().__init__()
+        assert not lowpass_roughness or lowpass_weight > 0.0, (
+            "lowpass_roughness needs lowpass_weight")
         assert lowpass_weight == 0.0 or (feature_stats and map_decoder), (
             "lowpass_weight needs feature_stats and the map decoder")
         assert residual_weight == 0.0 or (feature_stats and map_decoder and reconstruction), (
@@ -396,8 +400,8 @@ class AnoSegGenerator(nn.Module):
         self.feature_stats = feature_stats and map_decoder
         self.residual_weight = float(residual_weight)
         self.lowpass_weight = float(lowpass_weight)
-        self.lowpass = (LowPassStats(side_pair(image_size)) if self.lowpass_weight > 0
-                        else None)
+        self.lowpass = (LowPassStats(side_pair(image_size), roughness=lowpass_roughness)
+                        if self.lowpass_weight > 0 else None)
         if self.feature_stats:
             self._init_feature_stats(image_size)
 

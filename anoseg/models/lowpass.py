@@ -5,7 +5,12 @@ Each image is blurred (a Gaussian of :data:`LOWPASS_SIGMA_FRACTION` of its short
 log brightness and its chromaticity (each channel over the brightness, exactly 1 on grey
 pixels) are taken relative to the image's own median (so a uniformly brighter or tinted part is
 normal), and each of these four channels is z-scored per pixel against the normal training
-images. The signal is the root mean square of the four z-scores. :class:`LowPassStats` holds
+images. With ``roughness`` (``model.lowpass_roughness``) a fifth channel joins them: the log
+of the blurred local roughness of the brightness (its distance from a blur of
+:data:`ROUGHNESS_SIGMA` px, then blurred like the others), relative to its median too, for
+regions whose texture changed (a smoothed or coarser finish) more than their brightness
+(docs/experiments.md, twenty-second round). The signal is the root mean square of the
+z-scores. :class:`LowPassStats` holds
 the statistics (buffers, saved with the generator) and puts the signal on the held-out normal
 images' scale (docs/experiments.md, twentieth round). On a letterboxed canvas (``data.resize:
 keep_aspect``) the median includes the padding.
@@ -33,6 +38,11 @@ LOWPASS_MIN_STD = 1e-3
 """Floor of the per-pixel std of a low-pass channel (a grey image's chromaticity is constant)."""
 LOWPASS_QUANTILE = 0.999
 """The held-out normal pixels' quantile the scaled signal maps to 1 (its median to 0)."""
+ROUGHNESS_SIGMA = 1.0
+"""The blur (px, at the model's resolution) the roughness channel measures the brightness's
+distance from: the finest texture the model's input shows."""
+ROUGHNESS_FLOOR = 1e-3
+"""Added to the roughness before its log (a quarter of an 8-bit grey level: a flat patch)."""
 _BRIGHTNESS_FLOOR = 0.02  # keeps log brightness and chromaticity finite on black pixels
 
 
@@ -68,19 +78,28 @@ def _median_per_channel(x: torch.Tensor) -> torch.Tensor:
     return flat.sort(2).values[..., (flat.shape[2] - 1) // 2][..., None, None]
 
 
-def lowpass_features(images: torch.Tensor) -> torch.Tensor:
+def lowpass_channels(roughness: bool = False) -> int:
+    """How many channels :func:`lowpass_features` gives (4, or 5 with ``roughness``)."""
+    return 5 if roughness else 4
+
+
+def lowpass_features(images: torch.Tensor, roughness: bool = False) -> torch.Tensor:
     """``(B, 4, H, W)``: the blurred log brightness and the three blurred chromaticities of
-    ``images`` (``(B, 3, H, W)`` in ``[0, 1]``), each minus its median over the image. Always in
+    ``images`` (``(B, 3, H, W)`` in ``[0, 1]``), each minus its median over the image; with
+    ``roughness`` ``(B, 5, H, W)``, the log of the blurred local roughness last. Always in
     float32 (under autocast too: a bf16 step near 1 is as large as a chromaticity's normal
     spread)."""
     if torch.is_autocast_enabled(images.device.type):
         with torch.autocast(images.device.type, enabled=False):
-            return lowpass_features(images)
+            return lowpass_features(images, roughness)
     x = images.float() + _BRIGHTNESS_FLOOR
     brightness = x.mean(1, keepdim=True)
     sigma = LOWPASS_SIGMA_FRACTION * min(x.shape[-2:])
-    feats = torch.cat([torch.log(_gaussian_blur(brightness, sigma)),
-                       _gaussian_blur(x / brightness, sigma)], 1)
+    parts = [torch.log(_gaussian_blur(brightness, sigma)), _gaussian_blur(x / brightness, sigma)]
+    if roughness:
+        rough = (brightness - _gaussian_blur(brightness, ROUGHNESS_SIGMA)).abs()
+        parts.append(torch.log(_gaussian_blur(rough, sigma) + ROUGHNESS_FLOOR))
+    feats = torch.cat(parts, 1)
     return feats - _median_per_channel(feats)
 
 
@@ -101,9 +120,10 @@ class LowPassStats(nn.Module):
     training batch, :meth:`finish_training_images`, then :meth:`fit_scale` with the signals
     (:meth:`signal`) of the held-out images."""
 
-    def __init__(self, image_size: Tuple[int, int]) -> None:
+    def __init__(self, image_size: Tuple[int, int], roughness: bool = False) -> None:
         super().__init__()
-        shape = (1, 4, *image_size)
+        self.roughness = bool(roughness)
+        shape = (1, lowpass_channels(self.roughness), *image_size)
         self.register_buffer("lowpass_mean", torch.zeros(shape))
         self.register_buffer("lowpass_std", torch.ones(shape))
         # (median, spread = quantile - median) of the signal on held-out normal pixels, and
@@ -120,7 +140,7 @@ class LowPassStats(nn.Module):
     @torch.no_grad()
     def accumulate(self, images: torch.Tensor) -> None:
         """Add a batch of normal training images (``(B, 3, H, W)`` in ``[0, 1]``)."""
-        feats = lowpass_features(images).double()
+        feats = lowpass_features(images, self.roughness).double()
         s, q = feats.sum(0, keepdim=True), (feats * feats).sum(0, keepdim=True)
         self._sum = s if self._sum is None else self._sum + s
         self._squares = q if self._squares is None else self._squares + q
@@ -139,7 +159,7 @@ class LowPassStats(nn.Module):
 
     def signal(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 1, H, W)`` the root mean square of the low-pass z-scores (unscaled)."""
-        z = (lowpass_features(images) - self.lowpass_mean) / self.lowpass_std
+        z = (lowpass_features(images, self.roughness) - self.lowpass_mean) / self.lowpass_std
         return z.pow(2).mean(1, keepdim=True).sqrt()
 
     @torch.no_grad()
