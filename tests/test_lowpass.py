@@ -279,3 +279,22 @@ def test_a_refit_refuses_keys_that_change_the_weights_and_its_own_folder(tmp_pat
     refit_run(run, tmp_path / "z", [], device="cpu", progress=False)
     with pytest.raises(CheckpointError, match="already holds"):
         refit_run(run, tmp_path / "z", [], device="cpu", progress=False)
+
+
+def test_the_refit_script_writes_a_run_or_names_the_bad_key(tmp_path, make_mvtec, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "refit_stats.py"
+    spec = importlib.util.spec_from_file_location("refit_stats", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    run = _tiny_run(tmp_path, make_mvtec)
+    assert module.main([str(run), str(tmp_path / "bad"), "--set", "train.steps=9",
+                        "--device", "cpu", "--no-progress"]) == 2
+    assert "train.steps" in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+    assert module.main([str(run), str(tmp_path / "ok"), "--set", "model.lowpass_weight=0.25",
+                        "--device", "cpu", "--no-progress"]) == 0
+    assert str(tmp_path / "ok") in capsys.readouterr().out
+    assert (tmp_path / "ok" / "checkpoints" / "last.pt").is_file()
