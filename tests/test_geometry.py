@@ -336,6 +336,7 @@ def test_dev_suite_scores_tiling_and_a_keep_aspect_floor_at_native_size(strips, 
                                          "train.precision=fp32", "model.normal_stats=false",
                                          "model.feature_stats=false",
                                          "model.residual_weight=0", "model.lowpass_weight=0",
+                                         "model.lowpass_roughness=false",
                                          "eval.image_score=max"],
                         budget=600, seeds=[0], output_dir=tmp_path / "suite",
                         image_size=(64, 192), floor_resize="keep_aspect", resolution="native")
