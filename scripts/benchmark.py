@@ -226,7 +226,8 @@ def recipe_batch(cfg: AnoSegConfig, device: torch.device) -> Dict[str, torch.Ten
     apart, :func:`loader_wait`)."""
     size, batch = cfg.data.image_size, cfg.train.batch_size
     images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
-    data = synthetic_batch(images, cfg.synthesis, seed=0)
+    data = synthetic_batch(images, cfg.synthesis, seed=0,
+                           keep_clean=cfg.train.rec_target == "clean")
     return {key: value.to(device) for key, value in data.items()}
 
 
@@ -250,7 +251,8 @@ def loader_wait(cfg: AnoSegConfig, row: SwitchRow, steps: int, workers: int
     size, batch = cfg.data.image_size, cfg.train.batch_size
     images = torch.randint(0, 256, (64, 3, size, size), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
-    dataset = SyntheticAnomalyDataset(images, size, cfg.synthesis)
+    dataset = SyntheticAnomalyDataset(images, size, cfg.synthesis,
+                                      keep_clean=cfg.train.rec_target == "clean")
     iterator = iter(make_train_loader(dataset, StepSampler(64, batch, seed=1), batch, workers))
     row.step(next(iterator))  # workers started, first batch made
     waited, start = 0.0, time.perf_counter()
