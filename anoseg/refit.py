@@ -24,8 +24,9 @@ from anoseg.engine import refuse_overwrite, stage_lock
 from anoseg.errors import CheckpointError, ConfigError, OutputError
 from anoseg.run_dir import DataRecord, RunDir
 from anoseg.runtime import resolve_device
-from anoseg.training import (SEGMENTER_KIND, _dataset_and_state, create_train_state,
-                             feature_stats_fitter, segmenter_checkpoint)
+from anoseg.models.factory import build_generator
+from anoseg.training import (SEGMENTER_KIND, _dataset_and_state, feature_stats_fitter,
+                             segmenter_checkpoint)
 
 REFIT_KEYS = ("model.lowpass_weight", "model.lowpass_roughness")
 """The keys a refit may change: they shape what is fitted when training stops, not the
@@ -72,7 +73,8 @@ def refit_run(run: PathLike, output_dir: PathLike, overrides: Sequence[str], *,
     with stage_lock(dst):
         refuse_overwrite(dst, "a run")
         data = DataRecord.from_checkpoint(ckpt)
-        fresh = create_train_state(cfg, dev)
+        fresh = {k: v for k, v in build_generator(cfg).state_dict().items()
+                 if k.startswith(_REFITTED_PREFIX)}
         dataset, state = _dataset_and_state(cfg, data, dev, False,
                                             _with_fresh_buffers(ckpt, fresh), progress)
         feature_stats_fitter(cfg, data, state, dataset, dev)()
@@ -86,15 +88,12 @@ def refit_run(run: PathLike, output_dir: PathLike, overrides: Sequence[str], *,
     return dst.path
 
 
-def _with_fresh_buffers(ckpt: Dict[str, Any], fresh) -> Dict[str, Any]:
-    """``ckpt`` with its generators' low-pass buffers replaced by those of the freshly built
-    ``fresh`` train state (their number and shape follow the new config; the fit fills them)."""
+def _with_fresh_buffers(ckpt: Dict[str, Any], fresh: Dict[str, Any]) -> Dict[str, Any]:
+    """``ckpt`` with its generators' (raw and EMA) low-pass buffers replaced by ``fresh``, a
+    new generator's (their number and shape follow the new config; the fit fills them)."""
     out = dict(ckpt)
-    for key, model in (("generator", fresh.generator), ("generator_ema", fresh.ema)):
-        if ckpt.get(key) is None or model is None:
-            continue
-        new = model.state_dict()
-        kept = {k: v for k, v in ckpt[key].items() if not k.startswith(_REFITTED_PREFIX)}
-        kept.update({k: v for k, v in new.items() if k.startswith(_REFITTED_PREFIX)})
-        out[key] = kept
+    for key in ("generator", "generator_ema"):
+        if ckpt.get(key) is not None:
+            kept = {k: v for k, v in ckpt[key].items() if not k.startswith(_REFITTED_PREFIX)}
+            out[key] = {**kept, **fresh}
     return out
